@@ -1,0 +1,776 @@
+/*
+ * ackpt-helper: one per training process.  Reads op records from the shim
+ * in program order, writes staged bytes from the shared arena to storage,
+ * makes them durable and publishes progress back through the control block.
+ *
+ * Ordering rules (the whole correctness argument of this file):
+ *  - ops retire in sequence order; durable_seq and arena_tail only advance
+ *    over a retired prefix, so the shim may reuse arena space and treat a
+ *    file as drained exactly when durable_seq passes its last op;
+ *  - within a file, ops are issued in order; a write may overtake earlier
+ *    writes of the same file only if their page ranges do not overlap
+ *    (page-granular so buffered and O_DIRECT writes never share a page);
+ *  - fsync, truncate and close wait for every earlier op of their file;
+ *  - rename and sync-all wait for every earlier op of every file, and
+ *    nothing after them starts until they finish.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine.h"
+#include "fault.h"
+#include "proto.h"
+
+#define MAXPEND   4096
+#define PAGE      4096ull
+#define DIRECT_MIN (64 * 1024)
+
+enum hop_state { HOP_FREE = 0, HOP_QUEUED, HOP_ISSUED, HOP_DONE };
+
+struct hop {
+	struct ackpt_op op;
+	char *paths;
+	enum hop_state state;
+	uint64_t done_bytes;
+	int used_direct;
+	int fsync_phase;       /* CLOSE: fsync issued */
+	struct hop *fnext;     /* next pending op of the same file */
+};
+
+struct hfile {
+	int fd, dfd;           /* own OFDs: buffered and O_DIRECT (-1 if none) */
+	int open;
+	int dirty;
+	int direct_failed;
+	int err;
+	int reg_idx;
+	uint64_t dev, ino;
+	struct hop *head, *tail, *qhead;
+};
+
+static struct {
+	struct ackpt_shm *shm;
+	char *arena;
+	uint64_t arena_size;
+	int sock;
+	int log_level;   /* 0 error, 1 warn, 2 info, 3 debug */
+	int use_direct;
+	struct engine *eng;
+	struct hop ring[MAXPEND];
+	uint64_t head_seq;   /* seq of ring slot at head (next to retire) */
+	uint64_t next_seq;   /* seq expected next from the socket */
+	unsigned npend;
+	struct hfile files[ACKPT_MAX_FILES];
+	atomic_int prefault_done;
+	int registered;
+	struct ackpt_registry *reg;
+	pid_t pid;
+} H;
+
+static void hlog(int level, const char *fmt, ...)
+{
+	static const char *names[] = { "error", "warning", "info", "debug" };
+	char buf[1024];
+	va_list ap;
+	int n;
+
+	if (level > H.log_level)
+		return;
+	n = snprintf(buf, sizeof(buf), "ackpt-helper[%d]: %s: ", (int)getpid(), names[level]);
+	va_start(ap, fmt);
+	n += vsnprintf(buf + n, sizeof(buf) - n, fmt, ap);
+	va_end(ap);
+	if (n >= (int)sizeof(buf) - 1)
+		n = sizeof(buf) - 2;
+	buf[n++] = '\n';
+	if (write(2, buf, n) < 0) {
+		/* nowhere left to report */
+	}
+}
+
+static void futex_wake_all(uint32_t *addr)
+{
+	syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+static void publish(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	__atomic_store_n(&H.shm->helper_cpu_ns, (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec,
+			 __ATOMIC_RELAXED);
+	__atomic_fetch_add(&H.shm->progress_gen, 1, __ATOMIC_RELEASE);
+	futex_wake_all(&H.shm->progress_gen);
+}
+
+static void file_error(uint32_t slot, int err, const char *what)
+{
+	struct hfile *f;
+
+	__atomic_fetch_add(&H.shm->errors, 1, __ATOMIC_RELAXED);
+	if (slot == ACKPT_NO_FILE || slot >= ACKPT_MAX_FILES) {
+		hlog(0, "%s failed: %s", what, strerror(err));
+		return;
+	}
+	f = &H.files[slot];
+	if (!f->err)
+		f->err = err;
+	if (!__atomic_load_n(&H.shm->files[slot].err, __ATOMIC_RELAXED))
+		__atomic_store_n(&H.shm->files[slot].err, err, __ATOMIC_RELEASE);
+	__atomic_fetch_add(&H.shm->files[slot].err_seq, 1, __ATOMIC_RELEASE);
+	hlog(0, "%s failed on file %u: %s", what, slot, strerror(err));
+	publish();
+}
+
+static void registry_release(struct hfile *f)
+{
+	struct ackpt_registry_entry *e;
+	int32_t pid;
+
+	if (!H.reg || f->reg_idx < 0 || f->reg_idx >= ACKPT_REGISTRY_ENTRIES)
+		return;
+	e = &H.reg->e[f->reg_idx];
+	pid = H.pid;
+	if (e->dev == f->dev && e->ino == f->ino &&
+	    __atomic_compare_exchange_n(&e->pid, &pid, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+		__atomic_fetch_sub(&H.reg->used, 1, __ATOMIC_RELAXED);
+		__atomic_fetch_add(&e->gen, 1, __ATOMIC_RELEASE);
+		futex_wake_all(&e->gen);
+	}
+	f->reg_idx = -1;
+}
+
+static void file_close(struct hfile *f)
+{
+	if (f->dfd >= 0)
+		close(f->dfd);
+	if (f->fd >= 0)
+		close(f->fd);
+	f->fd = f->dfd = -1;
+	f->open = 0;
+	f->dirty = 0;
+	registry_release(f);
+}
+
+static int fsync_dir_of(const char *path)
+{
+	char dir[PATH_MAX];
+	char *slash;
+	int fd, ret = 0;
+
+	snprintf(dir, sizeof(dir), "%s", path);
+	slash = strrchr(dir, '/');
+	if (!slash)
+		return 0;
+	if (slash == dir)
+		slash[1] = 0;
+	else
+		*slash = 0;
+	fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	ret = fault_check(FAULT_DIRFSYNC, 0);
+	if (!ret && fsync(fd) < 0)
+		ret = -errno;
+	close(fd);
+	return ret;
+}
+
+/* ---- op bookkeeping ---- */
+
+static struct hop *ring_at(uint64_t seq) { return &H.ring[seq % MAXPEND]; }
+
+static void file_unlink_head(struct hfile *f, struct hop *h)
+{
+	if (f->head == h) {
+		f->head = h->fnext;
+		if (!f->head)
+			f->tail = NULL;
+	}
+}
+
+static void retire(void)
+{
+	int progressed = 0;
+
+	while (H.npend) {
+		struct hop *h = ring_at(H.head_seq);
+
+		if (h->state != HOP_DONE)
+			break;
+		if (h->op.file != ACKPT_NO_FILE && h->op.file < ACKPT_MAX_FILES)
+			file_unlink_head(&H.files[h->op.file], h);
+		__atomic_store_n(&H.shm->durable_seq, h->op.seq, __ATOMIC_RELEASE);
+		if (h->op.arena_end > __atomic_load_n(&H.shm->arena_tail, __ATOMIC_RELAXED))
+			__atomic_store_n(&H.shm->arena_tail, h->op.arena_end, __ATOMIC_RELEASE);
+		__atomic_fetch_add(&H.shm->ops_done, 1, __ATOMIC_RELAXED);
+		free(h->paths);
+		memset(h, 0, sizeof(*h));
+		H.head_seq++;
+		H.npend--;
+		progressed = 1;
+	}
+	if (progressed)
+		publish();
+}
+
+static void mark_done(struct hop *h)
+{
+	h->state = HOP_DONE;
+}
+
+
+static int pages_overlap(uint64_t a_off, uint64_t a_len, uint64_t b_off, uint64_t b_len)
+{
+	uint64_t a0 = a_off & ~(PAGE - 1), a1 = (a_off + a_len + PAGE - 1) & ~(PAGE - 1);
+	uint64_t b0 = b_off & ~(PAGE - 1), b1 = (b_off + b_len + PAGE - 1) & ~(PAGE - 1);
+
+	return a0 < b1 && b0 < a1;
+}
+
+/* May op h (the first not-yet-issued op of its file) start now? */
+static int file_op_ready(struct hfile *f, struct hop *h)
+{
+	struct hop *p;
+
+	for (p = f->head; p && p != h; p = p->fnext) {
+		if (p->state == HOP_DONE)
+			continue;
+		if (h->op.type != ACKPT_OP_WRITE || p->op.type != ACKPT_OP_WRITE)
+			return 0;
+		if (pages_overlap(p->op.offset, p->op.len, h->op.offset, h->op.len))
+			return 0;
+	}
+	return 1;
+}
+
+static void issue_write(struct hfile *f, struct hop *h)
+{
+	uint64_t pos = h->op.arena_pos % H.arena_size;
+	uint64_t off = h->op.offset + h->done_bytes;
+	uint64_t len = h->op.len - h->done_bytes;
+	const char *buf = H.arena + pos + h->done_bytes;
+	struct engine_req r = {
+		.kind = ENGINE_WRITE, .fd = f->fd, .buf = buf, .len = len, .off = (off_t)off,
+		.fixed_index = H.registered ? (int)(pos / ACKPT_REG_BUF_MAX) : -1, .tag = h,
+	};
+	int ret;
+
+	h->used_direct = 0;
+	if (H.use_direct && !f->direct_failed && len >= DIRECT_MIN && !(off % PAGE) &&
+	    !(len % PAGE) && !((uintptr_t)buf % PAGE)) {
+		if (f->dfd < 0) {
+			char p[64];
+
+			snprintf(p, sizeof(p), "/proc/self/fd/%d", f->fd);
+			f->dfd = open(p, O_WRONLY | O_DIRECT | O_CLOEXEC);
+			if (f->dfd < 0)
+				f->direct_failed = 1;
+		}
+		if (f->dfd >= 0) {
+			r.fd = f->dfd;
+			h->used_direct = 1;
+		}
+	}
+	h->state = HOP_ISSUED;
+	f->dirty = 1;
+	ret = fault_check(FAULT_WRITE, 0);
+	if (ret) {
+		h->state = HOP_DONE;
+		file_error(h->op.file, -ret, "write");
+		return;
+	}
+	ret = engine_queue(H.eng, &r);
+	if (ret < 0) {
+		h->state = HOP_DONE;
+		file_error(h->op.file, -ret, "write submission");
+	}
+}
+
+static void issue_fsync(struct hfile *f, struct hop *h)
+{
+	struct engine_req r = { .kind = ENGINE_FSYNC, .fd = f->fd, .fixed_index = -1, .tag = h };
+	int ret;
+
+	h->state = HOP_ISSUED;
+	f->dirty = 0;
+	ret = fault_check(FAULT_FSYNC, 0);
+	if (!ret)
+		ret = engine_queue(H.eng, &r);
+	if (ret < 0) {
+		file_error(h->op.file, -ret, "fsync");
+		if (h->op.type == ACKPT_OP_CLOSE)
+			file_close(f);
+		h->state = HOP_DONE;
+	}
+}
+
+static void sync_all_files(void)
+{
+	unsigned i;
+
+	for (i = 0; i < ACKPT_MAX_FILES; i++) {
+		struct hfile *f = &H.files[i];
+		int ret;
+
+		if (!f->open || !f->dirty)
+			continue;
+		f->dirty = 0;
+		ret = fault_check(FAULT_FSYNC, 0);
+		if (!ret && fsync(f->fd) < 0)
+			ret = -errno;
+		if (ret)
+			file_error(i, -ret, "fsync");
+	}
+}
+
+static void run_rename(struct hop *h)
+{
+	const char *oldp = h->paths, *newp;
+	int ret;
+
+	if (!oldp) {
+		file_error(h->op.file, EINVAL, "rename (no paths)");
+		return;
+	}
+	newp = oldp + strlen(oldp) + 1;
+	if (h->op.file != ACKPT_NO_FILE && h->op.file < ACKPT_MAX_FILES) {
+		struct hfile *f = &H.files[h->op.file];
+
+		if (f->open && f->dirty) {
+			f->dirty = 0;
+			ret = fault_check(FAULT_FSYNC, 0);
+			if (!ret && fsync(f->fd) < 0)
+				ret = -errno;
+			if (ret) {
+				file_error(h->op.file, -ret, "fsync before rename");
+				return; /* never move partial data under the final name */
+			}
+		}
+		if (f->err) {
+			hlog(0, "not renaming %s: its data failed to reach storage", oldp);
+			return;
+		}
+	}
+	ret = fault_check(FAULT_RENAME, 0);
+	if (!ret && rename(oldp, newp) < 0)
+		ret = -errno;
+	if (ret) {
+		file_error(h->op.file, -ret, "rename");
+		return;
+	}
+	ret = fsync_dir_of(newp);
+	if (!ret && strncmp(oldp, newp, strrchr(newp, '/') - newp + 1))
+		ret = fsync_dir_of(oldp);
+	if (ret)
+		file_error(h->op.file, -ret, "directory fsync after rename");
+}
+
+static void dispatch(void)
+{
+	uint64_t s;
+
+	for (s = H.head_seq; s < H.head_seq + H.npend; s++) {
+		struct hop *h = ring_at(s);
+		struct hfile *f;
+
+		if (h->state != HOP_QUEUED)
+			continue;
+		if (h->op.type == ACKPT_OP_RENAME || h->op.type == ACKPT_OP_SYNC_ALL) {
+			if (s != H.head_seq)
+				break;
+			if (h->op.type == ACKPT_OP_RENAME)
+				run_rename(h);
+			else
+				sync_all_files();
+			mark_done(h);
+			retire();
+			s = H.head_seq - 1; /* loop increment lands on the new head */
+			continue;
+		}
+		f = &H.files[h->op.file];
+		if (f->qhead != h || !file_op_ready(f, h))
+			continue;
+		f->qhead = h->fnext;
+		switch (h->op.type) {
+		case ACKPT_OP_WRITE:
+			if (!f->open || f->err) {
+				/* never write after an error: the file is already lost */
+				mark_done(h);
+				break;
+			}
+			issue_write(f, h);
+			break;
+		case ACKPT_OP_FSYNC:
+			if (!f->open || !f->dirty) {
+				mark_done(h);
+				break;
+			}
+			issue_fsync(f, h);
+			break;
+		case ACKPT_OP_CLOSE:
+			if (f->open && f->dirty) {
+				h->fsync_phase = 1;
+				issue_fsync(f, h);
+			} else {
+				file_close(f);
+				mark_done(h);
+			}
+			break;
+		case ACKPT_OP_TRUNCATE:
+			if (f->open && ftruncate(f->fd, (off_t)h->op.offset) < 0)
+				file_error(h->op.file, errno, "ftruncate");
+			f->dirty = 1;
+			mark_done(h);
+			break;
+		default:
+			mark_done(h);
+			break;
+		}
+	}
+	engine_flush(H.eng);
+	retire();
+}
+
+static void on_complete(void *tag, long res, void *arg)
+{
+	struct hop *h = tag;
+	struct hfile *f = &H.files[h->op.file];
+
+	if (h->op.type == ACKPT_OP_WRITE) {
+		if (res == -EINVAL && h->used_direct) {
+			/* the filesystem refused O_DIRECT for this range: go buffered */
+			f->direct_failed = 1;
+			issue_write(f, h);
+			return;
+		}
+		if (res < 0) {
+			file_error(h->op.file, (int)-res, "write");
+		} else if (res == 0 && h->done_bytes < h->op.len) {
+			file_error(h->op.file, EIO, "write (no progress)");
+		} else {
+			h->done_bytes += res;
+			__atomic_fetch_add(&H.shm->bytes_written, (uint64_t)res, __ATOMIC_RELAXED);
+			__atomic_fetch_add(&H.shm->files[h->op.file].written, (uint64_t)res,
+					   __ATOMIC_RELAXED);
+			if (h->done_bytes < h->op.len) {
+				issue_write(f, h);
+				return;
+			}
+		}
+		mark_done(h);
+		return;
+	}
+	/* fsync, possibly as the first half of a close */
+	if (res < 0)
+		file_error(h->op.file, (int)-res, "fsync");
+	if (h->op.type == ACKPT_OP_CLOSE)
+		file_close(f);
+	mark_done(h);
+}
+
+static void reap_cb(void *tag, long res, void *arg) { on_complete(tag, res, arg); }
+
+/* ---- receiving ops ---- */
+
+static int receive_one(void)
+{
+	char buf[ACKPT_OP_MAX_MSG];
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { buf, sizeof(buf) };
+	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+			    .msg_controllen = sizeof(cbuf) };
+	struct cmsghdr *c;
+	struct ackpt_op op;
+	struct hop *h;
+	int fd = -1;
+	ssize_t n;
+
+	n = recvmsg(H.sock, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+	if (n < 0)
+		return errno == EAGAIN || errno == EINTR ? 0 : -errno;
+	if (n == 0)
+		return -EPIPE;
+	for (c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
+		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+			memcpy(&fd, CMSG_DATA(c), sizeof(int));
+	if ((size_t)n < sizeof(op)) {
+		hlog(0, "short op record (%zd bytes); protocol mismatch", n);
+		if (fd >= 0)
+			close(fd);
+		return 1;
+	}
+	memcpy(&op, buf, sizeof(op));
+	if (op.seq != H.next_seq)
+		hlog(0, "op sequence gap: got %llu, expected %llu", (unsigned long long)op.seq,
+		     (unsigned long long)H.next_seq);
+	H.next_seq = op.seq + 1;
+	if (H.npend == 0)
+		H.head_seq = op.seq;
+	h = ring_at(op.seq);
+	memset(h, 0, sizeof(*h));
+	h->op = op;
+	h->state = HOP_QUEUED;
+	if (op.path_len && (size_t)n >= sizeof(op) + op.path_len) {
+		h->paths = malloc(op.path_len + 1);
+		if (h->paths) {
+			memcpy(h->paths, buf + sizeof(op), op.path_len);
+			h->paths[op.path_len] = 0;
+		}
+	}
+	H.npend++;
+
+	if (op.type == ACKPT_OP_OPEN) {
+		struct hfile *f = op.file < ACKPT_MAX_FILES ? &H.files[op.file] : NULL;
+
+		if (f && fd >= 0) {
+			char p[64];
+			int own;
+
+			if (f->open)
+				file_close(f);
+			snprintf(p, sizeof(p), "/proc/self/fd/%d", fd);
+			own = fault_check(FAULT_OPEN, 0) ? -1 : open(p, O_WRONLY | O_CLOEXEC);
+			if (own >= 0) {
+				close(fd);
+			} else {
+				int fl = fcntl(fd, F_GETFL);
+
+				/* mode 0444 or similar: keep the program's OFD, minus O_APPEND */
+				own = fd;
+				if (fl >= 0 && (fl & O_APPEND))
+					fcntl(fd, F_SETFL, fl & ~O_APPEND);
+			}
+			memset(f, 0, sizeof(*f));
+			f->fd = own;
+			f->dfd = -1;
+			f->open = 1;
+			f->reg_idx = (int)op.flags - 1;
+			f->dev = op.dev;
+			f->ino = op.ino;
+		} else {
+			if (fd >= 0)
+				close(fd);
+			file_error(op.file, EBADF, "open (no descriptor received)");
+		}
+		mark_done(h);
+		return 1;
+	}
+	if (fd >= 0)
+		close(fd);
+	if (op.type != ACKPT_OP_RENAME && op.type != ACKPT_OP_SYNC_ALL) {
+		struct hfile *f;
+
+		if (op.file >= ACKPT_MAX_FILES) {
+			mark_done(h);
+			return 1;
+		}
+		f = &H.files[op.file];
+		if (f->tail)
+			f->tail->fnext = h;
+		else
+			f->head = h;
+		f->tail = h;
+		if (!f->qhead)
+			f->qhead = h;
+	}
+	return 1;
+}
+
+/* ---- arena prefault (off the critical path) ---- */
+
+static void *prefault_main(void *arg)
+{
+	const uint64_t step = 64ull << 20;
+	uint64_t off;
+
+	for (off = 0; off < H.arena_size; off += step) {
+		uint64_t len = H.arena_size - off < step ? H.arena_size - off : step;
+
+		if (madvise(H.arena + off, len, MADV_POPULATE_WRITE) < 0) {
+			volatile char *p = H.arena + off;
+			uint64_t i;
+
+			for (i = 0; i < len; i += PAGE)
+				p[i] = p[i];
+		}
+		__atomic_store_n(&H.shm->prefault_done, off + len, __ATOMIC_RELAXED);
+	}
+	atomic_store(&H.prefault_done, 1);
+	return NULL;
+}
+
+static void registry_map(void)
+{
+	char p[64];
+	int fd;
+
+	snprintf(p, sizeof(p), "/dev/shm/ackpt-registry.%u", (unsigned)getuid());
+	fd = open(p, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0)
+		return;
+	H.reg = mmap(NULL, sizeof(struct ackpt_registry), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (H.reg == MAP_FAILED || H.reg->magic != ACKPT_REGISTRY_MAGIC)
+		H.reg = NULL;
+	close(fd);
+}
+
+static int parse_level(const char *s)
+{
+	if (!s || !*s)
+		return 1;
+	if (!strcmp(s, "error"))
+		return 0;
+	if (!strcmp(s, "info"))
+		return 2;
+	if (!strcmp(s, "debug"))
+		return 3;
+	return 1;
+}
+
+int main(int argc, char **argv)
+{
+	struct stat st;
+	pthread_t t;
+	const char *io = getenv("ACKPT_IO");
+	const char *direct = getenv("ACKPT_DIRECT");
+	int eof = 0, ret;
+	pid_t child;
+	unsigned i;
+
+	H.log_level = parse_level(getenv("ACKPT_LOG"));
+	H.sock = ACKPT_HELPER_SOCK_FD;
+	signal(SIGPIPE, SIG_IGN);
+	signal(SIGINT, SIG_IGN);
+	signal(SIGTERM, SIG_IGN);
+	signal(SIGHUP, SIG_IGN);
+
+	if (fstat(ACKPT_HELPER_SHM_FD, &st) < 0 || fcntl(H.sock, F_GETFD) < 0) {
+		fprintf(stderr, "ackpt-helper: started without its channels; it is run by libackpt.so\n");
+		return 2;
+	}
+	/* Detach from the program so its wait() never reaps us; the shim reaps
+	 * this intermediate process at once. */
+	child = fork();
+	if (child < 0)
+		return 1;
+	if (child > 0)
+		_exit(0);
+	setsid();
+	H.pid = getpid();
+
+	H.shm = mmap(NULL, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, ACKPT_HELPER_SHM_FD, 0);
+	if (H.shm == MAP_FAILED || H.shm->magic != ACKPT_PROTO_MAGIC ||
+	    H.shm->version != ACKPT_PROTO_VERSION) {
+		hlog(0, "control block mismatch (helper and library from different builds?)");
+		return 1;
+	}
+	H.arena = (char *)H.shm + H.shm->hdr_size;
+	H.arena_size = H.shm->arena_size;
+	H.use_direct = !(direct && !strcmp(direct, "0"));
+	fault_init(getenv("ACKPT_FAULT"));
+	for (i = 0; i < ACKPT_MAX_FILES; i++) {
+		H.files[i].fd = H.files[i].dfd = -1;
+		H.files[i].reg_idx = -1;
+	}
+	registry_map();
+
+	if (!(io && !strcmp(io, "pool")))
+		H.eng = engine_open_uring(256, &ret);
+	if (!H.eng) {
+		if (!(io && !strcmp(io, "pool")))
+			hlog(1, "io_uring unavailable (%s); using a pwrite thread pool", strerror(-ret));
+		H.eng = engine_open_pool(4, &ret);
+		if (!H.eng) {
+			hlog(0, "no I/O engine: %s", strerror(-ret));
+			return 1;
+		}
+	}
+	H.shm->helper_flags = (engine_is_uring(H.eng) ? ACKPT_HF_URING : 0) |
+			      (H.use_direct ? ACKPT_HF_DIRECT : 0);
+	if (pthread_create(&t, NULL, prefault_main, NULL) == 0)
+		pthread_detach(t);
+	H.next_seq = 1;
+	H.head_seq = 1;
+	__atomic_store_n(&H.shm->helper_pid, H.pid, __ATOMIC_RELEASE);
+	publish();
+
+	for (;;) {
+		struct pollfd pfd[2];
+		int nfds = 0;
+
+		while (!eof && H.npend < MAXPEND - 1) {
+			ret = receive_one();
+			if (ret == 0)
+				break;
+			if (ret < 0) {
+				eof = 1;
+				break;
+			}
+		}
+		dispatch();
+		if (eof && !H.npend && !engine_inflight(H.eng))
+			break;
+		if (!H.registered && atomic_load(&H.prefault_done) && engine_is_uring(H.eng) &&
+		    !engine_inflight(H.eng)) {
+			H.registered = -1;
+			if (engine_register(H.eng, H.arena, H.arena_size) == 0) {
+				H.registered = 1;
+				H.shm->helper_flags |= ACKPT_HF_FIXED_BUFS;
+			} else {
+				hlog(3, "arena not registered as fixed buffers (memlock?); plain writes");
+			}
+			if (H.registered < 0)
+				H.registered = 0, H.prefault_done = 0; /* try once */
+		}
+		pfd[nfds].fd = engine_event_fd(H.eng);
+		pfd[nfds++].events = POLLIN;
+		if (!eof && H.npend < MAXPEND - 1) {
+			pfd[nfds].fd = H.sock;
+			pfd[nfds++].events = POLLIN;
+		}
+		if (poll(pfd, nfds, engine_inflight(H.eng) ? 1000 : 5000) < 0 && errno != EINTR)
+			break;
+		engine_reap(H.eng, reap_cb, NULL);
+		retire();
+	}
+
+	/* The program is gone (or closed us) and every op retired: make all
+	 * remaining files durable, then close them. */
+	for (i = 0; i < ACKPT_MAX_FILES; i++) {
+		struct hfile *f = &H.files[i];
+
+		if (!f->open)
+			continue;
+		if (f->dirty) {
+			ret = fault_check(FAULT_FSYNC, 0);
+			if (!ret && fsync(f->fd) < 0)
+				ret = -errno;
+			if (ret)
+				file_error(i, -ret, "fsync at exit");
+		}
+		file_close(f);
+	}
+	publish();
+	hlog(2, "done: %llu bytes written, %llu errors",
+	     (unsigned long long)H.shm->bytes_written, (unsigned long long)H.shm->errors);
+	return H.shm->errors ? 1 : 0;
+}

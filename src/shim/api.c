@@ -1,0 +1,40 @@
+/* The public API (include/ackpt.h). */
+#include <string.h>
+
+#include "ackpt.h"
+#include "shim.h"
+
+ACKPT_EXPORT int ackpt_wait(double timeout_s)
+{
+	int saved = errno, r;
+
+	ENSURE_REAL();
+	r = session_sync_all(timeout_s, 0);
+	if (r == 0 && S.shm && __atomic_load_n(&S.shm->errors, __ATOMIC_ACQUIRE))
+		r = -EIO;
+	errno = saved;
+	return r;
+}
+
+ACKPT_EXPORT int ackpt_get_stats(struct ackpt_stats *out, size_t size)
+{
+	struct ackpt_stats s;
+
+	if (!out || size < sizeof(s))
+		return -EINVAL;
+	memset(&s, 0, sizeof(s));
+	s.bytes_staged = S.bytes_staged;
+	s.files = S.files;
+	s.stall_seconds = S.stall_ns / 1e9;
+	s.active = S.state == SESS_ACTIVE;
+	s.staging_bytes = S.arena_size;
+	if (S.shm) {
+		s.bytes_written = __atomic_load_n(&S.shm->bytes_written, __ATOMIC_ACQUIRE);
+		s.errors = __atomic_load_n(&S.shm->errors, __ATOMIC_ACQUIRE);
+		s.ops_pending = S.seq - session_durable();
+		s.helper_flags = (int32_t)S.shm->helper_flags;
+		s.helper_cpu_seconds = S.shm->helper_cpu_ns / 1e9;
+	}
+	memcpy(out, &s, sizeof(s));
+	return 0;
+}

@@ -1,0 +1,246 @@
+/*
+ * Configuration from ACKPT_* variables, and the decision "is this path a
+ * managed checkpoint file?".  A malformed value gets one line naming the
+ * variable and turns the shim into pure pass-through: guessing would risk
+ * managing the wrong files or none of the right ones.
+ */
+#include <fnmatch.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/sysinfo.h>
+
+#include "shim.h"
+
+struct ackpt_config C;
+
+/* Basenames that mark checkpoint files when no root is configured. */
+static const char *const default_names[] = {
+	"*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.distcp", "*.bin", "*.npy", "*.npz",
+	".metadata", "*.metadata", ".metadata.tmp", "metadata.json", "latest",
+	"latest_checkpointed_iteration.txt", "*.index.json", "commit_success.txt", NULL,
+};
+/* Directory components that mark checkpoint directories (temp-then-rename
+ * savers open random names, so the directory is what identifies them). */
+static const char *const default_dirs[] = {
+	"checkpoint*", "ckpt*", "iter_*", "global_step*", NULL,
+};
+
+void alog(int level, const char *fmt, ...)
+{
+	static const char *const names[] = { "error", "warning", "info", "debug" };
+	char buf[1024];
+	va_list ap;
+	int n;
+
+	if (level > C.log_level)
+		return;
+	n = snprintf(buf, sizeof(buf), "ackpt[%d]: %s: ", (int)getpid(), names[level]);
+	va_start(ap, fmt);
+	n += vsnprintf(buf + n, sizeof(buf) - n, fmt, ap);
+	va_end(ap);
+	if (n >= (int)sizeof(buf) - 1)
+		n = sizeof(buf) - 2;
+	buf[n++] = '\n';
+	syscall(SYS_write, 2, buf, n);
+}
+
+static int parse_size(const char *s, uint64_t *out)
+{
+	char *end;
+	unsigned long long v;
+	uint64_t mul = 1;
+
+	if (!s || !*s || *s == '-')
+		return -EINVAL;
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno || end == s)
+		return -EINVAL;
+	switch (*end) {
+	case 0: break;
+	case 'k': case 'K': mul = 1ull << 10; end++; break;
+	case 'm': case 'M': mul = 1ull << 20; end++; break;
+	case 'g': case 'G': mul = 1ull << 30; end++; break;
+	case 't': case 'T': mul = 1ull << 40; end++; break;
+	default: return -EINVAL;
+	}
+	if (*end == 'i' || *end == 'B')
+		end += (*end == 'i' && end[1] == 'B') ? 2 : 1;
+	if (*end || v > UINT64_MAX / mul)
+		return -EINVAL;
+	*out = v * mul;
+	return 0;
+}
+
+static int bad(const char *var, const char *val, const char *expect)
+{
+	alog(L_ERROR, "%s=\"%s\" is invalid (%s); ackpt is disabled for this process", var, val,
+	     expect);
+	C.enabled = 0;
+	return -EINVAL;
+}
+
+static int has_glob(const char *s)
+{
+	return strpbrk(s, "*?[") != NULL;
+}
+
+static int add_root(const char *r)
+{
+	char canon[PATH_MAX];
+	char **roots = realloc(C.roots, (C.nroots + 1) * sizeof(*roots));
+	int *g = realloc(C.root_is_glob, (C.nroots + 1) * sizeof(*g));
+	size_t n;
+
+	if (!roots || !g)
+		return -ENOMEM;
+	C.roots = roots;
+	C.root_is_glob = g;
+	int resolved = !has_glob(r) && realpath(r, canon);
+
+	if (!resolved)
+		snprintf(canon, sizeof(canon), "%s", r);
+	n = strlen(canon);
+	while (n > 1 && canon[n - 1] == '/')
+		canon[--n] = 0;
+	C.roots[C.nroots] = strdup(canon);
+	/* 0: canonical directory, 1: glob, 2: did not exist yet */
+	C.root_is_glob[C.nroots] = has_glob(r) ? 1 : resolved ? 0 : 2;
+	if (!C.roots[C.nroots])
+		return -ENOMEM;
+	C.nroots++;
+	return 0;
+}
+
+void config_load(void)
+{
+	const char *v;
+	uint64_t total;
+	struct sysinfo si;
+
+	C.enabled = 1;
+	C.log_level = L_WARN;
+
+	v = getenv("ACKPT_LOG");
+	if (v && *v) {
+		if (!strcmp(v, "error")) C.log_level = L_ERROR;
+		else if (!strcmp(v, "warn") || !strcmp(v, "warning")) C.log_level = L_WARN;
+		else if (!strcmp(v, "info")) C.log_level = L_INFO;
+		else if (!strcmp(v, "debug")) C.log_level = L_DEBUG;
+		else { bad("ACKPT_LOG", v, "expected error, warn, info or debug"); return; }
+	}
+	v = getenv("ACKPT_DISABLE");
+	if (v && *v) {
+		if (!strcmp(v, "1")) { C.enabled = 0; return; }
+		if (strcmp(v, "0")) { bad("ACKPT_DISABLE", v, "expected 0 or 1"); return; }
+	}
+	total = sysinfo(&si) == 0 ? (uint64_t)si.totalram * si.mem_unit : (8ull << 30);
+	C.staging = 2ull << 30;
+	if (C.staging > total / 4)
+		C.staging = total / 4;
+	v = getenv("ACKPT_STAGING");
+	if (v && *v) {
+		if (parse_size(v, &C.staging) < 0) {
+			bad("ACKPT_STAGING", v, "expected a size such as 512M or 4G");
+			return;
+		}
+		if (C.staging < (16ull << 20)) {
+			bad("ACKPT_STAGING", v, "must be at least 16M");
+			return;
+		}
+	}
+	C.staging = (C.staging + (2ull << 20) - 1) & ~((2ull << 20) - 1);
+	v = getenv("ACKPT_COMMIT");
+	if (v && *v) {
+		if (!strcmp(v, "sync")) C.commit_sync = 1;
+		else if (strcmp(v, "async")) { bad("ACKPT_COMMIT", v, "expected async or sync"); return; }
+	}
+	v = getenv("ACKPT_DIRECT");
+	if (v && *v && strcmp(v, "0") && strcmp(v, "1")) {
+		bad("ACKPT_DIRECT", v, "expected 0 or 1");
+		return;
+	}
+	v = getenv("ACKPT_IO");
+	if (v && *v && strcmp(v, "uring") && strcmp(v, "pool")) {
+		bad("ACKPT_IO", v, "expected uring or pool");
+		return;
+	}
+	v = getenv("ACKPT_PATHS");
+	if (v && *v) {
+		char *copy = strdup(v), *save = NULL, *tok;
+
+		if (!copy)
+			return;
+		for (tok = strtok_r(copy, ":", &save); tok; tok = strtok_r(NULL, ":", &save)) {
+			if (tok[0] != '/') {
+				free(copy);
+				bad("ACKPT_PATHS", v, "each root must be an absolute path");
+				return;
+			}
+			add_root(tok);
+		}
+		free(copy);
+	}
+}
+
+static int under_root(const char *path, const char *root)
+{
+	size_t n = strlen(root);
+
+	if (n == 1 && root[0] == '/')
+		return 1;
+	return !strncmp(path, root, n) && (path[n] == '/' || path[n] == 0);
+}
+
+int path_is_managed(const char *canon)
+{
+	const char *base, *p;
+	int i;
+
+	if (!C.enabled || canon[0] != '/')
+		return 0;
+	if (!strncmp(canon, "/proc/", 6) || !strncmp(canon, "/sys/", 5) ||
+	    !strncmp(canon, "/dev/", 5))
+		return 0;
+	if (C.nroots) {
+		for (i = 0; i < C.nroots; i++) {
+			if (C.root_is_glob[i] == 1) {
+				char pat[PATH_MAX + 4];
+
+				snprintf(pat, sizeof(pat), "%s/*", C.roots[i]);
+				if (!fnmatch(C.roots[i], canon, 0) || !fnmatch(pat, canon, 0))
+					return 1;
+			} else if (under_root(canon, C.roots[i])) {
+				return 1;
+			} else if (C.root_is_glob[i] == 2) {
+				/* a root that did not exist at start may exist now */
+				char now[PATH_MAX];
+
+				if (realpath(C.roots[i], now) && strcmp(now, C.roots[i]) &&
+				    under_root(canon, now))
+					return 1;
+			}
+		}
+		return 0;
+	}
+	base = strrchr(canon, '/') + 1;
+	for (i = 0; default_names[i]; i++)
+		if (!fnmatch(default_names[i], base, FNM_PERIOD & 0))
+			return 1;
+	for (p = canon; p < base; p = strchr(p, '/') + 1) {
+		char comp[NAME_MAX + 1];
+		const char *e = strchr(p, '/');
+		size_t n = e - p;
+
+		if (!n || n > NAME_MAX)
+			continue;
+		memcpy(comp, p, n);
+		comp[n] = 0;
+		for (i = 0; default_dirs[i]; i++)
+			if (!fnmatch(default_dirs[i], comp, 0))
+				return 1;
+	}
+	return 0;
+}

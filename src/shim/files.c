@@ -1,0 +1,725 @@
+/*
+ * The file table.  fdtab maps descriptor numbers to open file descriptions
+ * (struct ofd: logical position, O_APPEND), which point to per-inode state
+ * (logical size, helper slot, last op).  Keeping state per description and
+ * per inode is what makes dup, fdopen-of-a-dup (numpy) and two opens of one
+ * file behave.  The untracked fast path is one atomic load of fdtab.
+ *
+ * Also here: the node-local registry that lets another process under ackpt
+ * wait for a file this process is still writing.
+ */
+#include <limits.h>
+#include <linux/futex.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+
+#include "shim.h"
+
+_Atomic(struct ofd *) fdtab[FD_MAX];
+atomic_uchar fd_protected[FD_MAX];
+
+#define HASH_BUCKETS 1024
+static struct inode_state *inode_hash[HASH_BUCKETS];
+static uint8_t slot_used[ACKPT_MAX_FILES];
+static uint32_t slot_reported[ACKPT_MAX_FILES];
+static uint32_t slot_hint;
+static uint64_t unreported_lost;
+static struct ackpt_registry *reg;
+static int reg_tried;
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+void fd_protect(int fd, int on)
+{
+	if ((unsigned)fd < FD_MAX)
+		atomic_store(&fd_protected[fd], on);
+}
+
+/* ---- node-local registry ---- */
+
+static struct ackpt_registry *registry_map(int create)
+{
+	char p[64];
+	int fd;
+	struct ackpt_registry *r;
+
+	if (reg || (reg_tried && !create))
+		return reg;
+	reg_tried = 1;
+	snprintf(p, sizeof(p), "/dev/shm/ackpt-registry.%u", (unsigned)getuid());
+	fd = real.open(p, O_RDWR | O_CLOEXEC | O_NOFOLLOW | (create ? O_CREAT : 0), 0600);
+	if (fd < 0)
+		return NULL;
+	if (create && real.ftruncate(fd, sizeof(struct ackpt_registry)) < 0) {
+		real.close(fd);
+		return NULL;
+	}
+	r = mmap(NULL, sizeof(*r), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	real.close(fd);
+	if (r == MAP_FAILED)
+		return NULL;
+	if (create) {
+		uint64_t zero = 0;
+
+		__atomic_compare_exchange_n(&r->magic, &zero, ACKPT_REGISTRY_MAGIC, 0,
+					    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+	}
+	if (__atomic_load_n(&r->magic, __ATOMIC_ACQUIRE) != ACKPT_REGISTRY_MAGIC) {
+		munmap(r, sizeof(*r));
+		return NULL;
+	}
+	reg = r;
+	return reg;
+}
+
+int registry_any(void)
+{
+	struct ackpt_registry *r = registry_map(0);
+
+	return r && __atomic_load_n(&r->used, __ATOMIC_RELAXED);
+}
+
+int registry_claim(uint64_t dev, uint64_t ino, pid_t owner)
+{
+	struct ackpt_registry *r = registry_map(1);
+	unsigned i, start;
+
+	if (!r)
+		return -1;
+	start = (unsigned)(ino * 2654435761u) % ACKPT_REGISTRY_ENTRIES;
+	for (i = 0; i < ACKPT_REGISTRY_ENTRIES; i++) {
+		struct ackpt_registry_entry *e = &r->e[(start + i) % ACKPT_REGISTRY_ENTRIES];
+		int32_t zero = 0;
+
+		if (__atomic_load_n(&e->pid, __ATOMIC_RELAXED))
+			continue;
+		if (__atomic_compare_exchange_n(&e->pid, &zero, owner, 0, __ATOMIC_ACQ_REL,
+						__ATOMIC_RELAXED)) {
+			e->dev = dev;
+			e->ino = ino;
+			__atomic_fetch_add(&r->used, 1, __ATOMIC_RELEASE);
+			return (int)((start + i) % ACKPT_REGISTRY_ENTRIES);
+		}
+	}
+	return -1;
+}
+
+/* Wait while another process's helper still owns (dev, ino). */
+int registry_wait(uint64_t dev, uint64_t ino)
+{
+	struct ackpt_registry *r = registry_map(0);
+	uint64_t t0 = now_ns(), warned = 0;
+	unsigned i;
+
+	if (!r || !__atomic_load_n(&r->used, __ATOMIC_RELAXED))
+		return 0;
+	for (i = 0; i < ACKPT_REGISTRY_ENTRIES; i++) {
+		struct ackpt_registry_entry *e = &r->e[i];
+
+		for (;;) {
+			int32_t pid = __atomic_load_n(&e->pid, __ATOMIC_ACQUIRE);
+			uint32_t gen = __atomic_load_n(&e->gen, __ATOMIC_ACQUIRE);
+			struct timespec ts = { 0, 100000000 };
+
+			if (!pid || e->dev != dev || e->ino != ino)
+				break;
+			if (pid == S.helper_pid && S.state == SESS_ACTIVE)
+				break; /* ours: the local table orders it */
+			if (kill(pid, 0) < 0 && errno == ESRCH) {
+				/* owner died without releasing: reclaim */
+				if (__atomic_compare_exchange_n(&e->pid, &pid, 0, 0, __ATOMIC_ACQ_REL,
+								__ATOMIC_RELAXED))
+					__atomic_fetch_sub(&r->used, 1, __ATOMIC_RELAXED);
+				break;
+			}
+			if (!warned && now_ns() - t0 > 2000000000ull) {
+				alog(L_INFO, "waiting for ackpt-helper %d to finish a file", (int)pid);
+				warned = 1;
+			}
+			syscall(SYS_futex, &e->gen, FUTEX_WAIT, gen, &ts, NULL, 0);
+		}
+	}
+	return 0;
+}
+
+/* ---- inodes ---- */
+
+static unsigned hash_of(uint64_t dev, uint64_t ino)
+{
+	return (unsigned)((ino * 0x9e3779b97f4a7c15ull) ^ dev) % HASH_BUCKETS;
+}
+
+struct inode_state *inode_find(uint64_t dev, uint64_t ino)
+{
+	struct inode_state *i;
+
+	for (i = inode_hash[hash_of(dev, ino)]; i; i = i->next)
+		if (i->dev == dev && i->ino == ino)
+			return i;
+	return NULL;
+}
+
+int inode_pending(struct inode_state *ino)
+{
+	return ino && ino->last_seq > session_durable();
+}
+
+void inode_free(struct inode_state *ino)
+{
+	struct inode_state **pp = &inode_hash[hash_of(ino->dev, ino->ino)];
+
+	while (*pp && *pp != ino)
+		pp = &(*pp)->next;
+	if (*pp)
+		*pp = ino->next;
+	if (S.shm) {
+		uint32_t seq = __atomic_load_n(&S.shm->files[ino->slot].err_seq, __ATOMIC_ACQUIRE);
+
+		if (seq != slot_reported[ino->slot] && seq != ino->reported_err_seq)
+			unreported_lost++;
+		S.shm->files[ino->slot].err = 0;
+		S.shm->files[ino->slot].err_seq = 0;
+	}
+	slot_reported[ino->slot] = 0;
+	slot_used[ino->slot] = 0;
+	if (ino->shadow_fd >= 0) {
+		fd_protect(ino->shadow_fd, 0);
+		real.close(ino->shadow_fd);
+	}
+	free(ino->path);
+	free(ino);
+	S.ninodes--;
+}
+
+uint64_t files_unreported_errors(void)
+{
+	uint64_t n = unreported_lost;
+	unsigned b;
+
+	if (!S.shm)
+		return n;
+	for (b = 0; b < HASH_BUCKETS; b++) {
+		struct inode_state *i;
+
+		for (i = inode_hash[b]; i; i = i->next)
+			if (__atomic_load_n(&S.shm->files[i->slot].err_seq, __ATOMIC_ACQUIRE) !=
+			    i->reported_err_seq)
+				n++;
+	}
+	return n;
+}
+
+/* Wait (dropping the lock) until the inode's ops are complete. */
+int inode_drain(struct inode_state *ino)
+{
+	uint64_t seq = ino->last_seq;
+
+	if (seq <= session_durable())
+		return 0;
+	session_unlock();
+	session_wait(seq, 0, 0);
+	pthread_mutex_lock(&S.lock);
+	tls_busy = 1;
+	session_reap();
+	return 0;
+}
+
+static int slot_alloc(void)
+{
+	unsigned i;
+
+	for (i = 0; i < ACKPT_MAX_FILES; i++) {
+		unsigned s = (slot_hint + i) % ACKPT_MAX_FILES;
+
+		if (!slot_used[s]) {
+			slot_used[s] = 1;
+			slot_hint = s + 1;
+			return (int)s;
+		}
+	}
+	return -ENFILE;
+}
+
+static struct inode_state *inode_create(int fd, const struct stat *st, const char *canon)
+{
+	struct inode_state *ino = calloc(1, sizeof(*ino));
+	unsigned h = hash_of(st->st_dev, st->st_ino);
+	int slot, ret;
+
+	if (!ino)
+		return NULL;
+	slot = slot_alloc();
+	if (slot < 0) {
+		session_reap();
+		slot = slot_alloc();
+	}
+	if (slot < 0) {
+		free(ino);
+		return NULL;
+	}
+	ino->dev = st->st_dev;
+	ino->ino = st->st_ino;
+	ino->slot = (uint32_t)slot;
+	ino->size = (uint64_t)st->st_size;
+	ino->path = strdup(canon);
+	ino->shadow_fd = real.fcntl(fd, F_DUPFD_CLOEXEC, 1000);
+	if (ino->shadow_fd < 0) {
+		slot_used[slot] = 0;
+		free(ino->path);
+		free(ino);
+		return NULL;
+	}
+	fd_protect(ino->shadow_fd, 1);
+	S.shm->files[slot].err = 0;
+	S.shm->files[slot].err_seq = 0;
+	S.shm->files[slot].written = 0;
+	ino->reg_idx = registry_claim(ino->dev, ino->ino, S.helper_pid);
+	ino->next = inode_hash[h];
+	inode_hash[h] = ino;
+	S.ninodes++;
+	S.files++;
+	ret = session_send_open(ino, ino->shadow_fd);
+	if (ret < 0 && S.state != SESS_DEAD) {
+		inode_free(ino);
+		return NULL;
+	}
+	return ino;
+}
+
+/* ---- descriptors ---- */
+
+int fd_install(int fd, struct ofd *o)
+{
+	if ((unsigned)fd >= FD_MAX)
+		return -EMFILE;
+	o->refs++;
+	atomic_store_explicit(&fdtab[fd], o, memory_order_release);
+	return 0;
+}
+
+static void ofd_put(struct ofd *o)
+{
+	struct inode_state *ino = o->ino;
+
+	if (--o->refs > 0)
+		return;
+	if (ino) {
+		ino->nofd--;
+		if (o->writable)
+			ino->writers--;
+		if (ino->nofd == 0) {
+			if (S.state == SESS_ACTIVE) {
+				ino->closing = 1;
+				if (session_send_simple(ACKPT_OP_CLOSE, ino, 0) == 0)
+					ino->close_seq = ino->last_seq;
+				else
+					ino->close_seq = 0;
+			}
+			if (S.state != SESS_ACTIVE || ino->last_seq <= session_durable()) {
+				ino->closing = 1;
+				if (S.state != SESS_ACTIVE)
+					inode_free(ino);
+				else
+					session_reap();
+			}
+		}
+	}
+	free(o);
+}
+
+/* Called with the lock held.  Returns a pending error for the file, if any. */
+int fd_release(int fd)
+{
+	struct ofd *o = fd_peek(fd);
+	int err = 0;
+
+	if (!o)
+		return 0;
+	atomic_store_explicit(&fdtab[fd], NULL, memory_order_release);
+	if (o->ino && o->refs == 1 && o->writable)
+		err = session_check_error(o->ino);
+	ofd_put(o);
+	return err;
+}
+
+/*
+ * After the program's own open succeeded: decide whether the file is
+ * managed (regular, opened for writing, its canonical path under a root)
+ * and if so attach it.  The kernel resolved every symlink and dirfd for
+ * us: /proc/self/fd/N names the file the program actually opened.
+ */
+int files_post_open(int fd, int flags, const char *how)
+{
+	char link[64], canon[PATH_MAX];
+	struct inode_state *ino;
+	struct stat st;
+	struct ofd *o;
+	int acc = flags & O_ACCMODE, writable = acc == O_WRONLY || acc == O_RDWR;
+	ssize_t n;
+
+	if (fd < 0 || (unsigned)fd >= FD_MAX || !C.enabled || (flags & O_PATH))
+		return fd;
+	if (!writable) {
+		/* a reader of a file with pending work waits for it */
+		if (!S.ninodes && !registry_any())
+			return fd;
+		if (real.fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
+			return fd;
+		registry_wait(st.st_dev, st.st_ino);
+		if (!S.ninodes || session_lock() < 0)
+			return fd;
+		ino = inode_find(st.st_dev, st.st_ino);
+		if (ino) {
+			inode_drain(ino);
+			ino = inode_find(st.st_dev, st.st_ino);
+		}
+		if (ino && !ino->closing) {
+			/* track it so later reads wait for later writes */
+			o = calloc(1, sizeof(*o));
+			if (o) {
+				o->ino = ino;
+				ino->nofd++;
+				fd_install(fd, o);
+			}
+		}
+		session_unlock();
+		return fd;
+	}
+	if (real.fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
+		return fd;
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+	n = readlink(link, canon, sizeof(canon) - 1);
+	if (n <= 0)
+		return fd;
+	canon[n] = 0;
+	if (!path_is_managed(canon)) {
+		if (S.ninodes || registry_any())
+			registry_wait(st.st_dev, st.st_ino);
+		return fd;
+	}
+	if (flags & O_DIRECT) {
+		/* the program does its own aligned I/O: drain and stay out of it */
+		registry_wait(st.st_dev, st.st_ino);
+		return fd;
+	}
+	if (session_lock() < 0)
+		return fd;
+	if (session_ensure() < 0) {
+		session_unlock();
+		return fd;
+	}
+	ino = inode_find(st.st_dev, st.st_ino);
+	if (ino && ino->closing) {
+		/* a fresh slot must not overtake the old one's writes */
+		inode_drain(ino);
+		ino = inode_find(st.st_dev, st.st_ino);
+		if (ino && ino->closing && ino->last_seq <= session_durable())
+			session_reap();
+		ino = inode_find(st.st_dev, st.st_ino);
+		if (ino && ino->closing)
+			ino = NULL;
+	}
+	if (!ino) {
+		registry_wait(st.st_dev, st.st_ino);
+		ino = inode_create(fd, &st, canon);
+		if (!ino) {
+			session_unlock();
+			return fd;
+		}
+	} else if (flags & O_TRUNC) {
+		ino->size = 0;
+	}
+	o = calloc(1, sizeof(*o));
+	if (!o) {
+		session_unlock();
+		return fd;
+	}
+	o->ino = ino;
+	o->writable = 1;
+	o->append = !!(flags & O_APPEND);
+	o->pos = o->append ? ino->size : 0;
+	ino->nofd++;
+	ino->writers++;
+	fd_install(fd, o);
+	alog(L_DEBUG, "%s %s -> fd %d managed (slot %u)", how, canon, fd, ino->slot);
+	session_unlock();
+	return fd;
+}
+
+/* Stage a write.  off < 0 with use_pos: at the logical position. */
+ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos)
+{
+	struct ofd *o;
+	struct inode_state *ino;
+	uint64_t t0 = now_ns(), at;
+	size_t total = 0;
+	int i, ret;
+
+	if (session_lock() < 0)
+		return -ENOTSUP;
+	o = fd_peek(fd);
+	if (!o || !o->ino || !o->writable) {
+		session_unlock();
+		return -ENOTSUP;
+	}
+	ino = o->ino;
+	for (i = 0; i < iovcnt; i++) {
+		if (iov[i].iov_len > SSIZE_MAX - total) {
+			session_unlock();
+			return -EINVAL;
+		}
+		total += iov[i].iov_len;
+	}
+	ret = session_check_error(ino);
+	if (ret < 0) {
+		session_unlock();
+		return ret;
+	}
+	if (!use_pos && off < 0) {
+		session_unlock();
+		return -EINVAL;
+	}
+	at = use_pos ? (o->append ? ino->size : o->pos) : (uint64_t)off;
+	if (S.state == SESS_ACTIVE) {
+		uint64_t pos = at;
+
+		for (i = 0; i < iovcnt; i++) {
+			if (!iov[i].iov_len)
+				continue;
+			ret = session_stage(ino, iov[i].iov_base, iov[i].iov_len, pos);
+			if (ret < 0 && S.state != SESS_DEAD) {
+				session_unlock();
+				return ret;
+			}
+			if (ret < 0) {
+				/* helper died mid-write: the rest goes straight to the file */
+				struct iovec rest = iov[i];
+				ssize_t n = real.pwrite(ino->shadow_fd, rest.iov_base, rest.iov_len,
+							(off_t)pos);
+				if (n < 0) {
+					session_unlock();
+					return -errno;
+				}
+			}
+			pos += iov[i].iov_len;
+		}
+	} else {
+		ssize_t n = real.pwritev(ino->shadow_fd, iov, iovcnt, (off_t)at);
+
+		if (n < 0) {
+			session_unlock();
+			return -errno;
+		}
+		total = (size_t)n;
+	}
+	if (at + total > ino->size)
+		ino->size = at + total;
+	if (use_pos) {
+		o->pos = at + total;
+		/* keep the kernel offset in step for inherited fds and exec */
+		real.lseek(fd, (off_t)o->pos, SEEK_SET);
+	}
+	S.writes++;
+	S.stall_ns += now_ns() - t0;
+	session_unlock();
+	return (ssize_t)total;
+}
+
+off_t managed_lseek(int fd, off_t off, int whence)
+{
+	struct ofd *o;
+	off_t base, r;
+
+	if (session_lock() < 0)
+		return -ENOTSUP;
+	o = fd_peek(fd);
+	if (!o || !o->ino || !o->writable) {
+		session_unlock();
+		return -ENOTSUP;
+	}
+	switch (whence) {
+	case SEEK_SET: base = 0; break;
+	case SEEK_CUR: base = (off_t)o->pos; break;
+	case SEEK_END: base = (off_t)o->ino->size; break;
+	default:
+		/* SEEK_DATA/SEEK_HOLE look at the real file: make it real first */
+		inode_drain(o->ino);
+		r = real.lseek(fd, off, whence);
+		if (r < 0) {
+			r = -errno;
+		} else {
+			o->pos = (uint64_t)r;
+		}
+		session_unlock();
+		return r;
+	}
+	if ((off > 0 && base > INT64_MAX - off) || base + off < 0) {
+		session_unlock();
+		return -EINVAL;
+	}
+	o->pos = (uint64_t)(base + off);
+	real.lseek(fd, (off_t)o->pos, SEEK_SET);
+	session_unlock();
+	return (off_t)o->pos;
+}
+
+/* Make everything written to fd's file real before a pass-through op. */
+int managed_drain_fd(int fd)
+{
+	struct ofd *o;
+
+	if (!fd_peek(fd) || session_lock() < 0)
+		return 0;
+	o = fd_peek(fd);
+	if (o && o->ino)
+		inode_drain(o->ino);
+	session_unlock();
+	return 0;
+}
+
+/* After a pass-through op changed the file: take position and size from the kernel. */
+void managed_resync(int fd)
+{
+	struct ofd *o;
+	struct stat st;
+
+	if (!fd_peek(fd) || session_lock() < 0)
+		return;
+	o = fd_peek(fd);
+	if (o && o->ino) {
+		off_t p = real.lseek(fd, 0, SEEK_CUR);
+
+		if (p >= 0)
+			o->pos = (uint64_t)p;
+		if (real.fstat(fd, &st) == 0)
+			o->ino->size = (uint64_t)st.st_size;
+	}
+	session_unlock();
+}
+
+/* Canonical absolute path: the directory resolved, the last component kept. */
+int canon_path(int dirfd, const char *path, char *out, size_t outlen)
+{
+	char full[PATH_MAX], dir[PATH_MAX], rdir[PATH_MAX];
+	const char *base;
+	char *slash;
+
+	if (!path || !*path)
+		return -ENOENT;
+	if (path[0] == '/') {
+		snprintf(full, sizeof(full), "%s", path);
+	} else if (dirfd == AT_FDCWD) {
+		if (!getcwd(dir, sizeof(dir)))
+			return -errno;
+		snprintf(full, sizeof(full), "%s/%s", dir, path);
+	} else {
+		char link[64];
+		ssize_t n;
+
+		snprintf(link, sizeof(link), "/proc/self/fd/%d", dirfd);
+		n = readlink(link, dir, sizeof(dir) - 1);
+		if (n < 0)
+			return -EBADF;
+		dir[n] = 0;
+		snprintf(full, sizeof(full), "%s/%s", dir, path);
+	}
+	{
+		size_t n = strlen(full);
+
+		while (n > 1 && full[n - 1] == '/')
+			full[--n] = 0;
+	}
+	slash = strrchr(full, '/');
+	base = slash + 1;
+	if (slash == full)
+		snprintf(dir, sizeof(dir), "/");
+	else {
+		*slash = 0;
+		snprintf(dir, sizeof(dir), "%s", full);
+	}
+	if (!realpath(dir, rdir))
+		return -errno;
+	snprintf(out, outlen, "%s%s%s", rdir, strcmp(rdir, "/") ? "/" : "", base);
+	return 0;
+}
+
+/* Before touching a path: wait for a deferred rename involving it, and for
+ * pending data of the file it names (flags: AT_SYMLINK_NOFOLLOW honoured). */
+int wait_path_pending(int dirfd, const char *path, int flags)
+{
+	char canon[PATH_MAX];
+	struct stat st;
+
+	if (!C.enabled)
+		return 0;
+	if (ns_pending_any() && canon_path(dirfd, path, canon, sizeof(canon)) == 0)
+		ns_wait_path(canon);
+	if (!S.ninodes && !registry_any())
+		return 0;
+	if (real.fstatat(dirfd, path, &st, flags & AT_SYMLINK_NOFOLLOW) < 0)
+		return 0;
+	return wait_stat_pending(&st);
+}
+
+int wait_stat_pending(const struct stat *st)
+{
+	struct inode_state *ino;
+
+	if (!S_ISREG(st->st_mode))
+		return 0;
+	registry_wait(st->st_dev, st->st_ino);
+	if (!S.ninodes || session_lock() < 0)
+		return 0;
+	ino = inode_find(st->st_dev, st->st_ino);
+	if (ino)
+		inode_drain(ino);
+	session_unlock();
+	return 0;
+}
+
+void files_fork_child(void)
+{
+	unsigned i;
+
+	/* inherited descriptors are plain descriptors in the child; their
+	 * state (and the memory) stays with the parent */
+	for (i = 0; i < FD_MAX; i++) {
+		if (atomic_load_explicit(&fdtab[i], memory_order_relaxed))
+			atomic_store_explicit(&fdtab[i], NULL, memory_order_relaxed);
+		if (atomic_load_explicit(&fd_protected[i], memory_order_relaxed)) {
+			atomic_store_explicit(&fd_protected[i], 0, memory_order_relaxed);
+			real.close((int)i);
+		}
+	}
+	memset(inode_hash, 0, sizeof(inode_hash));
+	memset(slot_used, 0, sizeof(slot_used));
+	memset(slot_reported, 0, sizeof(slot_reported));
+	unreported_lost = 0;
+}
+
+int files_any_inherited_open(void)
+{
+	unsigned i;
+
+	for (i = 0; i < FD_MAX; i++) {
+		struct ofd *o = atomic_load_explicit(&fdtab[i], memory_order_acquire);
+
+		if (o && o->ino && o->writable) {
+			int fl = real.fcntl((int)i, F_GETFD);
+
+			if (fl >= 0 && !(fl & FD_CLOEXEC))
+				return 1;
+		}
+	}
+	return 0;
+}

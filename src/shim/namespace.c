@@ -1,0 +1,301 @@
+/*
+ * Namespace operations.  A rename of a file whose data is not yet durable
+ * is deferred: the helper performs it after the data and an fsync, then
+ * fsyncs the directory, so a crash never leaves the final name holding a
+ * partial file.  Until then, any access to either name waits for it (the
+ * pending list below).  Unlink passes through: data still in flight to an
+ * unlinked inode is harmless.  link waits for the data first.
+ */
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "shim.h"
+
+struct ns_entry {
+	char *oldp, *newp;
+	uint64_t seq;
+	struct ns_entry *next;
+};
+
+static struct ns_entry *ns_list;
+static atomic_int ns_count;
+
+int ns_pending_any(void)
+{
+	return atomic_load_explicit(&ns_count, memory_order_relaxed) > 0;
+}
+
+void ns_prune(uint64_t durable)
+{
+	struct ns_entry **pp = &ns_list;
+
+	while (*pp) {
+		struct ns_entry *e = *pp;
+
+		if (e->seq <= durable) {
+			*pp = e->next;
+			free(e->oldp);
+			free(e->newp);
+			free(e);
+			atomic_fetch_sub(&ns_count, 1);
+		} else {
+			pp = &e->next;
+		}
+	}
+}
+
+void ns_reset(void)
+{
+	ns_prune(UINT64_MAX);
+}
+
+int ns_wait_path(const char *canon)
+{
+	uint64_t want = 0;
+	struct ns_entry *e;
+
+	if (session_lock() < 0)
+		return 0;
+	for (e = ns_list; e; e = e->next)
+		if ((!strcmp(e->oldp, canon) || !strcmp(e->newp, canon)) && e->seq > want)
+			want = e->seq;
+	session_unlock();
+	if (want)
+		session_wait(want, 0, 0);
+	if (session_lock() == 0) {
+		session_reap();
+		session_unlock();
+	}
+	return 0;
+}
+
+static int ret_err(int r)
+{
+	if (r < 0) {
+		errno = -r;
+		return -1;
+	}
+	return r;
+}
+
+/* 1 if deferred (done), 0 if the caller should pass through, -errno on error. */
+static int try_defer_rename(int olddir, const char *oldp, int newdir, const char *newp)
+{
+	char co[PATH_MAX], cn[PATH_MAX], parent[PATH_MAX];
+	struct stat so, sp;
+	struct inode_state *ino;
+	struct ns_entry *e;
+	char *slash;
+	int ret;
+
+	if (canon_path(olddir, oldp, co, sizeof(co)) < 0 ||
+	    canon_path(newdir, newp, cn, sizeof(cn)) < 0)
+		return 0;
+	ns_wait_path(co);
+	ns_wait_path(cn);
+	if (!S.ninodes || real.lstat(co, &so) < 0)
+		return 0;
+	if (S_ISDIR(so.st_mode)) {
+		/* files inside may have pending renames by absolute path */
+		session_sync_all(0, 0);
+		return 0;
+	}
+	if (!S_ISREG(so.st_mode) || session_lock() < 0)
+		return 0;
+	ino = inode_find(so.st_dev, so.st_ino);
+	if (!ino || !inode_pending(ino) || S.state != SESS_ACTIVE) {
+		session_unlock();
+		return 0;
+	}
+	/* the checks a synchronous rename would fail on, done now */
+	snprintf(parent, sizeof(parent), "%s", cn);
+	slash = strrchr(parent, '/');
+	if (slash == parent)
+		slash[1] = 0;
+	else
+		*slash = 0;
+	if (real.stat(parent, &sp) < 0) {
+		ret = -errno;
+		goto out;
+	}
+	if (!S_ISDIR(sp.st_mode)) {
+		ret = -ENOTDIR;
+		goto out;
+	}
+	if (sp.st_dev != so.st_dev) {
+		ret = -EXDEV;
+		goto out;
+	}
+	if (access(parent, W_OK) < 0) {
+		ret = -errno;
+		goto out;
+	}
+	{
+		struct stat sn;
+
+		if (real.lstat(cn, &sn) == 0 && S_ISDIR(sn.st_mode)) {
+			ret = -EISDIR;
+			goto out;
+		}
+	}
+	e = calloc(1, sizeof(*e));
+	if (!e) {
+		ret = 0;
+		goto out;
+	}
+	ret = session_send_rename(ino, co, cn);
+	if (ret < 0) {
+		free(e);
+		ret = 0; /* helper gone: it was replayed or we pass through */
+		goto out;
+	}
+	e->oldp = strdup(co);
+	e->newp = strdup(cn);
+	e->seq = S.seq;
+	if (!e->oldp || !e->newp) {
+		free(e->oldp);
+		free(e->newp);
+		free(e);
+	} else {
+		e->next = ns_list;
+		ns_list = e;
+		atomic_fetch_add(&ns_count, 1);
+	}
+	free(ino->path);
+	ino->path = strdup(cn);
+	ret = 1;
+out:
+	session_unlock();
+	return ret;
+}
+
+static int rename_common(int olddir, const char *oldp, int newdir, const char *newp,
+			 unsigned flags)
+{
+	int saved = errno, r;
+
+	if (C.enabled && S.state == SESS_ACTIVE && oldp && newp) {
+		if (flags == 0) {
+			r = try_defer_rename(olddir, oldp, newdir, newp);
+			if (r < 0)
+				return ret_err(r);
+			if (r == 1) {
+				errno = saved;
+				return 0;
+			}
+		} else {
+			wait_path_pending(olddir, oldp, AT_SYMLINK_NOFOLLOW);
+			wait_path_pending(newdir, newp, AT_SYMLINK_NOFOLLOW);
+		}
+	}
+	errno = saved;
+	if (flags)
+		return real.renameat2(olddir, oldp, newdir, newp, flags);
+	return real.renameat(olddir, oldp, newdir, newp);
+}
+
+ACKPT_EXPORT int rename(const char *oldp, const char *newp)
+{
+	ENSURE_REAL();
+	if (!C.enabled || S.state != SESS_ACTIVE)
+		return real.rename(oldp, newp);
+	return rename_common(AT_FDCWD, oldp, AT_FDCWD, newp, 0);
+}
+
+ACKPT_EXPORT int renameat(int od, const char *oldp, int nd, const char *newp)
+{
+	ENSURE_REAL();
+	if (!C.enabled || S.state != SESS_ACTIVE)
+		return real.renameat(od, oldp, nd, newp);
+	return rename_common(od, oldp, nd, newp, 0);
+}
+
+ACKPT_EXPORT int renameat2(int od, const char *oldp, int nd, const char *newp, unsigned flags)
+{
+	ENSURE_REAL();
+	if (!C.enabled || S.state != SESS_ACTIVE)
+		return real.renameat2(od, oldp, nd, newp, flags);
+	return rename_common(od, oldp, nd, newp, flags);
+}
+
+static void wait_both(int od, const char *oldp, int nd, const char *newp, int follow)
+{
+	int saved = errno;
+
+	if (C.enabled && (S.state == SESS_ACTIVE || registry_any())) {
+		if (oldp)
+			wait_path_pending(od, oldp, follow ? 0 : AT_SYMLINK_NOFOLLOW);
+		if (newp)
+			wait_path_pending(nd, newp, AT_SYMLINK_NOFOLLOW);
+	}
+	errno = saved;
+}
+
+ACKPT_EXPORT int link(const char *oldp, const char *newp)
+{
+	ENSURE_REAL();
+	wait_both(AT_FDCWD, oldp, AT_FDCWD, newp, 0);
+	return real.link(oldp, newp);
+}
+
+ACKPT_EXPORT int linkat(int od, const char *oldp, int nd, const char *newp, int flags)
+{
+	ENSURE_REAL();
+	if ((flags & AT_EMPTY_PATH) && (!oldp || !*oldp)) {
+		/* naming an O_TMPFILE: its data must be complete first */
+		if (fd_peek(od)) {
+			int saved = errno;
+
+			managed_drain_fd(od);
+			errno = saved;
+		}
+		wait_both(nd, newp, nd, NULL, 0);
+	} else {
+		wait_both(od, oldp, nd, newp, flags & AT_SYMLINK_FOLLOW);
+	}
+	return real.linkat(od, oldp, nd, newp, flags);
+}
+
+ACKPT_EXPORT int unlink(const char *path)
+{
+	ENSURE_REAL();
+	if (C.enabled && ns_pending_any()) {
+		int saved = errno;
+		char canon[PATH_MAX];
+
+		if (canon_path(AT_FDCWD, path, canon, sizeof(canon)) == 0)
+			ns_wait_path(canon);
+		errno = saved;
+	}
+	return real.unlink(path);
+}
+
+ACKPT_EXPORT int unlinkat(int dirfd, const char *path, int flags)
+{
+	ENSURE_REAL();
+	if (C.enabled && ns_pending_any()) {
+		int saved = errno;
+		char canon[PATH_MAX];
+
+		if (canon_path(dirfd, path, canon, sizeof(canon)) == 0)
+			ns_wait_path(canon);
+		errno = saved;
+	}
+	return real.unlinkat(dirfd, path, flags);
+}
+
+ACKPT_EXPORT int remove(const char *path)
+{
+	ENSURE_REAL();
+	if (C.enabled && ns_pending_any()) {
+		int saved = errno;
+		char canon[PATH_MAX];
+
+		if (canon_path(AT_FDCWD, path, canon, sizeof(canon)) == 0)
+			ns_wait_path(canon);
+		errno = saved;
+	}
+	return real.remove(path);
+}

@@ -1,0 +1,492 @@
+/*
+ * POSIX descriptor wrappers: open, write, lseek, close, dup and fcntl
+ * families.  Each has the same shape: make sure the real function is
+ * known, take the untracked fast path when fd/path is not ours, else act
+ * and turn -errno into -1/errno.  errno is preserved on success paths.
+ */
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+
+#include "shim.h"
+
+static inline int need_mode(int flags)
+{
+	return (flags & O_CREAT) || (flags & __O_TMPFILE) == __O_TMPFILE;
+}
+
+static int ret_err(long r)
+{
+	if (r < 0) {
+		errno = (int)-r;
+		return -1;
+	}
+	return (int)r;
+}
+
+/* Wait for pending work before an open that could observe or truncate it. */
+static void pre_open(int dirfd, const char *path, int flags)
+{
+	int acc = flags & O_ACCMODE;
+
+	if (!C.enabled || !path)
+		return;
+	if (acc == O_RDONLY && !(flags & O_TRUNC) && !ns_pending_any())
+		return; /* readers wait after the open, on the inode they got */
+	if (!ns_pending_any() && !S.ninodes && !registry_any())
+		return;
+	wait_path_pending(dirfd, path, (flags & O_NOFOLLOW) ? AT_SYMLINK_NOFOLLOW : 0);
+}
+
+static int do_openat(int dirfd, const char *path, int flags, mode_t mode, const char *how)
+{
+	int saved = errno, fd;
+
+	if (UNLIKELY(!real.openat))
+		return (int)syscall(SYS_openat, dirfd, path, flags, mode);
+	pre_open(dirfd, path, flags);
+	errno = saved;
+	fd = real.openat(dirfd, path, flags, mode);
+	if (fd < 0)
+		return fd;
+	saved = errno;
+	files_post_open(fd, flags, how);
+	errno = saved;
+	return fd;
+}
+
+#define OPEN_MODE(flags, mode) do { \
+	if (need_mode(flags)) { va_list ap; va_start(ap, flags); \
+		mode = va_arg(ap, mode_t); va_end(ap); } } while (0)
+
+ACKPT_EXPORT int open(const char *path, int flags, ...)
+{
+	mode_t mode = 0;
+
+	ENSURE_REAL();
+	OPEN_MODE(flags, mode);
+	return do_openat(AT_FDCWD, path, flags, mode, "open");
+}
+
+ACKPT_EXPORT int open64(const char *path, int flags, ...)
+{
+	mode_t mode = 0;
+
+	ENSURE_REAL();
+	OPEN_MODE(flags, mode);
+	return do_openat(AT_FDCWD, path, flags, mode, "open64");
+}
+
+ACKPT_EXPORT int openat(int dirfd, const char *path, int flags, ...)
+{
+	mode_t mode = 0;
+
+	ENSURE_REAL();
+	OPEN_MODE(flags, mode);
+	return do_openat(dirfd, path, flags, mode, "openat");
+}
+
+ACKPT_EXPORT int openat64(int dirfd, const char *path, int flags, ...)
+{
+	mode_t mode = 0;
+
+	ENSURE_REAL();
+	OPEN_MODE(flags, mode);
+	return do_openat(dirfd, path, flags, mode, "openat64");
+}
+
+/* _FORTIFY_SOURCE entry points: only called without a mode argument */
+ACKPT_EXPORT int __open_2(const char *path, int flags)
+{
+	ENSURE_REAL();
+	return do_openat(AT_FDCWD, path, flags, 0, "__open_2");
+}
+
+ACKPT_EXPORT int __open64_2(const char *path, int flags)
+{
+	ENSURE_REAL();
+	return do_openat(AT_FDCWD, path, flags, 0, "__open64_2");
+}
+
+ACKPT_EXPORT int __openat_2(int dirfd, const char *path, int flags)
+{
+	ENSURE_REAL();
+	return do_openat(dirfd, path, flags, 0, "__openat_2");
+}
+
+ACKPT_EXPORT int __openat64_2(int dirfd, const char *path, int flags)
+{
+	ENSURE_REAL();
+	return do_openat(dirfd, path, flags, 0, "__openat64_2");
+}
+
+ACKPT_EXPORT int creat(const char *path, mode_t mode)
+{
+	ENSURE_REAL();
+	return do_openat(AT_FDCWD, path, O_CREAT | O_WRONLY | O_TRUNC, mode, "creat");
+}
+
+ACKPT_EXPORT int creat64(const char *path, mode_t mode)
+{
+	ENSURE_REAL();
+	return do_openat(AT_FDCWD, path, O_CREAT | O_WRONLY | O_TRUNC, mode, "creat64");
+}
+
+/* openat2 has no glibc wrapper; syscall() routes here (process.c). */
+int shim_openat2(int dirfd, const char *path, void *how, size_t size)
+{
+	struct { uint64_t flags, mode, resolve; } h = { 0 };
+	int saved = errno, fd;
+
+	if (how && size >= sizeof(uint64_t) * 2)
+		memcpy(&h, how, size < sizeof(h) ? size : sizeof(h));
+	pre_open(dirfd, path, (int)h.flags);
+	errno = saved;
+	fd = (int)real.syscall(SYS_openat2, dirfd, path, how, size);
+	if (fd < 0)
+		return fd;
+	saved = errno;
+	files_post_open(fd, (int)h.flags, "openat2");
+	errno = saved;
+	return fd;
+}
+
+/* ---- writes ---- */
+
+static ssize_t write_managed(int fd, const struct iovec *iov, int n, off_t off, int use_pos)
+{
+	int saved = errno;
+	ssize_t r = managed_write(fd, iov, n, off, use_pos);
+
+	if (r == -ENOTSUP)
+		return -ENOTSUP;
+	if (r < 0) {
+		errno = (int)-r;
+		return -1;
+	}
+	errno = saved;
+	return r;
+}
+
+ACKPT_EXPORT ssize_t write(int fd, const void *buf, size_t len)
+{
+	if (LIKELY(real_ready) && LIKELY(!fd_peek(fd)))
+		return real.write(fd, buf, len);
+	ENSURE_REAL();
+	if (UNLIKELY(!real.write))
+		return syscall(SYS_write, fd, buf, len);
+	if (fd_peek(fd)) {
+		struct iovec v = { (void *)buf, len };
+		ssize_t r = write_managed(fd, &v, 1, -1, 1);
+
+		if (r != -ENOTSUP)
+			return r;
+	}
+	return real.write(fd, buf, len);
+}
+
+ACKPT_EXPORT ssize_t writev(int fd, const struct iovec *iov, int n)
+{
+	ENSURE_REAL();
+	if (fd_peek(fd)) {
+		ssize_t r = n < 0 || n > IOV_MAX ? (errno = EINVAL, -1) : write_managed(fd, iov, n, -1, 1);
+
+		if (r != -ENOTSUP)
+			return r;
+	}
+	return real.writev(fd, iov, n);
+}
+
+ACKPT_EXPORT ssize_t pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+	ENSURE_REAL();
+	if (fd_peek(fd)) {
+		struct iovec v = { (void *)buf, len };
+		ssize_t r = write_managed(fd, &v, 1, off, 0);
+
+		if (r != -ENOTSUP)
+			return r;
+	}
+	return real.pwrite(fd, buf, len, off);
+}
+
+ACKPT_EXPORT ssize_t pwrite64(int fd, const void *buf, size_t len, off_t off)
+{
+	return pwrite(fd, buf, len, off);
+}
+
+ACKPT_EXPORT ssize_t pwritev(int fd, const struct iovec *iov, int n, off_t off)
+{
+	ENSURE_REAL();
+	if (fd_peek(fd)) {
+		ssize_t r = n < 0 || n > IOV_MAX ? (errno = EINVAL, -1) : write_managed(fd, iov, n, off, 0);
+
+		if (r != -ENOTSUP)
+			return r;
+	}
+	return real.pwritev(fd, iov, n, off);
+}
+
+ACKPT_EXPORT ssize_t pwritev64(int fd, const struct iovec *iov, int n, off_t off)
+{
+	return pwritev(fd, iov, n, off);
+}
+
+ACKPT_EXPORT ssize_t pwritev2(int fd, const struct iovec *iov, int n, off_t off, int flags)
+{
+	ENSURE_REAL();
+	if (fd_peek(fd)) {
+		/* -1 means "at the file position"; RWF_* durability flags are the
+		 * helper's job like fsync */
+		ssize_t r = n < 0 || n > IOV_MAX ? (errno = EINVAL, -1) :
+			    write_managed(fd, iov, n, off, off == -1);
+
+		if (r != -ENOTSUP)
+			return r;
+	}
+	return real.pwritev2(fd, iov, n, off, flags);
+}
+
+ACKPT_EXPORT ssize_t pwritev64v2(int fd, const struct iovec *iov, int n, off_t off, int flags)
+{
+	return pwritev2(fd, iov, n, off, flags);
+}
+
+/* ---- positions ---- */
+
+ACKPT_EXPORT off_t lseek(int fd, off_t off, int whence)
+{
+	ENSURE_REAL();
+	if (UNLIKELY(!real.lseek))
+		return syscall(SYS_lseek, fd, off, whence);
+	if (fd_peek(fd)) {
+		int saved = errno;
+		off_t r = managed_lseek(fd, off, whence);
+
+		if (r != -ENOTSUP) {
+			if (r < 0) {
+				errno = (int)-r;
+				return -1;
+			}
+			errno = saved;
+			return r;
+		}
+	}
+	return real.lseek(fd, off, whence);
+}
+
+ACKPT_EXPORT off_t lseek64(int fd, off_t off, int whence)
+{
+	return lseek(fd, off, whence);
+}
+
+/* ---- descriptors ---- */
+
+static int is_protected(int fd)
+{
+	return (unsigned)fd < FD_MAX && atomic_load_explicit(&fd_protected[fd], memory_order_relaxed);
+}
+
+ACKPT_EXPORT int close(int fd)
+{
+	int saved = errno, r, err = 0;
+
+	ENSURE_REAL();
+	if (UNLIKELY(!real.close))
+		return (int)syscall(SYS_close, fd);
+	if (UNLIKELY(is_protected(fd)) && session_is_owner()) {
+		errno = EBADF; /* never the program's: it did not open it */
+		return -1;
+	}
+	if (LIKELY(!fd_peek(fd)))
+		return real.close(fd);
+	if (session_lock() < 0)
+		return real.close(fd);
+	r = real.close(fd);
+	if (r == 0 || errno != EBADF)
+		err = fd_release(fd);
+	session_unlock();
+	if (r < 0)
+		return r;
+	if (err < 0)
+		return ret_err(err);
+	errno = saved;
+	return 0;
+}
+
+/* Close [lo, hi] except our own descriptors. */
+static int close_range_sparing(unsigned lo, unsigned hi, int flags)
+{
+	unsigned a = lo, i;
+	int r = 0;
+
+	for (i = lo; i <= hi && i < FD_MAX; i++) {
+		if (is_protected((int)i)) {
+			if (i > a && real.close_range(a, i - 1, flags) < 0)
+				r = -1;
+			a = i + 1;
+		}
+		if (i == UINT32_MAX)
+			break;
+	}
+	if (a <= hi && real.close_range(a, hi, flags) < 0)
+		r = -1;
+	return r;
+}
+
+ACKPT_EXPORT int close_range(unsigned lo, unsigned hi, int flags)
+{
+	unsigned i;
+	int r;
+
+	ENSURE_REAL();
+	if (!session_is_owner() || !C.enabled || S.state == SESS_NONE)
+		return real.close_range(lo, hi, flags); /* vfork child: hands off */
+	if (session_lock() < 0)
+		return real.close_range(lo, hi, flags);
+	r = close_range_sparing(lo, hi, flags);
+	if (r == 0 && !(flags & CLOSE_RANGE_CLOEXEC))
+		for (i = lo; i <= hi && i < FD_MAX; i++)
+			fd_release((int)i);
+	session_unlock();
+	return r;
+}
+
+ACKPT_EXPORT void closefrom(int lo)
+{
+	if (lo < 0)
+		lo = 0;
+	close_range((unsigned)lo, ~0u, 0);
+}
+
+static int dup_track(int oldfd, int newfd)
+{
+	struct ofd *o;
+
+	if (newfd < 0 || session_lock() < 0)
+		return newfd;
+	o = fd_peek(oldfd);
+	if (o && fd_peek(newfd) != o)
+		fd_install(newfd, o);
+	session_unlock();
+	return newfd;
+}
+
+/* dup2/dup3 onto one of our descriptors: move ours out of the way first. */
+static void relocate_if_ours(int fd)
+{
+	(void)fd;
+	/* Our descriptors live at >= 1000 and are CLOEXEC; a program that
+	 * dup2s onto such a number gets its way and we lose that descriptor's
+	 * protection only.  Shadow descriptors are re-created on demand. */
+	if (is_protected(fd))
+		fd_protect(fd, 0);
+}
+
+ACKPT_EXPORT int dup(int fd)
+{
+	int nfd;
+
+	ENSURE_REAL();
+	nfd = real.dup(fd);
+	if (nfd >= 0 && fd_peek(fd)) {
+		int saved = errno;
+
+		dup_track(fd, nfd);
+		errno = saved;
+	}
+	return nfd;
+}
+
+static int dup23(int oldfd, int newfd, int flags, int three)
+{
+	int r, saved = errno;
+
+	if (oldfd == newfd && !three)
+		return real.dup2(oldfd, newfd);
+	relocate_if_ours(newfd);
+	if (fd_peek(newfd) && session_lock() == 0) {
+		fd_release(newfd); /* dup2 closes newfd silently */
+		session_unlock();
+	}
+	r = three ? real.dup3(oldfd, newfd, flags) : real.dup2(oldfd, newfd);
+	if (r >= 0 && fd_peek(oldfd)) {
+		dup_track(oldfd, r);
+		errno = saved;
+	}
+	return r;
+}
+
+ACKPT_EXPORT int dup2(int oldfd, int newfd)
+{
+	ENSURE_REAL();
+	if (!fd_peek(oldfd) && !fd_peek(newfd) && !is_protected(newfd))
+		return real.dup2(oldfd, newfd);
+	return dup23(oldfd, newfd, 0, 0);
+}
+
+ACKPT_EXPORT int dup3(int oldfd, int newfd, int flags)
+{
+	ENSURE_REAL();
+	if (!fd_peek(oldfd) && !fd_peek(newfd) && !is_protected(newfd))
+		return real.dup3(oldfd, newfd, flags);
+	return dup23(oldfd, newfd, flags, 1);
+}
+
+static int fcntl_common(int (*fn)(int, int, ...), int fd, int cmd, va_list ap)
+{
+	long arg = va_arg(ap, long);
+	int r;
+
+	if (!fd_peek(fd))
+		return fn(fd, cmd, arg);
+	switch (cmd) {
+	case F_DUPFD:
+	case F_DUPFD_CLOEXEC:
+		r = fn(fd, cmd, arg);
+		if (r >= 0) {
+			int saved = errno;
+
+			dup_track(fd, r);
+			errno = saved;
+		}
+		return r;
+	case F_SETFL:
+		r = fn(fd, cmd, arg);
+		if (r == 0 && session_lock() == 0) {
+			struct ofd *o = fd_peek(fd);
+
+			if (o)
+				o->append = !!(arg & O_APPEND);
+			session_unlock();
+		}
+		return r;
+	default:
+		return fn(fd, cmd, arg);
+	}
+}
+
+ACKPT_EXPORT int fcntl(int fd, int cmd, ...)
+{
+	va_list ap;
+	int r;
+
+	ENSURE_REAL();
+	va_start(ap, cmd);
+	r = fcntl_common(real.fcntl, fd, cmd, ap);
+	va_end(ap);
+	return r;
+}
+
+ACKPT_EXPORT int fcntl64(int fd, int cmd, ...)
+{
+	va_list ap;
+	int r;
+
+	ENSURE_REAL();
+	va_start(ap, cmd);
+	r = fcntl_common(real.fcntl64 ? real.fcntl64 : real.fcntl, fd, cmd, ap);
+	va_end(ap);
+	return r;
+}

@@ -1,0 +1,213 @@
+/*
+ * Process boundaries and raw syscalls.  Before an exec that keeps a managed
+ * descriptor open (no FD_CLOEXEC), that file is drained so the new image
+ * (shell redirection, a subprocess given the fd) writes after our data.
+ * syscall() dispatches the numbers that reach files through libc's
+ * syscall(3) instead of the named wrappers.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+
+#include "shim.h"
+
+int shim_openat2(int dirfd, const char *path, void *how, size_t size);
+
+static void exec_prepare(void)
+{
+	int saved = errno;
+
+	if (S.state != SESS_ACTIVE)
+		return;
+	if (!session_is_owner()) {
+		/* vfork child sharing our memory: it may only wait, never lock */
+		if (files_any_inherited_open())
+			session_wait(S.seq, 0, 0);
+		errno = saved;
+		return;
+	}
+	cookies_flush_all();
+	if (files_any_inherited_open())
+		session_sync_all(0, 0);
+	errno = saved;
+}
+
+ACKPT_EXPORT int execve(const char *path, char *const argv[], char *const envp[])
+{
+	ENSURE_REAL();
+	exec_prepare();
+	return real.execve(path, argv, envp);
+}
+
+ACKPT_EXPORT int execv(const char *path, char *const argv[])
+{
+	extern char **environ;
+
+	return execve(path, argv, environ);
+}
+
+ACKPT_EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
+{
+	ENSURE_REAL();
+	exec_prepare();
+	return real.execvpe(file, argv, envp);
+}
+
+ACKPT_EXPORT int execvp(const char *file, char *const argv[])
+{
+	extern char **environ;
+
+	return execvpe(file, argv, environ);
+}
+
+ACKPT_EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
+{
+	ENSURE_REAL();
+	exec_prepare();
+	return real.fexecve(fd, argv, envp);
+}
+
+/* execl* are variadic wrappers around execve inside glibc (not
+ * interposable), so rebuild argv and go through ours. */
+static char **collect_args(const char *arg0, va_list ap, char ***envp_out)
+{
+	va_list cp;
+	size_t n = 1, i;
+	char **argv;
+
+	va_copy(cp, ap);
+	while (va_arg(cp, char *))
+		n++;
+	va_end(cp);
+	argv = malloc((n + 1) * sizeof(*argv));
+	if (!argv)
+		return NULL;
+	argv[0] = (char *)arg0;
+	for (i = 1; i < n; i++)
+		argv[i] = va_arg(ap, char *);
+	argv[n] = NULL;
+	if (envp_out) {
+		(void)va_arg(ap, char *); /* the terminating NULL */
+		*envp_out = va_arg(ap, char **);
+	}
+	return argv;
+}
+
+ACKPT_EXPORT int execl(const char *path, const char *arg0, ...)
+{
+	extern char **environ;
+	va_list ap;
+	char **argv;
+	int r;
+
+	va_start(ap, arg0);
+	argv = collect_args(arg0, ap, NULL);
+	va_end(ap);
+	if (!argv)
+		return -1;
+	r = execve(path, argv, environ);
+	free(argv);
+	return r;
+}
+
+ACKPT_EXPORT int execlp(const char *file, const char *arg0, ...)
+{
+	extern char **environ;
+	va_list ap;
+	char **argv;
+	int r;
+
+	va_start(ap, arg0);
+	argv = collect_args(arg0, ap, NULL);
+	va_end(ap);
+	if (!argv)
+		return -1;
+	r = execvpe(file, argv, environ);
+	free(argv);
+	return r;
+}
+
+ACKPT_EXPORT int execle(const char *path, const char *arg0, ...)
+{
+	va_list ap;
+	char **argv, **envp = NULL;
+	int r;
+
+	va_start(ap, arg0);
+	argv = collect_args(arg0, ap, &envp);
+	va_end(ap);
+	if (!argv)
+		return -1;
+	r = execve(path, argv, envp);
+	free(argv);
+	return r;
+}
+
+ACKPT_EXPORT int posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_actions_t *fa,
+			     const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
+{
+	ENSURE_REAL();
+	exec_prepare();
+	return real.posix_spawn(pid, path, fa, attr, argv, envp);
+}
+
+ACKPT_EXPORT int posix_spawnp(pid_t *pid, const char *file, const posix_spawn_file_actions_t *fa,
+			      const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
+{
+	ENSURE_REAL();
+	exec_prepare();
+	return real.posix_spawnp(pid, file, fa, attr, argv, envp);
+}
+
+ACKPT_EXPORT long syscall(long nr, ...)
+{
+	long a[6];
+	va_list ap;
+	int i;
+
+	va_start(ap, nr);
+	for (i = 0; i < 6; i++)
+		a[i] = va_arg(ap, long);
+	va_end(ap);
+	ENSURE_REAL();
+	if (!C.enabled || !real.syscall)
+		goto raw;
+	switch (nr) {
+	case SYS_write:
+		return write((int)a[0], (const void *)a[1], (size_t)a[2]);
+	case SYS_pwrite64:
+		return pwrite((int)a[0], (const void *)a[1], (size_t)a[2], (off_t)a[3]);
+	case SYS_openat:
+		return openat((int)a[0], (const char *)a[1], (int)a[2], (mode_t)a[3]);
+	case SYS_openat2:
+		return shim_openat2((int)a[0], (const char *)a[1], (void *)a[2], (size_t)a[3]);
+	case SYS_statx:
+		return statx((int)a[0], (const char *)a[1], (int)a[2], (unsigned)a[3],
+			     (struct statx *)a[4]);
+	case SYS_copy_file_range:
+		return copy_file_range((int)a[0], (off_t *)a[1], (int)a[2], (off_t *)a[3],
+				       (size_t)a[4], (unsigned)a[5]);
+	case SYS_close_range:
+		return close_range((unsigned)a[0], (unsigned)a[1], (int)a[2]);
+	default:
+		break;
+	}
+raw:
+	if (real.syscall)
+		return real.syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]);
+	{
+		long r;
+		register long r10 __asm__("r10") = a[3];
+		register long r8 __asm__("r8") = a[4];
+		register long r9 __asm__("r9") = a[5];
+
+		__asm__ volatile("syscall" : "=a"(r)
+				 : "a"(nr), "D"(a[0]), "S"(a[1]), "d"(a[2]), "r"(r10), "r"(r8), "r"(r9)
+				 : "rcx", "r11", "memory");
+		if (r < 0 && r > -4096) {
+			errno = (int)-r;
+			return -1;
+		}
+		return r;
+	}
+}

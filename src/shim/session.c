@@ -1,0 +1,729 @@
+/*
+ * The session: one staging arena and one helper per process, started on the
+ * first managed open.  Owns the op sequence, arena allocation with
+ * back-pressure, the log of ops the helper has not yet confirmed (replayed
+ * synchronously if the helper dies), waiting with progress, fork handling
+ * and the drain at exit.
+ */
+#include <dlfcn.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+
+#include "config.h"
+#include "shim.h"
+
+#define LOGCAP 8192
+
+struct logrec {
+	uint64_t seq;
+	uint32_t type;
+	struct inode_state *ino;
+	uint64_t off, len, arena_pos;
+	char *paths;
+};
+
+struct session S = { .lock = PTHREAD_MUTEX_INITIALIZER, .memfd = -1, .sock = -1 };
+__thread int tls_busy;
+static struct logrec oplog[LOGCAP];
+static uint64_t log_first = 1; /* lowest seq still in the log */
+extern char **environ;
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+int session_is_owner(void)
+{
+	return S.owner == getpid();
+}
+
+int session_lock(void)
+{
+	if (tls_busy)
+		return -EDEADLK; /* a signal handler re-entered us: pass through */
+	if (!session_is_owner())
+		return -ECHILD;  /* vfork child sharing our memory: hands off */
+	pthread_mutex_lock(&S.lock);
+	tls_busy = 1;
+	return 0;
+}
+
+void session_unlock(void)
+{
+	tls_busy = 0;
+	pthread_mutex_unlock(&S.lock);
+}
+
+uint64_t session_durable(void)
+{
+	if (!S.shm)
+		return S.seq;
+	if (S.state == SESS_DEAD)
+		return S.seq;
+	return __atomic_load_n(&S.shm->durable_seq, __ATOMIC_ACQUIRE);
+}
+
+/* ---- helper start ---- */
+
+static int move_high(int fd)
+{
+	int nfd = real.fcntl(fd, F_DUPFD_CLOEXEC, 1000);
+
+	if (nfd < 0)
+		return fd;
+	real.close(fd);
+	return nfd;
+}
+
+static int find_helper(char *out, size_t n)
+{
+	const char *env = getenv("ACKPT_HELPER");
+	static const char *const rel[] = { "ackpt-helper", "../helper/ackpt-helper",
+					   "../libexec/ackpt-helper", NULL };
+	Dl_info info;
+	int i;
+
+	if (env && *env) {
+		snprintf(out, n, "%s", env);
+		return access(out, X_OK) == 0 ? 0 : -ENOENT;
+	}
+	if (dladdr((void *)find_helper, &info) && info.dli_fname) {
+		char dir[PATH_MAX];
+		char *slash;
+
+		snprintf(dir, sizeof(dir), "%s", info.dli_fname);
+		slash = strrchr(dir, '/');
+		if (slash) {
+			*slash = 0;
+			for (i = 0; rel[i]; i++) {
+				snprintf(out, n, "%s/%s", dir, rel[i]);
+				if (access(out, X_OK) == 0)
+					return 0;
+			}
+		}
+	}
+	snprintf(out, n, "%s/ackpt-helper", ACKPT_LIBEXECDIR);
+	return access(out, X_OK) == 0 ? 0 : -ENOENT;
+}
+
+static void *prefault_main(void *arg)
+{
+	const uint64_t step = 64ull << 20;
+	int lock_ok = 1;
+	uint64_t off;
+
+	for (off = 0; off < S.arena_size; off += step) {
+		uint64_t len = S.arena_size - off < step ? S.arena_size - off : step;
+		char *p = S.arena + off;
+
+		if (lock_ok && mlock(p, len) == 0)
+			continue;
+		lock_ok = 0;
+		if (madvise(p, len, MADV_POPULATE_WRITE) < 0) {
+			volatile char *v = p;
+			uint64_t i;
+
+			for (i = 0; i < len; i += 4096)
+				v[i] = v[i];
+		}
+	}
+	alog(L_DEBUG, "staging arena of %llu MiB pre-faulted (%s)",
+	     (unsigned long long)(S.arena_size >> 20), lock_ok ? "locked" : "not locked");
+	return NULL;
+}
+
+static int spawn_helper(int helper_sock)
+{
+	posix_spawn_file_actions_t fa;
+	char path[PATH_MAX];
+	char *argv[] = { path, NULL };
+	char **envp;
+	size_t n = 0, i, j = 0;
+	pid_t pid;
+	int ret, st;
+
+	ret = find_helper(path, sizeof(path));
+	if (ret < 0) {
+		alog(L_WARN, "ackpt-helper not found (set ACKPT_HELPER); writes stay synchronous");
+		return ret;
+	}
+	while (environ && environ[n])
+		n++;
+	envp = calloc(n + 1, sizeof(*envp));
+	if (!envp)
+		return -ENOMEM;
+	for (i = 0; i < n; i++)
+		if (strncmp(environ[i], "LD_PRELOAD=", 11))
+			envp[j++] = environ[i];
+	posix_spawn_file_actions_init(&fa);
+	posix_spawn_file_actions_adddup2(&fa, helper_sock, ACKPT_HELPER_SOCK_FD);
+	posix_spawn_file_actions_adddup2(&fa, S.memfd, ACKPT_HELPER_SHM_FD);
+	ret = real.posix_spawn(&pid, path, &fa, NULL, argv, envp);
+	posix_spawn_file_actions_destroy(&fa);
+	free(envp);
+	if (ret) {
+		alog(L_WARN, "cannot start %s: %s; writes stay synchronous", path, strerror(ret));
+		return -ret;
+	}
+	/* the helper forks away at once; reap the intermediate process */
+	while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+		;
+	return 0;
+}
+
+static int helper_alive(void)
+{
+	struct pollfd p = { .fd = S.sock, .events = POLLIN };
+
+	if (S.sock < 0)
+		return 0;
+	if (poll(&p, 1, 0) > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR)))
+		return 0; /* the helper never sends: readable means it hung up */
+	return 1;
+}
+
+static int futex_wait_gen(uint32_t old, uint64_t timeout_ns)
+{
+	struct timespec ts = { (time_t)(timeout_ns / 1000000000ull), (long)(timeout_ns % 1000000000ull) };
+
+	return syscall(SYS_futex, &S.shm->progress_gen, FUTEX_WAIT, old, &ts, NULL, 0);
+}
+
+static int session_start(void)
+{
+	uint64_t hdr = ackpt_shm_hdr_size();
+	uint64_t t0 = now_ns();
+	int sv[2] = { -1, -1 };
+	int ret, sndbuf = 4 << 20;
+	pthread_t t;
+	sigset_t all, old;
+
+	S.arena_size = C.staging;
+	S.memfd = memfd_create("ackpt-staging", MFD_CLOEXEC);
+	if (S.memfd < 0)
+		return -errno;
+	S.memfd = move_high(S.memfd);
+	if (ftruncate(S.memfd, hdr + S.arena_size) < 0) {
+		ret = -errno;
+		goto err;
+	}
+	S.shm = mmap(NULL, hdr + S.arena_size, PROT_READ | PROT_WRITE, MAP_SHARED, S.memfd, 0);
+	if (S.shm == MAP_FAILED) {
+		S.shm = NULL;
+		ret = -errno;
+		goto err;
+	}
+	S.arena = (char *)S.shm + hdr;
+	S.shm->magic = ACKPT_PROTO_MAGIC;
+	S.shm->version = ACKPT_PROTO_VERSION;
+	S.shm->hdr_size = hdr;
+	S.shm->arena_size = S.arena_size;
+	S.max_chunk = S.arena_size / 4 < (16ull << 20) ? S.arena_size / 4 : (16ull << 20);
+	S.max_chunk &= ~(uint64_t)(ACKPT_ARENA_ALIGN - 1);
+
+	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+		ret = -errno;
+		goto err;
+	}
+	S.sock = move_high(sv[0]);
+	setsockopt(S.sock, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+	fd_protect(S.memfd, 1);
+	fd_protect(S.sock, 1);
+	ret = spawn_helper(sv[1]);
+	real.close(sv[1]);
+	if (ret < 0)
+		goto err;
+	/* the open that started us returns only once the helper is up */
+	while (!__atomic_load_n(&S.shm->helper_pid, __ATOMIC_ACQUIRE)) {
+		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
+
+		if (__atomic_load_n(&S.shm->helper_pid, __ATOMIC_ACQUIRE))
+			break;
+		if (!helper_alive() || now_ns() - t0 > 10000000000ull) {
+			alog(L_WARN, "ackpt-helper did not start; writes stay synchronous");
+			ret = -ECHILD;
+			goto err;
+		}
+		futex_wait_gen(gen, 50000000ull);
+	}
+	S.helper_pid = S.shm->helper_pid;
+	S.head = 0;
+	S.seq = 0;
+	log_first = 1;
+	S.state = SESS_ACTIVE;
+
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	if (pthread_create(&t, NULL, prefault_main, NULL) == 0)
+		pthread_detach(t);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	alog(L_DEBUG, "session started: arena %llu MiB, helper %d (%s%s)",
+	     (unsigned long long)(S.arena_size >> 20), (int)S.helper_pid,
+	     S.shm->helper_flags & ACKPT_HF_URING ? "io_uring" : "pwrite pool",
+	     S.shm->helper_flags & ACKPT_HF_DIRECT ? ", O_DIRECT" : "");
+	return 0;
+err:
+	if (S.sock >= 0) {
+		fd_protect(S.sock, 0);
+		real.close(S.sock);
+	}
+	if (S.shm)
+		munmap(S.shm, hdr + S.arena_size);
+	if (S.memfd >= 0) {
+		fd_protect(S.memfd, 0);
+		real.close(S.memfd);
+	}
+	S.sock = S.memfd = -1;
+	S.shm = NULL;
+	S.arena = NULL;
+	S.state = SESS_FAILED;
+	return ret;
+}
+
+int session_ensure(void)
+{
+	switch (S.state) {
+	case SESS_ACTIVE:
+		return 0;
+	case SESS_NONE:
+		return session_start();
+	default:
+		return -ENOTCONN;
+	}
+}
+
+/* ---- the unconfirmed-op log and helper death ---- */
+
+static void replay(void)
+{
+	uint64_t durable = __atomic_load_n(&S.shm->durable_seq, __ATOMIC_ACQUIRE);
+	uint64_t s;
+
+	for (s = durable + 1; s <= S.seq; s++) {
+		struct logrec *r = &oplog[s % LOGCAP];
+		struct inode_state *ino = r->ino;
+		int ret = 0;
+
+		if (r->seq != s)
+			continue;
+		switch (r->type) {
+		case ACKPT_OP_WRITE: {
+			const char *p = S.arena + r->arena_pos % S.arena_size;
+			uint64_t done = 0;
+
+			while (done < r->len) {
+				ssize_t n = real.pwrite(ino->shadow_fd, p + done, r->len - done,
+							(off_t)(r->off + done));
+				if (n <= 0) {
+					ret = n < 0 ? errno : EIO;
+					break;
+				}
+				done += n;
+			}
+			break;
+		}
+		case ACKPT_OP_TRUNCATE:
+			if (real.ftruncate(ino->shadow_fd, (off_t)r->off) < 0)
+				ret = errno;
+			break;
+		case ACKPT_OP_FSYNC:
+		case ACKPT_OP_CLOSE:
+			if (real.fsync(ino->shadow_fd) < 0)
+				ret = errno;
+			break;
+		case ACKPT_OP_RENAME:
+			if (ino && real.fsync(ino->shadow_fd) < 0)
+				ret = errno;
+			else if (real.rename(r->paths, r->paths + strlen(r->paths) + 1) < 0)
+				ret = errno;
+			break;
+		default:
+			break;
+		}
+		if (ret && ino) {
+			/* surface it like a helper error: at the next call on the file */
+			S.shm->files[ino->slot].err = ret;
+			S.shm->files[ino->slot].err_seq++;
+			S.shm->errors++;
+			alog(L_ERROR, "synchronous rewrite of %s failed: %s",
+			     ino->path ? ino->path : "?", strerror(ret));
+		}
+	}
+	__atomic_store_n(&S.shm->durable_seq, S.seq, __ATOMIC_RELEASE);
+}
+
+static void session_helper_died(void)
+{
+	if (S.state != SESS_ACTIVE)
+		return;
+	alog(L_WARN, "ackpt-helper (pid %d) died; rewriting %llu unconfirmed ops synchronously and "
+	     "continuing without it", (int)S.helper_pid,
+	     (unsigned long long)(S.seq - __atomic_load_n(&S.shm->durable_seq, __ATOMIC_ACQUIRE)));
+	replay();
+	S.state = SESS_DEAD;
+	session_reap();
+}
+
+static int log_wait_space(void)
+{
+	while (S.seq + 1 - session_durable() >= LOGCAP) {
+		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
+
+		if (S.seq + 1 - session_durable() < LOGCAP)
+			break;
+		if (!helper_alive()) {
+			session_helper_died();
+			return -EPIPE;
+		}
+		futex_wait_gen(gen, 100000000ull);
+	}
+	return 0;
+}
+
+/* Assign the next seq, log the op and hand it to the helper. */
+static int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
+		   struct inode_state *ino)
+{
+	char buf[ACKPT_OP_MAX_MSG];
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { buf, sizeof(*op) + plen };
+	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
+	struct logrec *r;
+	ssize_t n;
+
+	if (log_wait_space() < 0)
+		return -EPIPE;
+	session_reap();
+	op->seq = ++S.seq;
+	op->path_len = (uint32_t)plen;
+	r = &oplog[op->seq % LOGCAP];
+	free(r->paths);
+	*r = (struct logrec){ .seq = op->seq, .type = op->type, .ino = ino, .off = op->offset,
+			      .len = op->len, .arena_pos = op->arena_pos };
+	if (plen) {
+		r->paths = malloc(plen);
+		if (r->paths)
+			memcpy(r->paths, paths, plen);
+	}
+	if (ino)
+		ino->last_seq = op->seq;
+	memcpy(buf, op, sizeof(*op));
+	if (plen)
+		memcpy(buf + sizeof(*op), paths, plen);
+	if (fd >= 0) {
+		struct cmsghdr *c;
+
+		m.msg_control = cbuf;
+		m.msg_controllen = sizeof(cbuf);
+		c = CMSG_FIRSTHDR(&m);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(c), &fd, sizeof(int));
+	}
+	do
+		n = sendmsg(S.sock, &m, MSG_NOSIGNAL);
+	while (n < 0 && errno == EINTR);
+	if (n < 0) {
+		session_helper_died();
+		return -EPIPE;
+	}
+	return 0;
+}
+
+int session_send_open(struct inode_state *ino, int fd)
+{
+	struct ackpt_op op = { .type = ACKPT_OP_OPEN, .file = ino->slot, .dev = ino->dev,
+			       .ino = ino->ino, .flags = (uint32_t)(ino->reg_idx + 1) };
+
+	return send_op(&op, NULL, 0, fd, ino);
+}
+
+int session_send_simple(uint32_t type, struct inode_state *ino, uint64_t offset)
+{
+	struct ackpt_op op = { .type = type, .file = ino ? ino->slot : ACKPT_NO_FILE,
+			       .offset = offset };
+
+	return send_op(&op, NULL, 0, -1, ino);
+}
+
+int session_send_rename(struct inode_state *ino, const char *oldp, const char *newp)
+{
+	struct ackpt_op op = { .type = ACKPT_OP_RENAME, .file = ino ? ino->slot : ACKPT_NO_FILE };
+	char paths[2 * PATH_MAX + 2];
+	size_t a = strlen(oldp) + 1, b = strlen(newp) + 1;
+
+	if (a + b > sizeof(paths) || a + b > ACKPT_OP_MAX_MSG - sizeof(op))
+		return -ENAMETOOLONG;
+	memcpy(paths, oldp, a);
+	memcpy(paths + a, newp, b);
+	return send_op(&op, paths, a + b, -1, ino);
+}
+
+/* Reserve arena space for len bytes, blocking while the arena is full. */
+static int arena_reserve(uint64_t len, uint64_t *pos, uint64_t *end)
+{
+	uint64_t start = (S.head + ACKPT_ARENA_ALIGN - 1) & ~(uint64_t)(ACKPT_ARENA_ALIGN - 1);
+	uint64_t in = start % S.arena_size;
+	uint64_t piece_left = ACKPT_REG_BUF_MAX - in % ACKPT_REG_BUF_MAX;
+	uint64_t stall0 = 0;
+
+	/* a chunk never wraps the arena nor crosses a 1 GiB registered buffer */
+	if (S.arena_size - in < len)
+		start += S.arena_size - in;
+	else if (piece_left < len)
+		start += piece_left;
+	*pos = start;
+	*end = (start + len + ACKPT_ARENA_ALIGN - 1) & ~(uint64_t)(ACKPT_ARENA_ALIGN - 1);
+	while (*end - __atomic_load_n(&S.shm->arena_tail, __ATOMIC_ACQUIRE) > S.arena_size) {
+		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
+
+		if (!stall0)
+			stall0 = now_ns();
+		if (*end - __atomic_load_n(&S.shm->arena_tail, __ATOMIC_ACQUIRE) <= S.arena_size)
+			break;
+		if (!helper_alive()) {
+			session_helper_died();
+			return -EPIPE;
+		}
+		futex_wait_gen(gen, 100000000ull);
+	}
+	S.head = *end;
+	return 0;
+}
+
+int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off)
+{
+	const char *src = buf;
+
+	while (len) {
+		uint64_t chunk = len < S.max_chunk ? len : S.max_chunk;
+		struct ackpt_op op = { .type = ACKPT_OP_WRITE, .file = ino->slot };
+		uint64_t pos, end;
+		int ret;
+
+		ret = arena_reserve(chunk, &pos, &end);
+		if (ret < 0)
+			return ret;
+		memcpy(S.arena + pos % S.arena_size, src, chunk);
+		op.offset = off;
+		op.len = chunk;
+		op.arena_pos = pos;
+		op.arena_end = end;
+		ret = send_op(&op, NULL, 0, -1, ino);
+		if (ret < 0)
+			return ret;
+		S.bytes_staged += chunk;
+		src += chunk;
+		off += chunk;
+		len -= chunk;
+	}
+	return 0;
+}
+
+int session_check_error(struct inode_state *ino)
+{
+	uint32_t seq;
+
+	if (!S.shm || !ino)
+		return 0;
+	seq = __atomic_load_n(&S.shm->files[ino->slot].err_seq, __ATOMIC_ACQUIRE);
+	if (seq == ino->reported_err_seq)
+		return 0;
+	ino->reported_err_seq = seq;
+	return -__atomic_load_n(&S.shm->files[ino->slot].err, __ATOMIC_ACQUIRE);
+}
+
+/* Wait (without the session lock) until every op up to seq is complete. */
+int session_wait(uint64_t seq, double timeout_s, int progress)
+{
+	uint64_t t0 = now_ns(), last_print = 0, last_bytes = 0, last_t = t0;
+	uint64_t deadline = timeout_s > 0 ? t0 + (uint64_t)(timeout_s * 1e9) : UINT64_MAX;
+	int printed = 0, tty = isatty(2);
+
+	if (!S.shm)
+		return 0;
+	while (session_durable() < seq) {
+		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
+		uint64_t t;
+
+		if (session_durable() >= seq)
+			break;
+		t = now_ns();
+		if (t >= deadline)
+			return -ETIMEDOUT;
+		if (!helper_alive()) {
+			pthread_mutex_lock(&S.lock);
+			session_helper_died();
+			pthread_mutex_unlock(&S.lock);
+			break;
+		}
+		if (progress && t - t0 > 1000000000ull && t - last_print >= 1000000000ull) {
+			uint64_t written = __atomic_load_n(&S.shm->bytes_written, __ATOMIC_RELAXED);
+			uint64_t left = S.head - __atomic_load_n(&S.shm->arena_tail, __ATOMIC_RELAXED);
+			double rate = last_print ? (written - last_bytes) / ((t - last_t) / 1e9) : 0;
+
+			if (tty)
+				dprintf(2, "\rackpt: waiting for %.1f MiB to reach storage (%.0f MiB/s)   ",
+					left / 1048576.0, rate / 1048576.0);
+			else
+				dprintf(2, "ackpt: waiting for %.1f MiB to reach storage (%.0f MiB/s)\n",
+					left / 1048576.0, rate / 1048576.0);
+			printed = 1;
+			last_print = t;
+			last_bytes = written;
+			last_t = t;
+		}
+		futex_wait_gen(gen, 100000000ull);
+	}
+	if (printed && tty)
+		dprintf(2, "\rackpt: staged data is durable%40s\n", "");
+	return 0;
+}
+
+int session_sync_all(double timeout_s, int progress)
+{
+	uint64_t seq;
+	int ret;
+
+	if (session_lock() < 0)
+		return 0;
+	if (S.state != SESS_ACTIVE) {
+		session_unlock();
+		return 0;
+	}
+	ret = session_send_simple(ACKPT_OP_SYNC_ALL, NULL, 0);
+	seq = S.seq;
+	session_unlock();
+	if (ret < 0)
+		return 0; /* helper gone: everything was rewritten synchronously */
+	return session_wait(seq, timeout_s, progress);
+}
+
+/* Drop log records and inode states the helper has confirmed. */
+void session_reap(void)
+{
+	uint64_t durable = session_durable();
+
+	while (log_first <= durable && log_first <= S.seq) {
+		struct logrec *r = &oplog[log_first % LOGCAP];
+
+		if (r->seq == log_first) {
+			if (r->type == ACKPT_OP_CLOSE && r->ino && r->ino->closing &&
+			    r->ino->close_seq == r->seq)
+				inode_free(r->ino);
+			free(r->paths);
+			memset(r, 0, sizeof(*r));
+		}
+		log_first++;
+	}
+	ns_prune(durable);
+}
+
+/* ---- fork and exit ---- */
+
+static void atfork_prepare(void)
+{
+	if (!tls_busy)
+		pthread_mutex_lock(&S.lock);
+}
+
+static void atfork_parent(void)
+{
+	if (!tls_busy)
+		pthread_mutex_unlock(&S.lock);
+}
+
+static void atfork_child(void)
+{
+	uint64_t s;
+
+	pthread_mutex_init(&S.lock, NULL);
+	tls_busy = 0;
+	S.owner = getpid();
+	if (S.state == SESS_NONE || S.state == SESS_FAILED)
+		return;
+	/* The parent's helper and arena stay the parent's; this child starts
+	 * its own session on its first managed open. */
+	for (s = log_first; s <= S.seq; s++) {
+		free(oplog[s % LOGCAP].paths);
+		memset(&oplog[s % LOGCAP], 0, sizeof(oplog[0]));
+	}
+	log_first = 1;
+	files_fork_child();
+	ns_reset();
+	if (S.sock >= 0)
+		real.close(S.sock);
+	if (S.memfd >= 0)
+		real.close(S.memfd);
+	if (S.shm)
+		munmap(S.shm, ackpt_shm_hdr_size() + S.arena_size);
+	fd_protect(S.sock, 0);
+	fd_protect(S.memfd, 0);
+	S.sock = S.memfd = -1;
+	S.shm = NULL;
+	S.arena = NULL;
+	S.state = SESS_NONE;
+	S.seq = 0;
+	S.head = 0;
+	S.ninodes = 0;
+	S.bytes_staged = S.files = S.writes = S.stall_ns = 0;
+}
+
+void session_init_once(void)
+{
+	S.owner = getpid();
+	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+/*
+ * Runs before glibc flushes FILE streams that were never closed, so flush
+ * ours first and leave the write path standing: anything written after this
+ * (another destructor, glibc's own flush) is still staged and the helper
+ * still finishes it.
+ */
+__attribute__((destructor)) static void session_fini(void)
+{
+	uint64_t t0, errs = 0;
+	unsigned i;
+
+	if (S.state == SESS_NONE || S.state == SESS_FAILED || !session_is_owner())
+		return;
+	cookies_flush_all();
+	t0 = now_ns();
+	session_sync_all(0, 1);
+	if (!S.shm)
+		return;
+	for (i = 0; i < ACKPT_MAX_FILES; i++) {
+		if (S.shm->files[i].err_seq)
+			errs++;
+	}
+	if (C.log_level >= L_INFO) {
+		double wait = (now_ns() - t0) / 1e9;
+		double cpu = S.shm->helper_cpu_ns / 1e9;
+
+		alog(L_INFO, "%llu files, %.1f MiB staged, stall %.3f s, exit wait %.3f s, "
+		     "%.1f MiB written (helper CPU %.2f s)",
+		     (unsigned long long)S.files, S.bytes_staged / 1048576.0, S.stall_ns / 1e9, wait,
+		     S.shm->bytes_written / 1048576.0, cpu);
+	}
+	if (files_unreported_errors()) {
+		alog(L_ERROR, "%llu checkpoint write error(s) were never reported to the program; "
+		     "exiting with status 1", (unsigned long long)errs);
+		fflush(NULL);
+		_exit(1);
+	}
+}

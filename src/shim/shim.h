@@ -1,0 +1,237 @@
+/*
+ * Internal interfaces of libackpt.so.  The shim owns interception, the
+ * file table (per open file description and per inode), staging into the
+ * shared arena and the session with its helper.  Internal functions return
+ * -errno; only the libc-facing wrappers in posix.c, stdio.c, stat.c,
+ * sync.c, namespace.c and process.c turn that into -1/errno.
+ */
+#ifndef ACKPT_SHIM_H
+#define ACKPT_SHIM_H
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <spawn.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "proto.h"
+
+#define ACKPT_EXPORT __attribute__((visibility("default")))
+#define FD_MAX 65536
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+struct statx;
+
+/* ---- the real functions, resolved with dlsym(RTLD_NEXT) ---- */
+#define ACKPT_REAL_FUNCS(X) \
+	X(int, open, (const char *, int, ...)) \
+	X(int, openat, (int, const char *, int, ...)) \
+	X(ssize_t, write, (int, const void *, size_t)) \
+	X(ssize_t, writev, (int, const struct iovec *, int)) \
+	X(ssize_t, pwrite, (int, const void *, size_t, off_t)) \
+	X(ssize_t, pwritev, (int, const struct iovec *, int, off_t)) \
+	X(ssize_t, pwritev2, (int, const struct iovec *, int, off_t, int)) \
+	X(ssize_t, read, (int, void *, size_t)) \
+	X(ssize_t, readv, (int, const struct iovec *, int)) \
+	X(ssize_t, pread, (int, void *, size_t, off_t)) \
+	X(ssize_t, preadv, (int, const struct iovec *, int, off_t)) \
+	X(ssize_t, preadv2, (int, const struct iovec *, int, off_t, int)) \
+	X(off_t, lseek, (int, off_t, int)) \
+	X(int, close, (int)) \
+	X(int, close_range, (unsigned, unsigned, int)) \
+	X(void, closefrom, (int)) \
+	X(int, dup, (int)) \
+	X(int, dup2, (int, int)) \
+	X(int, dup3, (int, int, int)) \
+	X(int, fcntl, (int, int, ...)) \
+	X(int, fcntl64, (int, int, ...)) \
+	X(int, fsync, (int)) \
+	X(int, fdatasync, (int)) \
+	X(int, sync_file_range, (int, off_t, off_t, unsigned)) \
+	X(int, syncfs, (int)) \
+	X(void, sync, (void)) \
+	X(int, msync, (void *, size_t, int)) \
+	X(int, ftruncate, (int, off_t)) \
+	X(int, truncate, (const char *, off_t)) \
+	X(int, fallocate, (int, int, off_t, off_t)) \
+	X(int, posix_fallocate, (int, off_t, off_t)) \
+	X(int, stat, (const char *, struct stat *)) \
+	X(int, fstat, (int, struct stat *)) \
+	X(int, lstat, (const char *, struct stat *)) \
+	X(int, fstatat, (int, const char *, struct stat *, int)) \
+	X(int, statx, (int, const char *, int, unsigned, struct statx *)) \
+	X(int, __xstat, (int, const char *, struct stat *)) \
+	X(int, __fxstat, (int, int, struct stat *)) \
+	X(int, __lxstat, (int, const char *, struct stat *)) \
+	X(int, __fxstatat, (int, int, const char *, struct stat *, int)) \
+	X(void *, mmap, (void *, size_t, int, int, int, off_t)) \
+	X(ssize_t, copy_file_range, (int, off_t *, int, off_t *, size_t, unsigned)) \
+	X(ssize_t, sendfile, (int, int, off_t *, size_t)) \
+	X(ssize_t, splice, (int, off_t *, int, off_t *, size_t, unsigned)) \
+	X(int, rename, (const char *, const char *)) \
+	X(int, renameat, (int, const char *, int, const char *)) \
+	X(int, renameat2, (int, const char *, int, const char *, unsigned)) \
+	X(int, link, (const char *, const char *)) \
+	X(int, linkat, (int, const char *, int, const char *, int)) \
+	X(int, unlink, (const char *)) \
+	X(int, unlinkat, (int, const char *, int)) \
+	X(int, remove, (const char *)) \
+	X(FILE *, fopen, (const char *, const char *)) \
+	X(FILE *, fdopen, (int, const char *)) \
+	X(FILE *, freopen, (const char *, const char *, FILE *)) \
+	X(int, fclose, (FILE *)) \
+	X(int, fcloseall, (void)) \
+	X(int, fflush, (FILE *)) \
+	X(int, execve, (const char *, char *const[], char *const[])) \
+	X(int, execvpe, (const char *, char *const[], char *const[])) \
+	X(int, fexecve, (int, char *const[], char *const[])) \
+	X(int, posix_spawn, (pid_t *, const char *, const posix_spawn_file_actions_t *, \
+			     const posix_spawnattr_t *, char *const[], char *const[])) \
+	X(int, posix_spawnp, (pid_t *, const char *, const posix_spawn_file_actions_t *, \
+			      const posix_spawnattr_t *, char *const[], char *const[])) \
+	X(long, syscall, (long, ...))
+
+struct ackpt_real {
+#define X(ret, name, args) ret(*name) args;
+	ACKPT_REAL_FUNCS(X)
+#undef X
+};
+
+extern struct ackpt_real real;
+extern atomic_int real_ready;
+void real_resolve(void);
+#define ENSURE_REAL() do { if (UNLIKELY(!atomic_load_explicit(&real_ready, memory_order_acquire))) real_resolve(); } while (0)
+
+/* ---- configuration (config.c) ---- */
+struct ackpt_config {
+	int enabled;
+	int log_level;           /* 0 error .. 3 debug */
+	uint64_t staging;
+	int commit_sync;
+	char **roots;            /* canonical directories, or globs */
+	int *root_is_glob;
+	int nroots;
+};
+extern struct ackpt_config C;
+void config_load(void);
+int path_is_managed(const char *canon);
+
+/* ---- logging: library code below the wrappers does not print ---- */
+void alog(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+enum { L_ERROR, L_WARN, L_INFO, L_DEBUG };
+
+/* ---- file table (files.c) ---- */
+struct inode_state {
+	uint64_t dev, ino;
+	uint32_t slot;
+	int shadow_fd;
+	uint64_t size;           /* logical size */
+	uint64_t last_seq;       /* last op touching this inode */
+	int nofd;                /* open file descriptions referencing it */
+	int writers;             /* ... of which opened for writing */
+	uint32_t reported_err_seq;
+	int reg_idx;
+	int closing;
+	uint64_t close_seq;
+	char *path;
+	struct inode_state *next;
+};
+
+struct ofd {
+	int refs;                /* descriptors pointing at it */
+	struct inode_state *ino; /* NULL for a description the helper never saw */
+	uint64_t pos;
+	int append;
+	int writable;
+	FILE *cookie;            /* our fopencookie stream over it, if any */
+};
+
+extern _Atomic(struct ofd *) fdtab[FD_MAX];
+extern atomic_uchar fd_protected[FD_MAX];
+
+static inline struct ofd *fd_peek(int fd)
+{
+	if ((unsigned)fd >= FD_MAX)
+		return NULL;
+	return atomic_load_explicit(&fdtab[fd], memory_order_acquire);
+}
+
+/* ---- session (session.c) ---- */
+enum { SESS_NONE = 0, SESS_ACTIVE, SESS_DEAD, SESS_FAILED };
+
+struct session {
+	pthread_mutex_t lock;
+	int state;
+	pid_t owner;
+	int memfd, sock;
+	struct ackpt_shm *shm;
+	char *arena;
+	uint64_t arena_size;
+	uint64_t max_chunk;
+	uint64_t head;           /* arena allocation position (monotonic) */
+	uint64_t seq;            /* last assigned op seq */
+	pid_t helper_pid;
+	int ninodes;
+	/* stats */
+	uint64_t bytes_staged, files, writes;
+	uint64_t stall_ns;
+};
+extern struct session S;
+extern __thread int tls_busy;
+
+int session_lock(void);        /* returns 0 if we may use managed state */
+void session_unlock(void);
+int session_ensure(void);      /* start arena+helper; -errno on failure */
+int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off);
+int session_send_simple(uint32_t type, struct inode_state *ino, uint64_t offset);
+int session_send_open(struct inode_state *ino, int fd);
+int session_send_rename(struct inode_state *ino, const char *oldp, const char *newp);
+int session_wait(uint64_t seq, double timeout_s, int progress);
+uint64_t session_durable(void);
+int session_check_error(struct inode_state *ino);
+void session_reap(void);
+int session_sync_all(double timeout_s, int progress);
+void session_init_once(void);
+int session_is_owner(void);
+
+/* files.c */
+int files_post_open(int fd, int flags, const char *how);
+struct inode_state *inode_find(uint64_t dev, uint64_t ino);
+int inode_drain(struct inode_state *ino);
+int inode_pending(struct inode_state *ino);
+void inode_free(struct inode_state *ino);
+int wait_path_pending(int dirfd, const char *path, int flags);
+int wait_stat_pending(const struct stat *st);
+int fd_install(int fd, struct ofd *o);
+int fd_release(int fd);        /* drop our state for fd; -errno from pending error */
+ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos);
+off_t managed_lseek(int fd, off_t off, int whence);
+int managed_drain_fd(int fd);
+void managed_resync(int fd);
+int canon_path(int dirfd, const char *path, char *out, size_t outlen);
+void files_fork_child(void);
+int files_any_inherited_open(void);
+void fd_protect(int fd, int on);
+int registry_wait(uint64_t dev, uint64_t ino);
+int registry_claim(uint64_t dev, uint64_t ino, pid_t owner);
+int registry_any(void);
+void cookies_flush_all(void);
+void cookie_forget(FILE *f);
+uint64_t files_unreported_errors(void);
+
+/* namespace (namespace.c) */
+int ns_pending_any(void);
+int ns_wait_path(const char *canon);
+void ns_prune(uint64_t durable);
+void ns_reset(void);
+
+#endif

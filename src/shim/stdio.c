@@ -1,0 +1,275 @@
+/*
+ * stdio: glibc writes FILE streams through internal __write, out of
+ * LD_PRELOAD's reach.  For a managed path we hand back an fopencookie
+ * stream whose callbacks call our wrappers, and set its _fileno so that
+ * fileno() works and libstdc++'s ::write(fileno(f)) lands here too.
+ * Streams we made are listed so the destructor can flush them before the
+ * final drain (glibc flushes unclosed streams only after destructors).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "shim.h"
+
+struct cookie {
+	int fd;
+	FILE *f;
+	struct cookie *next;
+};
+
+static pthread_mutex_t cookie_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct cookie *cookies;
+
+static ssize_t ck_read(void *c, char *buf, size_t n)
+{
+	return read(((struct cookie *)c)->fd, buf, n);
+}
+
+static ssize_t ck_write(void *c, const char *buf, size_t n)
+{
+	size_t done = 0;
+
+	while (done < n) {
+		ssize_t r = write(((struct cookie *)c)->fd, buf + done, n - done);
+
+		if (r < 0)
+			return done ? (ssize_t)done : -1;
+		done += (size_t)r;
+	}
+	return (ssize_t)done;
+}
+
+static int ck_seek(void *c, off64_t *pos, int whence)
+{
+	off_t r = lseek(((struct cookie *)c)->fd, *pos, whence);
+
+	if (r < 0)
+		return -1;
+	*pos = r;
+	return 0;
+}
+
+static int ck_close(void *c)
+{
+	struct cookie *ck = c, **pp;
+	int r;
+
+	pthread_mutex_lock(&cookie_lock);
+	for (pp = &cookies; *pp; pp = &(*pp)->next)
+		if (*pp == ck) {
+			*pp = ck->next;
+			break;
+		}
+	pthread_mutex_unlock(&cookie_lock);
+	r = close(ck->fd);
+	free(ck);
+	return r;
+}
+
+static int mode_flags(const char *mode, int *flags)
+{
+	int f;
+	const char *p;
+
+	switch (mode[0]) {
+	case 'r': f = O_RDONLY; break;
+	case 'w': f = O_WRONLY | O_CREAT | O_TRUNC; break;
+	case 'a': f = O_WRONLY | O_CREAT | O_APPEND; break;
+	default: return -EINVAL;
+	}
+	for (p = mode + 1; *p && *p != ','; p++) {
+		if (*p == '+')
+			f = (f & ~O_ACCMODE) | O_RDWR;
+		else if (*p == 'x')
+			f |= O_EXCL;
+		else if (*p == 'e')
+			f |= O_CLOEXEC;
+	}
+	*flags = f;
+	return 0;
+}
+
+/* Wrap a managed fd in a cookie stream; NULL (errno set) on failure. */
+static FILE *cookie_stream(int fd, const char *mode)
+{
+	cookie_io_functions_t io = { ck_read, ck_write, ck_seek, ck_close };
+	struct cookie *ck = calloc(1, sizeof(*ck));
+	FILE *f;
+
+	if (!ck)
+		return NULL;
+	ck->fd = fd;
+	f = fopencookie(ck, mode, io);
+	if (!f) {
+		free(ck);
+		return NULL;
+	}
+	f->_fileno = fd;
+	ck->f = f;
+	pthread_mutex_lock(&cookie_lock);
+	ck->next = cookies;
+	cookies = ck;
+	pthread_mutex_unlock(&cookie_lock);
+	return f;
+}
+
+void cookies_flush_all(void)
+{
+	struct cookie *c;
+	FILE *list[256];
+	int n = 0, i;
+
+	pthread_mutex_lock(&cookie_lock);
+	for (c = cookies; c && n < 256; c = c->next)
+		list[n++] = c->f;
+	pthread_mutex_unlock(&cookie_lock);
+	for (i = 0; i < n; i++)
+		real.fflush(list[i]);
+}
+
+static int is_cookie(FILE *f)
+{
+	struct cookie *c;
+	int yes = 0;
+
+	pthread_mutex_lock(&cookie_lock);
+	for (c = cookies; c; c = c->next)
+		if (c->f == f) {
+			yes = 1;
+			break;
+		}
+	pthread_mutex_unlock(&cookie_lock);
+	return yes;
+}
+
+static FILE *do_fopen(const char *path, const char *mode, int is64)
+{
+	int flags, fd, saved = errno;
+	FILE *f;
+
+	ENSURE_REAL();
+	if (!C.enabled || !mode || mode_flags(mode, &flags) < 0 || tls_busy)
+		return real.fopen(path, mode);
+	if ((flags & O_ACCMODE) == O_RDONLY) {
+		/* readers only need to wait for pending work */
+		if (ns_pending_any() || S.ninodes || registry_any())
+			wait_path_pending(AT_FDCWD, path, 0);
+		errno = saved;
+		return real.fopen(path, mode);
+	}
+	fd = open(path, flags, 0666);
+	if (fd < 0)
+		return NULL;
+	if (!fd_peek(fd)) {
+		/* not ours: an ordinary stream over the descriptor we opened */
+		f = real.fdopen(fd, mode);
+		if (!f) {
+			int e = errno;
+
+			real.close(fd);
+			errno = e;
+		}
+		return f;
+	}
+	f = cookie_stream(fd, mode);
+	if (!f) {
+		int e = errno;
+
+		close(fd);
+		errno = e;
+		return NULL;
+	}
+	errno = saved;
+	(void)is64;
+	return f;
+}
+
+ACKPT_EXPORT FILE *fopen(const char *path, const char *mode)
+{
+	return do_fopen(path, mode, 0);
+}
+
+ACKPT_EXPORT FILE *fopen64(const char *path, const char *mode)
+{
+	return do_fopen(path, mode, 1);
+}
+
+ACKPT_EXPORT FILE *fdopen(int fd, const char *mode)
+{
+	struct ofd *o;
+	FILE *f;
+
+	ENSURE_REAL();
+	o = fd_peek(fd);
+	if (!o || !o->writable)
+		return real.fdopen(fd, mode);
+	/* fdopen never changes the description, but validates the fd */
+	if (real.fcntl(fd, F_GETFL) < 0)
+		return NULL;
+	f = cookie_stream(fd, mode);
+	if (f && mode && mode[0] == 'a')
+		lseek(fd, 0, SEEK_END);
+	return f;
+}
+
+/*
+ * freopen keeps the FILE object, so it cannot become a cookie stream: a
+ * managed target is drained and then written synchronously (documented).
+ */
+static FILE *do_freopen(const char *path, const char *mode, FILE *stream)
+{
+	int fd;
+
+	ENSURE_REAL();
+	if (stream) {
+		if (is_cookie(stream))
+			real.fflush(stream);
+		fd = fileno(stream);
+		if (fd >= 0 && fd_peek(fd) && !is_cookie(stream) && session_lock() == 0) {
+			fd_release(fd);
+			session_unlock();
+		}
+	}
+	if (path && C.enabled)
+		wait_path_pending(AT_FDCWD, path, 0);
+	return real.freopen(path, mode, stream);
+}
+
+ACKPT_EXPORT FILE *freopen(const char *path, const char *mode, FILE *stream)
+{
+	return do_freopen(path, mode, stream);
+}
+
+ACKPT_EXPORT FILE *freopen64(const char *path, const char *mode, FILE *stream)
+{
+	return do_freopen(path, mode, stream);
+}
+
+ACKPT_EXPORT int fclose(FILE *f)
+{
+	int fd;
+
+	ENSURE_REAL();
+	if (!f || is_cookie(f))
+		return real.fclose(f); /* the close callback releases our state */
+	fd = fileno(f);
+	if (fd >= 0 && fd_peek(fd) && session_lock() == 0) {
+		/* a stream glibc opened over a descriptor we track (fdopen of a
+		 * read-only fd): forget it before glibc closes it internally */
+		fd_release(fd);
+		session_unlock();
+	}
+	return real.fclose(f);
+}
+
+ACKPT_EXPORT int fcloseall(void)
+{
+	ENSURE_REAL();
+	return real.fcloseall();
+}
+
+ACKPT_EXPORT int fflush(FILE *f)
+{
+	ENSURE_REAL();
+	return real.fflush(f);
+}

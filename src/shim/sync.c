@@ -1,0 +1,397 @@
+/*
+ * Durability and content access: fsync-family calls on managed files
+ * return at once (the helper syncs in order; errors surface at the next
+ * call); everything that could observe contents (read, mmap,
+ * copy_file_range, sendfile, splice) or change size outside the write
+ * path (truncate, fallocate) first waits for the file's pending work.
+ */
+#include <sys/mman.h>
+#include <sys/sendfile.h>
+#include <sys/syscall.h>
+
+#include "shim.h"
+
+static int managed_fsync(int fd)
+{
+	struct ofd *o;
+	int ret = 0;
+
+	if (session_lock() < 0)
+		return -ENOTSUP;
+	o = fd_peek(fd);
+	if (!o || !o->ino) {
+		session_unlock();
+		return -ENOTSUP;
+	}
+	ret = session_check_error(o->ino);
+	if (!ret && S.state == SESS_ACTIVE && o->writable)
+		ret = session_send_simple(ACKPT_OP_FSYNC, o->ino, 0);
+	else if (!ret && S.state != SESS_ACTIVE && real.fsync(o->ino->shadow_fd) < 0)
+		ret = -errno;
+	if (ret == -EPIPE)
+		ret = 0; /* helper died: the replay synced it */
+	session_unlock();
+	return ret;
+}
+
+static int fsync_common(int fd, int (*fn)(int))
+{
+	int saved = errno, r;
+
+	ENSURE_REAL();
+	if (!fd_peek(fd))
+		return fn(fd);
+	r = managed_fsync(fd);
+	if (r == -ENOTSUP)
+		return fn(fd);
+	if (r < 0) {
+		errno = -r;
+		return -1;
+	}
+	errno = saved;
+	return 0;
+}
+
+ACKPT_EXPORT int fsync(int fd)
+{
+	ENSURE_REAL();
+	return fsync_common(fd, real.fsync);
+}
+
+ACKPT_EXPORT int fdatasync(int fd)
+{
+	ENSURE_REAL();
+	return fsync_common(fd, real.fdatasync);
+}
+
+ACKPT_EXPORT int sync_file_range(int fd, off_t off, off_t n, unsigned flags)
+{
+	int saved = errno, r;
+
+	ENSURE_REAL();
+	if (!fd_peek(fd))
+		return real.sync_file_range(fd, off, n, flags);
+	/* writeback hints for data that is not in the page cache yet: the
+	 * helper owns it; only report a pending error */
+	if (session_lock() < 0)
+		return real.sync_file_range(fd, off, n, flags);
+	{
+		struct ofd *o = fd_peek(fd);
+
+		r = o && o->ino ? session_check_error(o->ino) : 0;
+	}
+	session_unlock();
+	if (r < 0) {
+		errno = -r;
+		return -1;
+	}
+	errno = saved;
+	return 0;
+}
+
+ACKPT_EXPORT int syncfs(int fd)
+{
+	ENSURE_REAL();
+	return real.syncfs(fd);
+}
+
+ACKPT_EXPORT void sync(void)
+{
+	ENSURE_REAL();
+	real.sync();
+}
+
+ACKPT_EXPORT int msync(void *addr, size_t len, int flags)
+{
+	ENSURE_REAL();
+	return real.msync(addr, len, flags);
+}
+
+/* ---- reads wait for the file's pending writes ---- */
+
+static void drain_if_tracked(int fd)
+{
+	if (fd_peek(fd)) {
+		int saved = errno;
+
+		managed_drain_fd(fd);
+		errno = saved;
+	}
+}
+
+static void resync_if_tracked(int fd)
+{
+	if (fd_peek(fd)) {
+		int saved = errno;
+
+		managed_resync(fd);
+		errno = saved;
+	}
+}
+
+ACKPT_EXPORT ssize_t read(int fd, void *buf, size_t n)
+{
+	ssize_t r;
+
+	if (LIKELY(real_ready) && LIKELY(!fd_peek(fd)))
+		return real.read(fd, buf, n);
+	ENSURE_REAL();
+	if (UNLIKELY(!real.read))
+		return syscall(SYS_read, fd, buf, n);
+	drain_if_tracked(fd);
+	r = real.read(fd, buf, n);
+	if (r > 0)
+		resync_if_tracked(fd);
+	return r;
+}
+
+ACKPT_EXPORT ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen)
+{
+	if (n > buflen) {
+		extern void __chk_fail(void) __attribute__((noreturn));
+		__chk_fail();
+	}
+	return read(fd, buf, n);
+}
+
+ACKPT_EXPORT ssize_t readv(int fd, const struct iovec *iov, int n)
+{
+	ssize_t r;
+
+	ENSURE_REAL();
+	drain_if_tracked(fd);
+	r = real.readv(fd, iov, n);
+	if (r > 0)
+		resync_if_tracked(fd);
+	return r;
+}
+
+ACKPT_EXPORT ssize_t pread(int fd, void *buf, size_t n, off_t off)
+{
+	ENSURE_REAL();
+	drain_if_tracked(fd);
+	return real.pread(fd, buf, n, off);
+}
+
+ACKPT_EXPORT ssize_t pread64(int fd, void *buf, size_t n, off_t off)
+{
+	return pread(fd, buf, n, off);
+}
+
+ACKPT_EXPORT ssize_t __pread_chk(int fd, void *buf, size_t n, off_t off, size_t buflen)
+{
+	if (n > buflen) {
+		extern void __chk_fail(void) __attribute__((noreturn));
+		__chk_fail();
+	}
+	return pread(fd, buf, n, off);
+}
+
+ACKPT_EXPORT ssize_t __pread64_chk(int fd, void *buf, size_t n, off_t off, size_t buflen)
+{
+	return __pread_chk(fd, buf, n, off, buflen);
+}
+
+ACKPT_EXPORT ssize_t preadv(int fd, const struct iovec *iov, int n, off_t off)
+{
+	ENSURE_REAL();
+	drain_if_tracked(fd);
+	return real.preadv(fd, iov, n, off);
+}
+
+ACKPT_EXPORT ssize_t preadv64(int fd, const struct iovec *iov, int n, off_t off)
+{
+	return preadv(fd, iov, n, off);
+}
+
+ACKPT_EXPORT ssize_t preadv2(int fd, const struct iovec *iov, int n, off_t off, int flags)
+{
+	ssize_t r;
+
+	ENSURE_REAL();
+	drain_if_tracked(fd);
+	r = real.preadv2(fd, iov, n, off, flags);
+	if (r > 0 && off == -1)
+		resync_if_tracked(fd);
+	return r;
+}
+
+ACKPT_EXPORT ssize_t preadv64v2(int fd, const struct iovec *iov, int n, off_t off, int flags)
+{
+	return preadv2(fd, iov, n, off, flags);
+}
+
+ACKPT_EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	ENSURE_REAL();
+	if (!(flags & MAP_ANONYMOUS) && fd >= 0)
+		drain_if_tracked(fd);
+	return real.mmap(addr, len, prot, flags, fd, off);
+}
+
+ACKPT_EXPORT void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	return mmap(addr, len, prot, flags, fd, off);
+}
+
+ACKPT_EXPORT ssize_t copy_file_range(int in, off_t *in_off, int out, off_t *out_off, size_t n,
+				     unsigned flags)
+{
+	ssize_t r;
+
+	ENSURE_REAL();
+	drain_if_tracked(in);
+	drain_if_tracked(out);
+	r = real.copy_file_range(in, in_off, out, out_off, n, flags);
+	if (r > 0) {
+		resync_if_tracked(in);
+		resync_if_tracked(out);
+	}
+	return r;
+}
+
+ACKPT_EXPORT ssize_t sendfile(int out, int in, off_t *off, size_t n)
+{
+	ssize_t r;
+
+	ENSURE_REAL();
+	drain_if_tracked(in);
+	drain_if_tracked(out);
+	r = real.sendfile(out, in, off, n);
+	if (r > 0) {
+		resync_if_tracked(in);
+		resync_if_tracked(out);
+	}
+	return r;
+}
+
+ACKPT_EXPORT ssize_t sendfile64(int out, int in, off_t *off, size_t n)
+{
+	return sendfile(out, in, off, n);
+}
+
+ACKPT_EXPORT ssize_t splice(int in, off_t *in_off, int out, off_t *out_off, size_t n,
+			    unsigned flags)
+{
+	ssize_t r;
+
+	ENSURE_REAL();
+	drain_if_tracked(in);
+	drain_if_tracked(out);
+	r = real.splice(in, in_off, out, out_off, n, flags);
+	if (r > 0) {
+		resync_if_tracked(in);
+		resync_if_tracked(out);
+	}
+	return r;
+}
+
+/* ---- size changes ---- */
+
+static int managed_ftruncate(int fd, off_t len)
+{
+	struct ofd *o;
+	int ret;
+
+	if (len < 0)
+		return -EINVAL;
+	if (session_lock() < 0)
+		return -ENOTSUP;
+	o = fd_peek(fd);
+	if (!o || !o->ino || !o->writable) {
+		session_unlock();
+		return -ENOTSUP;
+	}
+	ret = session_check_error(o->ino);
+	if (!ret) {
+		if (S.state == SESS_ACTIVE)
+			ret = session_send_simple(ACKPT_OP_TRUNCATE, o->ino, (uint64_t)len);
+		if (S.state != SESS_ACTIVE)
+			ret = real.ftruncate(o->ino->shadow_fd, len) < 0 ? -errno : 0;
+		if (!ret)
+			o->ino->size = (uint64_t)len;
+	}
+	session_unlock();
+	return ret;
+}
+
+ACKPT_EXPORT int ftruncate(int fd, off_t len)
+{
+	int saved = errno, r;
+
+	ENSURE_REAL();
+	if (!fd_peek(fd))
+		return real.ftruncate(fd, len);
+	r = managed_ftruncate(fd, len);
+	if (r == -ENOTSUP)
+		return real.ftruncate(fd, len);
+	if (r < 0) {
+		errno = -r;
+		return -1;
+	}
+	errno = saved;
+	return 0;
+}
+
+ACKPT_EXPORT int ftruncate64(int fd, off_t len)
+{
+	return ftruncate(fd, len);
+}
+
+ACKPT_EXPORT int truncate(const char *path, off_t len)
+{
+	struct stat st;
+	int r;
+
+	ENSURE_REAL();
+	if (C.enabled && path)
+		wait_path_pending(AT_FDCWD, path, 0);
+	r = real.truncate(path, len);
+	if (r == 0 && S.ninodes && real.stat(path, &st) == 0 && session_lock() == 0) {
+		struct inode_state *i = inode_find(st.st_dev, st.st_ino);
+
+		if (i)
+			i->size = (uint64_t)len;
+		session_unlock();
+	}
+	return r;
+}
+
+ACKPT_EXPORT int truncate64(const char *path, off_t len)
+{
+	return truncate(path, len);
+}
+
+ACKPT_EXPORT int fallocate(int fd, int mode, off_t off, off_t len)
+{
+	int r;
+
+	ENSURE_REAL();
+	drain_if_tracked(fd);
+	r = real.fallocate(fd, mode, off, len);
+	if (r == 0)
+		resync_if_tracked(fd);
+	return r;
+}
+
+ACKPT_EXPORT int fallocate64(int fd, int mode, off_t off, off_t len)
+{
+	return fallocate(fd, mode, off, len);
+}
+
+ACKPT_EXPORT int posix_fallocate(int fd, off_t off, off_t len)
+{
+	int r;
+
+	ENSURE_REAL();
+	drain_if_tracked(fd);
+	r = real.posix_fallocate(fd, off, len);
+	if (r == 0)
+		resync_if_tracked(fd);
+	return r;
+}
+
+ACKPT_EXPORT int posix_fallocate64(int fd, off_t off, off_t len)
+{
+	return posix_fallocate(fd, off, len);
+}
