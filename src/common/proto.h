@@ -84,6 +84,8 @@ struct ackpt_shm {
 	uint64_t ops_done;
 	uint64_t helper_cpu_ns;
 	uint64_t prefault_done;     /* bytes of the arena populated by the helper */
+	int32_t reg_helper;         /* our index in the node registry, or -1 */
+	uint32_t pad1;
 
 	struct ackpt_file_slot files[ACKPT_MAX_FILES];
 };
@@ -103,19 +105,32 @@ static inline uint64_t ackpt_shm_hdr_size(void)
  * under ackpt (cp, an upload script) that opens such a file waits for it.
  * One table per uid in /dev/shm; entries are claimed with a CAS on `pid`.
  */
+#define ACKPT_REGISTRY_PATH "/dev/shm/ackpt-registry-v2.%u" /* %u: uid */
 #define ACKPT_REGISTRY_ENTRIES 4096
-#define ACKPT_REGISTRY_MAGIC   0x67657274706b6361ull
+#define ACKPT_REGISTRY_HELPERS 1024
+#define ACKPT_REGISTRY_MAGIC   0x32746572706b6361ull
 
+/* One per live helper: how far its queue is durable. */
+struct ackpt_registry_helper {
+	int32_t pid;        /* 0 = free */
+	uint32_t pad;
+	uint64_t durable_seq;
+};
+
+/* One per file with a writer under ackpt.  A reader waits while
+ * helpers[helper].durable_seq < last_seq (the file has pending work). */
 struct ackpt_registry_entry {
-	int32_t pid;        /* owner (the helper that finishes the work); 0 = free */
-	uint32_t gen;       /* futex word: bumped when the entry is released */
+	int32_t pid;        /* owning helper; 0 = free */
+	uint32_t helper;    /* index into helpers[] */
 	uint64_t dev, ino;
+	uint64_t last_seq;  /* written by the shim on each op for the file */
 };
 
 struct ackpt_registry {
 	uint64_t magic;
 	uint32_t used;      /* live entries, a cheap "anything pending?" test */
 	uint32_t pad;
+	struct ackpt_registry_helper helpers[ACKPT_REGISTRY_HELPERS];
 	struct ackpt_registry_entry e[ACKPT_REGISTRY_ENTRIES];
 };
 

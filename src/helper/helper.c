@@ -81,6 +81,7 @@ static struct {
 	atomic_int prefault_done;
 	int registered;
 	struct ackpt_registry *reg;
+	int reg_helper;
 	pid_t pid;
 } H;
 
@@ -117,6 +118,9 @@ static void publish(void)
 	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
 	__atomic_store_n(&H.shm->helper_cpu_ns, (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec,
 			 __ATOMIC_RELAXED);
+	if (H.reg && H.reg_helper >= 0)
+		__atomic_store_n(&H.reg->helpers[H.reg_helper].durable_seq,
+				 __atomic_load_n(&H.shm->durable_seq, __ATOMIC_RELAXED), __ATOMIC_RELEASE);
 	__atomic_fetch_add(&H.shm->progress_gen, 1, __ATOMIC_RELEASE);
 	futex_wake_all(&H.shm->progress_gen);
 }
@@ -150,11 +154,8 @@ static void registry_release(struct hfile *f)
 	e = &H.reg->e[f->reg_idx];
 	pid = H.pid;
 	if (e->dev == f->dev && e->ino == f->ino &&
-	    __atomic_compare_exchange_n(&e->pid, &pid, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+	    __atomic_compare_exchange_n(&e->pid, &pid, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
 		__atomic_fetch_sub(&H.reg->used, 1, __ATOMIC_RELAXED);
-		__atomic_fetch_add(&e->gen, 1, __ATOMIC_RELEASE);
-		futex_wake_all(&e->gen);
-	}
 	f->reg_idx = -1;
 }
 
@@ -600,37 +601,69 @@ static int receive_one(void)
 static void *prefault_main(void *arg)
 {
 	const uint64_t step = 64ull << 20;
+	int lock_ok = 1;
 	uint64_t off;
 
+	/* mlock both populates and pins; without memlock, populate only */
 	for (off = 0; off < H.arena_size; off += step) {
 		uint64_t len = H.arena_size - off < step ? H.arena_size - off : step;
 
-		if (madvise(H.arena + off, len, MADV_POPULATE_WRITE) < 0) {
-			volatile char *p = H.arena + off;
-			uint64_t i;
+		if (!(lock_ok && mlock(H.arena + off, len) == 0)) {
+			lock_ok = 0;
+			if (madvise(H.arena + off, len, MADV_POPULATE_WRITE) < 0) {
+				volatile char *p = H.arena + off;
+				uint64_t i;
 
-			for (i = 0; i < len; i += PAGE)
-				p[i] = p[i];
+				for (i = 0; i < len; i += PAGE)
+					p[i] = p[i];
+			}
 		}
-		__atomic_store_n(&H.shm->prefault_done, off + len, __ATOMIC_RELAXED);
+		__atomic_store_n(&H.shm->prefault_done, off + len, __ATOMIC_RELEASE);
 	}
+	hlog(3, "arena of %llu MiB faulted in (%s)", (unsigned long long)(H.arena_size >> 20),
+	     lock_ok ? "locked" : "not locked: memlock limit");
 	atomic_store(&H.prefault_done, 1);
 	return NULL;
 }
 
 static void registry_map(void)
 {
+	struct stat st;
+	uint64_t zero = 0;
 	char p[64];
 	int fd;
 
-	snprintf(p, sizeof(p), "/dev/shm/ackpt-registry.%u", (unsigned)getuid());
-	fd = open(p, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+	snprintf(p, sizeof(p), ACKPT_REGISTRY_PATH, (unsigned)getuid());
+	fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
 	if (fd < 0)
 		return;
+	if (fstat(fd, &st) == 0 && st.st_size < (off_t)sizeof(struct ackpt_registry) &&
+	    ftruncate(fd, sizeof(struct ackpt_registry)) < 0) {
+		close(fd);
+		return;
+	}
 	H.reg = mmap(NULL, sizeof(struct ackpt_registry), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	if (H.reg == MAP_FAILED || H.reg->magic != ACKPT_REGISTRY_MAGIC)
-		H.reg = NULL;
 	close(fd);
+	if (H.reg != MAP_FAILED)
+		__atomic_compare_exchange_n(&H.reg->magic, &zero, ACKPT_REGISTRY_MAGIC, 0,
+					    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+	if (H.reg == MAP_FAILED || H.reg->magic != ACKPT_REGISTRY_MAGIC) {
+		H.reg = NULL;
+		return;
+	}
+	for (unsigned i = 0; i < ACKPT_REGISTRY_HELPERS; i++) {
+		struct ackpt_registry_helper *h = &H.reg->helpers[i];
+		int32_t old = __atomic_load_n(&h->pid, __ATOMIC_RELAXED);
+
+		if (old && !(kill(old, 0) < 0 && errno == ESRCH))
+			continue;
+		if (__atomic_compare_exchange_n(&h->pid, &old, H.pid, 0, __ATOMIC_ACQ_REL,
+						__ATOMIC_RELAXED)) {
+			h->durable_seq = 0;
+			H.reg_helper = (int)i;
+			break;
+		}
+	}
 }
 
 static int parse_level(const char *s)
@@ -652,7 +685,7 @@ int main(int argc, char **argv)
 	pthread_t t;
 	const char *io = getenv("ACKPT_IO");
 	const char *direct = getenv("ACKPT_DIRECT");
-	int eof = 0, ret;
+	int eof = 0, ret, reg_tried = 0;
 	pid_t child;
 	unsigned i;
 
@@ -691,7 +724,9 @@ int main(int argc, char **argv)
 		H.files[i].fd = H.files[i].dfd = -1;
 		H.files[i].reg_idx = -1;
 	}
+	H.reg_helper = -1;
 	registry_map();
+	H.shm->reg_helper = H.reg_helper;
 
 	if (!(io && !strcmp(io, "pool")))
 		H.eng = engine_open_uring(256, &ret);
@@ -729,17 +764,15 @@ int main(int argc, char **argv)
 		dispatch();
 		if (eof && !H.npend && !engine_inflight(H.eng))
 			break;
-		if (!H.registered && atomic_load(&H.prefault_done) && engine_is_uring(H.eng) &&
+		if (!reg_tried && atomic_load(&H.prefault_done) && engine_is_uring(H.eng) &&
 		    !engine_inflight(H.eng)) {
-			H.registered = -1;
+			reg_tried = 1;
 			if (engine_register(H.eng, H.arena, H.arena_size) == 0) {
 				H.registered = 1;
 				H.shm->helper_flags |= ACKPT_HF_FIXED_BUFS;
 			} else {
-				hlog(3, "arena not registered as fixed buffers (memlock?); plain writes");
+				hlog(3, "arena not registered as fixed buffers (memlock); plain writes");
 			}
-			if (H.registered < 0)
-				H.registered = 0, H.prefault_done = 0; /* try once */
 		}
 		pfd[nfds].fd = engine_event_fd(H.eng);
 		pfd[nfds++].events = POLLIN;
@@ -770,6 +803,8 @@ int main(int argc, char **argv)
 		file_close(f);
 	}
 	publish();
+	if (H.reg && H.reg_helper >= 0)
+		__atomic_store_n(&H.reg->helpers[H.reg_helper].pid, 0, __ATOMIC_RELEASE);
 	hlog(2, "done: %llu bytes written, %llu errors",
 	     (unsigned long long)H.shm->bytes_written, (unsigned long long)H.shm->errors);
 	return H.shm->errors ? 1 : 0;

@@ -137,9 +137,9 @@ void config_load(void)
 		if (strcmp(v, "0")) { bad("ACKPT_DISABLE", v, "expected 0 or 1"); return; }
 	}
 	total = sysinfo(&si) == 0 ? (uint64_t)si.totalram * si.mem_unit : (8ull << 30);
-	C.staging = 2ull << 30;
-	if (C.staging > total / 4)
-		C.staging = total / 4;
+	C.staging = 1ull << 30;
+	if (C.staging > total / 8)
+		C.staging = total / 8;
 	v = getenv("ACKPT_STAGING");
 	if (v && *v) {
 		if (parse_size(v, &C.staging) < 0) {

@@ -9,7 +9,6 @@
  * wait for a file this process is still writing.
  */
 #include <limits.h>
-#include <linux/futex.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,7 +28,7 @@ static uint32_t slot_reported[ACKPT_MAX_FILES];
 static uint32_t slot_hint;
 static uint64_t unreported_lost;
 static struct ackpt_registry *reg;
-static int reg_tried;
+static uint64_t reg_tried;
 
 static uint64_t now_ns(void)
 {
@@ -53,16 +52,30 @@ static struct ackpt_registry *registry_map(int create)
 	int fd;
 	struct ackpt_registry *r;
 
-	if (reg || (reg_tried && !create))
+	if (reg)
 		return reg;
-	reg_tried = 1;
-	snprintf(p, sizeof(p), "/dev/shm/ackpt-registry.%u", (unsigned)getuid());
+	if (!create) {
+		/* the registry appears when some writer starts: look again at
+		 * most once a second */
+		uint64_t t = now_ns();
+
+		if (reg_tried && t - reg_tried < 1000000000ull)
+			return NULL;
+		reg_tried = t;
+	}
+	snprintf(p, sizeof(p), ACKPT_REGISTRY_PATH, (unsigned)getuid());
 	fd = real.open(p, O_RDWR | O_CLOEXEC | O_NOFOLLOW | (create ? O_CREAT : 0), 0600);
 	if (fd < 0)
 		return NULL;
-	if (create && real.ftruncate(fd, sizeof(struct ackpt_registry)) < 0) {
-		real.close(fd);
-		return NULL;
+	if (create) {
+		struct stat st;
+
+		if (real.fstat(fd, &st) < 0 ||
+		    (st.st_size < (off_t)sizeof(struct ackpt_registry) &&
+		     real.ftruncate(fd, sizeof(struct ackpt_registry)) < 0)) {
+			real.close(fd);
+			return NULL;
+		}
 	}
 	r = mmap(NULL, sizeof(*r), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 	real.close(fd);
@@ -93,8 +106,9 @@ int registry_claim(uint64_t dev, uint64_t ino, pid_t owner)
 {
 	struct ackpt_registry *r = registry_map(1);
 	unsigned i, start;
+	int helper = S.shm ? S.shm->reg_helper : -1;
 
-	if (!r)
+	if (!r || helper < 0 || helper >= ACKPT_REGISTRY_HELPERS)
 		return -1;
 	start = (unsigned)(ino * 2654435761u) % ACKPT_REGISTRY_ENTRIES;
 	for (i = 0; i < ACKPT_REGISTRY_ENTRIES; i++) {
@@ -107,6 +121,8 @@ int registry_claim(uint64_t dev, uint64_t ino, pid_t owner)
 						__ATOMIC_RELAXED)) {
 			e->dev = dev;
 			e->ino = ino;
+			e->helper = (uint32_t)helper;
+			__atomic_store_n(&e->last_seq, S.seq + 1, __ATOMIC_RELEASE);
 			__atomic_fetch_add(&r->used, 1, __ATOMIC_RELEASE);
 			return (int)((start + i) % ACKPT_REGISTRY_ENTRIES);
 		}
@@ -114,7 +130,13 @@ int registry_claim(uint64_t dev, uint64_t ino, pid_t owner)
 	return -1;
 }
 
-/* Wait while another process's helper still owns (dev, ino). */
+void registry_note_op(int idx, uint64_t seq)
+{
+	if (reg && idx >= 0 && idx < ACKPT_REGISTRY_ENTRIES)
+		__atomic_store_n(&reg->e[idx].last_seq, seq, __ATOMIC_RELEASE);
+}
+
+/* Wait while another process's helper has pending work on (dev, ino). */
 int registry_wait(uint64_t dev, uint64_t ino)
 {
 	struct ackpt_registry *r = registry_map(0);
@@ -128,13 +150,18 @@ int registry_wait(uint64_t dev, uint64_t ino)
 
 		for (;;) {
 			int32_t pid = __atomic_load_n(&e->pid, __ATOMIC_ACQUIRE);
-			uint32_t gen = __atomic_load_n(&e->gen, __ATOMIC_ACQUIRE);
-			struct timespec ts = { 0, 100000000 };
+			struct timespec ts = { 0, 2000000 };
+			struct ackpt_registry_helper *h;
 
 			if (!pid || e->dev != dev || e->ino != ino)
 				break;
 			if (pid == S.helper_pid && S.state == SESS_ACTIVE)
 				break; /* ours: the local table orders it */
+			h = &r->helpers[e->helper % ACKPT_REGISTRY_HELPERS];
+			if (__atomic_load_n(&h->pid, __ATOMIC_ACQUIRE) == pid &&
+			    __atomic_load_n(&h->durable_seq, __ATOMIC_ACQUIRE) >=
+				    __atomic_load_n(&e->last_seq, __ATOMIC_ACQUIRE))
+				break; /* nothing pending right now */
 			if (kill(pid, 0) < 0 && errno == ESRCH) {
 				/* owner died without releasing: reclaim */
 				if (__atomic_compare_exchange_n(&e->pid, &pid, 0, 0, __ATOMIC_ACQ_REL,
@@ -146,7 +173,7 @@ int registry_wait(uint64_t dev, uint64_t ino)
 				alog(L_INFO, "waiting for ackpt-helper %d to finish a file", (int)pid);
 				warned = 1;
 			}
-			syscall(SYS_futex, &e->gen, FUTEX_WAIT, gen, &ts, NULL, 0);
+			nanosleep(&ts, NULL);
 		}
 	}
 	return 0;
@@ -489,7 +516,8 @@ ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, in
 		session_unlock();
 		return -EINVAL;
 	}
-	at = use_pos ? (o->append ? ino->size : o->pos) : (uint64_t)off;
+	/* Linux appends even for pwrite on an O_APPEND description */
+	at = o->append ? ino->size : use_pos ? o->pos : (uint64_t)off;
 	if (S.state == SESS_ACTIVE) {
 		uint64_t pos = at;
 

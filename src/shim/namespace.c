@@ -299,3 +299,35 @@ ACKPT_EXPORT int remove(const char *path)
 	}
 	return real.remove(path);
 }
+
+/* A listing must not show a name that a deferred rename is about to change. */
+static void wait_all_renames(void)
+{
+	uint64_t want = 0;
+	struct ns_entry *e;
+	int saved = errno;
+
+	if (!C.enabled || !ns_pending_any() || session_lock() < 0)
+		return;
+	for (e = ns_list; e; e = e->next)
+		if (e->seq > want)
+			want = e->seq;
+	session_unlock();
+	if (want)
+		session_wait(want, 0, 0);
+	errno = saved;
+}
+
+ACKPT_EXPORT DIR *opendir(const char *path)
+{
+	ENSURE_REAL();
+	wait_all_renames();
+	return real.opendir(path);
+}
+
+ACKPT_EXPORT DIR *fdopendir(int fd)
+{
+	ENSURE_REAL();
+	wait_all_renames();
+	return real.fdopendir(fd);
+}

@@ -119,29 +119,36 @@ static int find_helper(char *out, size_t n)
 	return access(out, X_OK) == 0 ? 0 : -ENOENT;
 }
 
+/*
+ * The helper faults the arena in (and locks it where memlock allows): that
+ * first touch is slow on some VMs and must not hold this process's mmap
+ * lock or delay its exit.  This thread only maps the already-present pages
+ * into our view, following the helper's progress, so staging later runs at
+ * warm memcpy speed.
+ */
 static void *prefault_main(void *arg)
 {
 	const uint64_t step = 64ull << 20;
-	int lock_ok = 1;
-	uint64_t off;
+	uint64_t off = 0;
+	struct ackpt_shm *shm = S.shm;
+	char *arena = S.arena;
+	uint64_t size = S.arena_size;
 
-	for (off = 0; off < S.arena_size; off += step) {
-		uint64_t len = S.arena_size - off < step ? S.arena_size - off : step;
-		char *p = S.arena + off;
+	while (off < size && S.shm == shm) {
+		uint64_t ready = __atomic_load_n(&shm->prefault_done, __ATOMIC_ACQUIRE);
+		uint64_t len = size - off < step ? size - off : step;
 
-		if (lock_ok && mlock(p, len) == 0)
+		if (ready < off + len) {
+			struct timespec ts = { 0, 20000000 };
+
+			if (!__atomic_load_n(&shm->helper_pid, __ATOMIC_RELAXED) || S.state != SESS_ACTIVE)
+				break;
+			nanosleep(&ts, NULL);
 			continue;
-		lock_ok = 0;
-		if (madvise(p, len, MADV_POPULATE_WRITE) < 0) {
-			volatile char *v = p;
-			uint64_t i;
-
-			for (i = 0; i < len; i += 4096)
-				v[i] = v[i];
 		}
+		madvise(arena + off, len, MADV_POPULATE_WRITE);
+		off += len;
 	}
-	alog(L_DEBUG, "staging arena of %llu MiB pre-faulted (%s)",
-	     (unsigned long long)(S.arena_size >> 20), lock_ok ? "locked" : "not locked");
 	return NULL;
 }
 
@@ -418,8 +425,10 @@ static int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 		if (r->paths)
 			memcpy(r->paths, paths, plen);
 	}
-	if (ino)
+	if (ino) {
 		ino->last_seq = op->seq;
+		registry_note_op(ino->reg_idx, op->seq);
+	}
 	memcpy(buf, op, sizeof(*op));
 	if (plen)
 		memcpy(buf + sizeof(*op), paths, plen);

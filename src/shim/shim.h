@@ -85,6 +85,8 @@ struct statx;
 	X(int, unlink, (const char *)) \
 	X(int, unlinkat, (int, const char *, int)) \
 	X(int, remove, (const char *)) \
+	X(DIR *, opendir, (const char *)) \
+	X(DIR *, fdopendir, (int)) \
 	X(FILE *, fopen, (const char *, const char *)) \
 	X(FILE *, fdopen, (int, const char *)) \
 	X(FILE *, freopen, (const char *, const char *, FILE *)) \
@@ -224,6 +226,7 @@ void fd_protect(int fd, int on);
 int registry_wait(uint64_t dev, uint64_t ino);
 int registry_claim(uint64_t dev, uint64_t ino, pid_t owner);
 int registry_any(void);
+void registry_note_op(int idx, uint64_t seq);
 void cookies_flush_all(void);
 void cookie_forget(FILE *f);
 uint64_t files_unreported_errors(void);
