@@ -79,9 +79,12 @@ static struct {
 	unsigned npend;
 	struct hfile files[ACKPT_MAX_FILES];
 	atomic_int prefault_done;
+	atomic_int exiting;
+	_Atomic uint64_t max_end;
 	int registered;
 	struct ackpt_registry *reg;
 	int reg_helper;
+	long delay_ms;
 	pid_t pid;
 } H;
 
@@ -293,6 +296,12 @@ static void issue_write(struct hfile *f, struct hop *h)
 	}
 	h->state = HOP_ISSUED;
 	f->dirty = 1;
+	if (H.delay_ms) {
+		/* testing knob: a slow disk, so tests can watch commits wait */
+		struct timespec ts = { H.delay_ms / 1000, (H.delay_ms % 1000) * 1000000L };
+
+		nanosleep(&ts, NULL);
+	}
 	ret = fault_check(FAULT_WRITE, 0);
 	if (ret) {
 		h->state = HOP_DONE;
@@ -396,6 +405,7 @@ static void dispatch(void)
 		if (h->state != HOP_QUEUED)
 			continue;
 		if (h->op.type == ACKPT_OP_RENAME || h->op.type == ACKPT_OP_SYNC_ALL) {
+			retire(); /* ops before it may have finished in this very pass */
 			if (s != H.head_seq)
 				break;
 			if (h->op.type == ACKPT_OP_RENAME)
@@ -526,6 +536,8 @@ static int receive_one(void)
 	H.next_seq = op.seq + 1;
 	if (H.npend == 0)
 		H.head_seq = op.seq;
+	if (op.arena_end > atomic_load(&H.max_end))
+		atomic_store(&H.max_end, op.arena_end);
 	h = ring_at(op.seq);
 	memset(h, 0, sizeof(*h));
 	h->op = op;
@@ -598,16 +610,31 @@ static int receive_one(void)
 
 /* ---- arena prefault (off the critical path) ---- */
 
+/*
+ * Fault the arena in ahead of use, off the critical path: the target stays
+ * at twice the furthest position staged so far (plus 64 MiB), so a short
+ * run touches little and a second checkpoint of the same size finds its
+ * pages ready.  mlock both populates and pins; without memlock, populate.
+ */
 static void *prefault_main(void *arg)
 {
 	const uint64_t step = 64ull << 20;
 	int lock_ok = 1;
-	uint64_t off;
+	uint64_t off = 0;
 
-	/* mlock both populates and pins; without memlock, populate only */
-	for (off = 0; off < H.arena_size; off += step) {
+	while (off < H.arena_size) {
+		uint64_t end = atomic_load(&H.max_end);
+		uint64_t target = end >= H.arena_size / 2 ? H.arena_size : 2 * end + step;
 		uint64_t len = H.arena_size - off < step ? H.arena_size - off : step;
 
+		if (off >= target) {
+			struct timespec ts = { 0, 10000000 };
+
+			if (atomic_load(&H.exiting))
+				break;
+			nanosleep(&ts, NULL);
+			continue;
+		}
 		if (!(lock_ok && mlock(H.arena + off, len) == 0)) {
 			lock_ok = 0;
 			if (madvise(H.arena + off, len, MADV_POPULATE_WRITE) < 0) {
@@ -618,11 +645,14 @@ static void *prefault_main(void *arg)
 					p[i] = p[i];
 			}
 		}
-		__atomic_store_n(&H.shm->prefault_done, off + len, __ATOMIC_RELEASE);
+		off += len;
+		__atomic_store_n(&H.shm->prefault_done, off, __ATOMIC_RELEASE);
 	}
-	hlog(3, "arena of %llu MiB faulted in (%s)", (unsigned long long)(H.arena_size >> 20),
-	     lock_ok ? "locked" : "not locked: memlock limit");
-	atomic_store(&H.prefault_done, 1);
+	if (off >= H.arena_size) {
+		hlog(3, "arena of %llu MiB faulted in (%s)", (unsigned long long)(H.arena_size >> 20),
+		     lock_ok ? "locked" : "not locked: memlock limit");
+		atomic_store(&H.prefault_done, 1);
+	}
 	return NULL;
 }
 
@@ -720,6 +750,8 @@ int main(int argc, char **argv)
 	H.arena_size = H.shm->arena_size;
 	H.use_direct = !(direct && !strcmp(direct, "0"));
 	fault_init(getenv("ACKPT_FAULT"));
+	if (getenv("ACKPT_TEST_DELAY_MS"))
+		H.delay_ms = strtol(getenv("ACKPT_TEST_DELAY_MS"), NULL, 10);
 	for (i = 0; i < ACKPT_MAX_FILES; i++) {
 		H.files[i].fd = H.files[i].dfd = -1;
 		H.files[i].reg_idx = -1;
@@ -786,6 +818,7 @@ int main(int argc, char **argv)
 		retire();
 	}
 
+	atomic_store(&H.exiting, 1);
 	/* The program is gone (or closed us) and every op retired: make all
 	 * remaining files durable, then close them. */
 	for (i = 0; i < ACKPT_MAX_FILES; i++) {

@@ -1,4 +1,5 @@
 /* The public API (include/ackpt.h). */
+#include <stddef.h>
 #include <string.h>
 
 #include "ackpt.h"
@@ -20,7 +21,8 @@ ACKPT_EXPORT int ackpt_get_stats(struct ackpt_stats *out, size_t size)
 {
 	struct ackpt_stats s;
 
-	if (!out || size < sizeof(s))
+	/* callers built against the first, shorter struct keep working */
+	if (!out || size < offsetof(struct ackpt_stats, active) + sizeof(int32_t))
 		return -EINVAL;
 	memset(&s, 0, sizeof(s));
 	s.bytes_staged = S.bytes_staged;
@@ -35,6 +37,6 @@ ACKPT_EXPORT int ackpt_get_stats(struct ackpt_stats *out, size_t size)
 		s.helper_flags = (int32_t)S.shm->helper_flags;
 		s.helper_cpu_seconds = S.shm->helper_cpu_ns / 1e9;
 	}
-	memcpy(out, &s, sizeof(s));
+	memcpy(out, &s, size < sizeof(s) ? size : sizeof(s));
 	return 0;
 }

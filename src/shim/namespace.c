@@ -182,6 +182,9 @@ static int rename_common(int olddir, const char *oldp, int newdir, const char *n
 			if (r < 0)
 				return ret_err(r);
 			if (r == 1) {
+				/* --commit sync: the program waits for the rename to be durable */
+				if (C.commit_sync)
+					session_sync_all(0, 0);
 				errno = saved;
 				return 0;
 			}

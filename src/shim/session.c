@@ -141,8 +141,9 @@ static void *prefault_main(void *arg)
 		if (ready < off + len) {
 			struct timespec ts = { 0, 20000000 };
 
-			if (!__atomic_load_n(&shm->helper_pid, __ATOMIC_RELAXED) || S.state != SESS_ACTIVE)
+			if (S.state != SESS_ACTIVE)
 				break;
+			ts.tv_nsec = 50000000;
 			nanosleep(&ts, NULL);
 			continue;
 		}
