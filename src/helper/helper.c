@@ -730,6 +730,18 @@ int main(int argc, char **argv)
 		fprintf(stderr, "ackpt-helper: started without its channels; it is run by libackpt.so\n");
 		return 2;
 	}
+	/* Keep nothing of the program's but stderr (for our log lines): an
+	 * inherited pipe would make its reader wait for us. */
+	{
+		int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+
+		if (null >= 0) {
+			dup2(null, 0);
+			dup2(null, 1);
+			close(null);
+		}
+		syscall(SYS_close_range, ACKPT_HELPER_SHM_FD + 1, ~0u, 0);
+	}
 	/* Detach from the program so its wait() never reaps us; the shim reaps
 	 * this intermediate process at once. */
 	child = fork();
@@ -838,7 +850,7 @@ int main(int argc, char **argv)
 	publish();
 	if (H.reg && H.reg_helper >= 0)
 		__atomic_store_n(&H.reg->helpers[H.reg_helper].pid, 0, __ATOMIC_RELEASE);
-	hlog(2, "done: %llu bytes written, %llu errors",
+	hlog(3, "done: %llu bytes written, %llu errors",
 	     (unsigned long long)H.shm->bytes_written, (unsigned long long)H.shm->errors);
 	return H.shm->errors ? 1 : 0;
 }
