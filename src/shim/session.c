@@ -700,27 +700,19 @@ void session_init_once(void)
 }
 
 /*
- * Runs before glibc flushes FILE streams that were never closed, so flush
- * ours first and leave the write path standing: anything written after this
- * (another destructor, glibc's own flush) is still staged and the helper
- * still finishes it.
+ * Wait for everything staged to be durable, print the summary, and return
+ * 1 if some write error was never reported to the program.
  */
-__attribute__((destructor)) static void session_fini(void)
+static int session_exit_drain(void)
 {
-	uint64_t t0, errs = 0;
-	unsigned i;
+	uint64_t t0, errs;
 
 	if (S.state == SESS_NONE || S.state == SESS_FAILED || !session_is_owner())
-		return;
-	cookies_flush_all();
+		return 0;
 	t0 = now_ns();
 	session_sync_all(0, 1);
 	if (!S.shm)
-		return;
-	for (i = 0; i < ACKPT_MAX_FILES; i++) {
-		if (S.shm->files[i].err_seq)
-			errs++;
-	}
+		return 0;
 	if (C.log_level >= L_INFO) {
 		double wait = (now_ns() - t0) / 1e9;
 		double cpu = S.shm->helper_cpu_ns / 1e9;
@@ -730,10 +722,57 @@ __attribute__((destructor)) static void session_fini(void)
 		     (unsigned long long)S.files, S.bytes_staged / 1048576.0, S.stall_ns / 1e9, wait,
 		     S.shm->bytes_written / 1048576.0, cpu);
 	}
-	if (files_unreported_errors()) {
+	errs = files_unreported_errors();
+	if (errs) {
 		alog(L_ERROR, "%llu checkpoint write error(s) were never reported to the program; "
 		     "exiting with status 1", (unsigned long long)errs);
+		return 1;
+	}
+	return 0;
+}
+
+/*
+ * Runs before glibc flushes FILE streams that were never closed, so flush
+ * ours first and leave the write path standing: anything written after this
+ * (another destructor, glibc's own flush) is still staged and the helper
+ * still finishes it.
+ */
+__attribute__((destructor)) static void session_fini(void)
+{
+	if (S.state == SESS_NONE || S.state == SESS_FAILED || !session_is_owner())
+		return;
+	cookies_flush_all();
+	if (session_exit_drain()) {
 		fflush(NULL);
+		S.state = SESS_NONE;
 		_exit(1);
 	}
+}
+
+/* _exit skips destructors (dash, os._exit, forked workers): drain here too. */
+__attribute__((noreturn)) static void exit_now(int status, const char *name)
+{
+	static void (*real_exit)(int);
+	int bad;
+
+	if (!real_exit)
+		real_exit = (void (*)(int))dlsym(RTLD_NEXT, name);
+	bad = session_exit_drain();
+	S.state = SESS_NONE; /* the destructor, if any runs, has nothing left */
+	if (bad && !status)
+		status = 1;
+	if (real_exit)
+		real_exit(status);
+	syscall(SYS_exit_group, status);
+	__builtin_unreachable();
+}
+
+ACKPT_EXPORT void _exit(int status)
+{
+	exit_now(status, "_exit");
+}
+
+ACKPT_EXPORT void _Exit(int status)
+{
+	exit_now(status, "_Exit");
 }
