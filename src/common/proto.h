@@ -37,7 +37,12 @@ enum ackpt_op_type {
 	ACKPT_OP_RENAME,     /* global barrier; paths follow the record */
 	ACKPT_OP_SYNC_ALL,   /* global barrier: fsync every open file */
 	ACKPT_OP_PREFAULT,   /* helper may populate the arena in background */
+	ACKPT_OP_COMMIT,     /* metadata commit: barrier, then rename paths[0] -> paths[1];
+			      * offset = commit id; flags & ACKPT_COMMIT_OWN_TEMP: on abort
+			      * remove paths[0] (our hidden temporary) */
 };
+
+#define ACKPT_COMMIT_OWN_TEMP 0x1
 
 struct ackpt_op {
 	uint32_t type;
@@ -86,6 +91,15 @@ struct ackpt_shm {
 	uint64_t prefault_done;     /* bytes of the arena populated by the helper */
 	int32_t reg_helper;         /* our index in the node registry, or -1 */
 	uint32_t pad1;
+
+	/* shim -> helper */
+	uint64_t staged_seq;        /* last op seq the shim has sent */
+
+	/* helper -> shim: metadata commits, in request order */
+	uint64_t commits_done;      /* commit ids <= this are finished (ok or aborted) */
+	uint64_t commit_failures;   /* aborted commits */
+	int32_t commit_last_err;    /* errno of the last abort */
+	uint32_t pad2;
 
 	struct ackpt_file_slot files[ACKPT_MAX_FILES];
 };

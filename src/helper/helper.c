@@ -34,6 +34,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "barrier.h"
 #include "engine.h"
 #include "fault.h"
 #include "proto.h"
@@ -86,7 +87,21 @@ static struct {
 	int reg_helper;
 	long delay_ms;
 	pid_t pid;
+	uint64_t errors_acked;
+	int last_err;
+	struct commit *cq_head, *cq_tail;
 } H;
+
+/* A metadata commit waiting for the barrier, in request order. */
+struct commit {
+	uint64_t id;
+	char *tmp, *final;
+	int own_temp;
+	uint32_t slot;
+	int state;          /* 0 new, 1 waiting for the barrier, 2 decided */
+	int status;
+	struct commit *next;
+};
 
 static void hlog(int level, const char *fmt, ...)
 {
@@ -133,6 +148,7 @@ static void file_error(uint32_t slot, int err, const char *what)
 	struct hfile *f;
 
 	__atomic_fetch_add(&H.shm->errors, 1, __ATOMIC_RELAXED);
+	H.last_err = err;
 	if (slot == ACKPT_NO_FILE || slot >= ACKPT_MAX_FILES) {
 		hlog(0, "%s failed: %s", what, strerror(err));
 		return;
@@ -394,6 +410,142 @@ static void run_rename(struct hop *h)
 		file_error(h->op.file, -ret, "directory fsync after rename");
 }
 
+/* ---- metadata commits ---- */
+
+static void commit_enqueue(struct hop *h)
+{
+	struct commit *c = calloc(1, sizeof(*c));
+	const char *tmp = h->paths;
+
+	if (!c || !tmp) {
+		free(c);
+		__atomic_fetch_add(&H.shm->commit_failures, 1, __ATOMIC_RELAXED);
+		__atomic_store_n(&H.shm->commit_last_err, ENOMEM, __ATOMIC_RELAXED);
+		__atomic_store_n(&H.shm->commits_done, h->op.offset, __ATOMIC_RELEASE);
+		return;
+	}
+	c->id = h->op.offset;
+	c->tmp = strdup(tmp);
+	c->final = strdup(tmp + strlen(tmp) + 1);
+	c->own_temp = !!(h->op.flags & ACKPT_COMMIT_OWN_TEMP);
+	c->slot = h->op.file;
+	if (H.cq_tail)
+		H.cq_tail->next = c;
+	else
+		H.cq_head = c;
+	H.cq_tail = c;
+}
+
+static void commit_decided(uint64_t id, int status, const char *why)
+{
+	struct commit *c;
+
+	for (c = H.cq_head; c; c = c->next)
+		if (c->id == id && c->state == 1) {
+			c->state = 2;
+			c->status = status;
+			if (status)
+				hlog(0, "rank %d: commit of %s aborted: %s%s%s", bar_rank(), c->final,
+				     strerror(status), why ? ": " : "", why ? why : "");
+			return;
+		}
+}
+
+static int commit_apply(struct commit *c)
+{
+	int fd, ret = 0;
+
+	/* the data of the metadata file itself, then the name, then the name's
+	 * directory: a loader that sees the name sees complete contents */
+	fd = open(c->tmp, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0)
+		return -errno;
+	ret = fault_check(FAULT_FSYNC, 0);
+	if (!ret && fsync(fd) < 0)
+		ret = -errno;
+	close(fd);
+	if (ret)
+		return ret;
+	ret = fault_check(FAULT_RENAME, 0);
+	if (!ret && rename(c->tmp, c->final) < 0)
+		ret = -errno;
+	if (ret)
+		return ret;
+	return fsync_dir_of(c->final);
+}
+
+/* Run the oldest commit as far as it can go; commits finish in order. */
+static void commit_pump(void)
+{
+	while (H.cq_head) {
+		struct commit *c = H.cq_head;
+
+		if (c->state == 0) {
+			c->state = 1;
+			bar_request(c->id); /* may decide at once (single process) */
+		}
+		if (c->state != 2)
+			return;
+		if (!c->status) {
+			int ret = commit_apply(c);
+
+			if (ret) {
+				c->status = -ret;
+				hlog(0, "commit of %s failed: %s", c->final, strerror(-ret));
+			} else {
+				hlog(3, "committed %s", c->final);
+			}
+		}
+		if (c->status) {
+			if (c->own_temp)
+				unlink(c->tmp);
+			__atomic_fetch_add(&H.shm->commit_failures, 1, __ATOMIC_RELAXED);
+			__atomic_store_n(&H.shm->commit_last_err, c->status, __ATOMIC_RELAXED);
+		}
+		__atomic_store_n(&H.shm->commits_done, c->id, __ATOMIC_RELEASE);
+		H.cq_head = c->next;
+		if (!H.cq_head)
+			H.cq_tail = NULL;
+		free(c->tmp);
+		free(c->final);
+		free(c);
+		publish();
+	}
+}
+
+/* ---- barrier hooks ---- */
+
+static uint64_t hook_staged(void)
+{
+	return __atomic_load_n(&H.shm->staged_seq, __ATOMIC_ACQUIRE);
+}
+
+static uint64_t hook_durable(void)
+{
+	return __atomic_load_n(&H.shm->durable_seq, __ATOMIC_ACQUIRE);
+}
+
+static int hook_error(void)
+{
+	uint64_t e = __atomic_load_n(&H.shm->errors, __ATOMIC_ACQUIRE);
+
+	if (e == H.errors_acked)
+		return 0;
+	H.errors_acked = e;
+	return H.last_err ? H.last_err : EIO;
+}
+
+static void hook_log(int level, const char *fmt, ...)
+{
+	char buf[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	hlog(level, "%s", buf);
+}
+
 static void dispatch(void)
 {
 	uint64_t s;
@@ -404,12 +556,15 @@ static void dispatch(void)
 
 		if (h->state != HOP_QUEUED)
 			continue;
-		if (h->op.type == ACKPT_OP_RENAME || h->op.type == ACKPT_OP_SYNC_ALL) {
+		if (h->op.type == ACKPT_OP_RENAME || h->op.type == ACKPT_OP_SYNC_ALL ||
+		    h->op.type == ACKPT_OP_COMMIT) {
 			retire(); /* ops before it may have finished in this very pass */
 			if (s != H.head_seq)
 				break;
 			if (h->op.type == ACKPT_OP_RENAME)
 				run_rename(h);
+			else if (h->op.type == ACKPT_OP_COMMIT)
+				commit_enqueue(h);
 			else
 				sync_all_files();
 			mark_done(h);
@@ -589,7 +744,8 @@ static int receive_one(void)
 	}
 	if (fd >= 0)
 		close(fd);
-	if (op.type != ACKPT_OP_RENAME && op.type != ACKPT_OP_SYNC_ALL) {
+	if (op.type != ACKPT_OP_RENAME && op.type != ACKPT_OP_SYNC_ALL &&
+	    op.type != ACKPT_OP_COMMIT) {
 		struct hfile *f;
 
 		if (op.file >= ACKPT_MAX_FILES) {
@@ -715,7 +871,8 @@ int main(int argc, char **argv)
 	pthread_t t;
 	const char *io = getenv("ACKPT_IO");
 	const char *direct = getenv("ACKPT_DIRECT");
-	int eof = 0, ret, reg_tried = 0;
+	int eof = 0, ret, reg_tried = 0, npfd = 0, nbar, timeout;
+	struct pollfd *pfd = NULL;
 	pid_t child;
 	unsigned i;
 
@@ -789,12 +946,19 @@ int main(int argc, char **argv)
 		pthread_detach(t);
 	H.next_seq = 1;
 	H.head_seq = 1;
+	{
+		struct bar_hooks hooks = { hook_staged, hook_durable, hook_error, commit_decided,
+					   hook_log };
+
+		/* registers with the coordinator before the shim's open returns */
+		if (bar_init(&hooks) < 0)
+			return 1;
+	}
 	__atomic_store_n(&H.shm->helper_pid, H.pid, __ATOMIC_RELEASE);
 	publish();
 
 	for (;;) {
-		struct pollfd pfd[2];
-		int nfds = 0;
+		int nfds = 0, tick;
 
 		while (!eof && H.npend < MAXPEND - 1) {
 			ret = receive_one();
@@ -806,7 +970,10 @@ int main(int argc, char **argv)
 			}
 		}
 		dispatch();
-		if (eof && !H.npend && !engine_inflight(H.eng))
+		commit_pump();
+		tick = bar_tick();
+		commit_pump();
+		if (eof && !H.npend && !engine_inflight(H.eng) && !H.cq_head)
 			break;
 		if (!reg_tried && atomic_load(&H.prefault_done) && engine_is_uring(H.eng) &&
 		    !engine_inflight(H.eng)) {
@@ -818,17 +985,30 @@ int main(int argc, char **argv)
 				hlog(3, "arena not registered as fixed buffers (memlock); plain writes");
 			}
 		}
+		if (npfd < bar_participants() + 8) {
+			npfd = bar_participants() * 2 + 16;
+			free(pfd);
+			pfd = calloc(npfd, sizeof(*pfd));
+			if (!pfd)
+				break;
+		}
 		pfd[nfds].fd = engine_event_fd(H.eng);
 		pfd[nfds++].events = POLLIN;
 		if (!eof && H.npend < MAXPEND - 1) {
 			pfd[nfds].fd = H.sock;
 			pfd[nfds++].events = POLLIN;
 		}
-		if (poll(pfd, nfds, engine_inflight(H.eng) ? 1000 : 5000) < 0 && errno != EINTR)
+		nbar = bar_pollfds(pfd + nfds, npfd - nfds);
+		timeout = engine_inflight(H.eng) ? 1000 : 5000;
+		if (tick >= 0 && tick < timeout)
+			timeout = tick;
+		if (poll(pfd, nfds + nbar, timeout) < 0 && errno != EINTR)
 			break;
 		engine_reap(H.eng, reap_cb, NULL);
 		retire();
+		bar_handle(pfd + nfds, nbar);
 	}
+	free(pfd);
 
 	atomic_store(&H.exiting, 1);
 	/* The program is gone (or closed us) and every op retired: make all
@@ -850,6 +1030,7 @@ int main(int argc, char **argv)
 	publish();
 	if (H.reg && H.reg_helper >= 0)
 		__atomic_store_n(&H.reg->helpers[H.reg_helper].pid, 0, __ATOMIC_RELEASE);
+	bar_shutdown();
 	hlog(3, "done: %llu bytes written, %llu errors",
 	     (unsigned long long)H.shm->bytes_written, (unsigned long long)H.shm->errors);
 	return H.shm->errors ? 1 : 0;

@@ -27,6 +27,11 @@ static const char *const default_dirs[] = {
 	"checkpoint*", "ckpt*", "iter_*", "global_step*", NULL,
 };
 
+static const char *const default_metadata[] = {
+	".metadata", "*.metadata", "metadata.json", "latest_checkpointed_iteration.txt", "latest",
+	"*.index.json", "commit_success.txt", NULL,
+};
+
 void alog(int level, const char *fmt, ...)
 {
 	static const char *const names[] = { "error", "warning", "info", "debug" };
@@ -167,6 +172,70 @@ void config_load(void)
 		bad("ACKPT_IO", v, "expected uring or pool");
 		return;
 	}
+	v = getenv("ACKPT_METADATA");
+	if (v && *v) {
+		char *copy = strdup(v), *save = NULL, *tok;
+
+		for (tok = copy ? strtok_r(copy, ":", &save) : NULL; tok;
+		     tok = strtok_r(NULL, ":", &save)) {
+			char **m = realloc(C.metadata, (C.nmetadata + 1) * sizeof(*m));
+
+			if (strchr(tok, '/')) {
+				free(copy);
+				bad("ACKPT_METADATA", v, "patterns match file names, without '/'");
+				return;
+			}
+			if (!m)
+				break;
+			C.metadata = m;
+			C.metadata[C.nmetadata++] = strdup(tok);
+		}
+		free(copy);
+	} else {
+		C.metadata = (char **)default_metadata;
+		while (default_metadata[C.nmetadata])
+			C.nmetadata++;
+	}
+	v = getenv("ACKPT_COORD");
+	if (v && *v) {
+		const char *colon = strrchr(v, ':');
+		char *end;
+		long port = colon ? strtol(colon + 1, &end, 10) : 0;
+
+		if (!colon || colon == v || !colon[1] || *end || port <= 0 || port > 65535) {
+			bad("ACKPT_COORD", v, "expected host:port");
+			return;
+		}
+	}
+	v = getenv("ACKPT_BARRIER_TIMEOUT");
+	if (v && *v) {
+		char *end;
+		double t = strtod(v, &end);
+
+		if (*end || !(t > 0)) {
+			bad("ACKPT_BARRIER_TIMEOUT", v, "expected seconds > 0");
+			return;
+		}
+	}
+	{
+		const char *rank = getenv("RANK"), *world = getenv("WORLD_SIZE");
+
+		if (!rank || !*rank)
+			rank = getenv("SLURM_PROCID");
+		if (!world || !*world)
+			world = getenv("SLURM_NTASKS");
+		C.multi_rank = (world && atoi(world) > 1) || (getenv("ACKPT_COORD") && *getenv("ACKPT_COORD"));
+		/* rank 0's first process hosts the coordinator; its children
+		 * (which inherit RANK=0) join as participants */
+		if (C.multi_rank && (!rank || atoi(rank) == 0) && rank &&
+		    !getenv("ACKPT_COORD_OWNER")) {
+			char pid[32];
+
+			snprintf(pid, sizeof(pid), "%d", (int)getpid());
+			setenv("ACKPT_COORD_OWNER", pid, 1);
+			C.coord_host = 1;
+		}
+	}
 	v = getenv("ACKPT_PATHS");
 	if (v && *v) {
 		char *copy = strdup(v), *save = NULL, *tok;
@@ -242,5 +311,18 @@ int path_is_managed(const char *canon)
 			if (!fnmatch(default_dirs[i], comp, 0))
 				return 1;
 	}
+	return 0;
+}
+
+/* Does the final name of this file make a checkpoint exist for a loader? */
+int name_is_metadata(const char *canon)
+{
+	const char *base = strrchr(canon, '/');
+	int i;
+
+	base = base ? base + 1 : canon;
+	for (i = 0; i < C.nmetadata; i++)
+		if (!fnmatch(C.metadata[i], base, 0))
+			return 1;
 	return 0;
 }

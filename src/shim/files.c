@@ -19,6 +19,8 @@
 #include "shim.h"
 
 _Atomic(struct ofd *) fdtab[FD_MAX];
+__thread int tls_force_manage;
+__thread uint64_t tls_commit_wait;
 atomic_uchar fd_protected[FD_MAX];
 
 #define HASH_BUCKETS 1024
@@ -224,6 +226,7 @@ void inode_free(struct inode_state *ino)
 		real.close(ino->shadow_fd);
 	}
 	free(ino->path);
+	free(ino->commit_final);
 	free(ino);
 	S.ninodes--;
 }
@@ -352,6 +355,23 @@ static void ofd_put(struct ofd *o)
 				else
 					ino->close_seq = 0;
 			}
+			if (ino->commit_final) {
+				uint64_t id;
+
+				/* the metadata is complete: commit it behind the barrier */
+				if (S.state == SESS_ACTIVE &&
+				    session_send_commit(ino, ino->path, ino->commit_final, 1, &id) == 0) {
+					ns_add(ino->path, ino->commit_final, S.seq, id);
+					if (C.commit_sync)
+						tls_commit_wait = id;
+				} else if (S.state != SESS_ACTIVE) {
+					alog(L_ERROR, "commit of %s aborted: no helper", ino->commit_final);
+					real.unlink(ino->path);
+					S.dead_commit_failures++;
+				}
+				free(ino->commit_final);
+				ino->commit_final = NULL;
+			}
 			if (S.state != SESS_ACTIVE || ino->last_seq <= session_durable()) {
 				ino->closing = 1;
 				if (S.state != SESS_ACTIVE)
@@ -429,7 +449,7 @@ int files_post_open(int fd, int flags, const char *how)
 	if (n <= 0)
 		return fd;
 	canon[n] = 0;
-	if (!path_is_managed(canon)) {
+	if (!tls_force_manage && !path_is_managed(canon)) {
 		if (S.ninodes || registry_any())
 			registry_wait(st.st_dev, st.st_ino);
 		return fd;
@@ -750,4 +770,54 @@ int files_any_inherited_open(void)
 		}
 	}
 	return 0;
+}
+
+/*
+ * A metadata file opened for writing is created under a hidden name in the
+ * same directory (O_EXCL, the program's mode and umask) and committed to its
+ * final name after the barrier when the program closes it.  Returns the fd,
+ * -errno, or -ENOTSUP when the ordinary path applies (read-modify-write of an
+ * existing file, or no helper).
+ */
+int files_open_metadata(const char *canon, int flags, mode_t mode)
+{
+	static atomic_uint counter;
+	char tmp[PATH_MAX];
+	const char *base = strrchr(canon, '/') + 1;
+	struct stat st;
+	struct ofd *o;
+	int exists, fd, saved;
+
+	exists = real.stat(canon, &st) == 0;
+	if (exists && !S_ISREG(st.st_mode))
+		return -ENOTSUP;
+	if (exists && (flags & O_EXCL) && (flags & O_CREAT))
+		return -EEXIST;
+	if ((exists && !(flags & O_TRUNC)) || (!exists && !(flags & O_CREAT)))
+		return -ENOTSUP;
+	if (snprintf(tmp, sizeof(tmp), "%.*s.%s.ackpt.%d.%u", (int)(base - canon), canon, base,
+		     (int)getpid(), atomic_fetch_add(&counter, 1)) >= (int)sizeof(tmp))
+		return -ENOTSUP;
+	fd = real.openat(AT_FDCWD, tmp, (flags & ~O_TRUNC) | O_CREAT | O_EXCL | O_NOFOLLOW,
+			 mode);
+	if (fd < 0)
+		return -errno;
+	/* O_TRUNC on an existing file keeps its mode; so does the commit */
+	if (exists)
+		fchmod(fd, st.st_mode & 07777);
+	saved = errno;
+	tls_force_manage = 1;
+	files_post_open(fd, flags, "open (metadata)");
+	tls_force_manage = 0;
+	errno = saved;
+	o = fd_peek(fd);
+	if (!o || !o->ino || session_lock() < 0) {
+		real.close(fd);
+		real.unlink(tmp);
+		return -ENOTSUP;
+	}
+	o->ino->commit_final = strdup(canon);
+	session_unlock();
+	alog(L_DEBUG, "metadata %s staged as %s", canon, tmp);
+	return fd;
 }

@@ -16,6 +16,7 @@
 struct ns_entry {
 	char *oldp, *newp;
 	uint64_t seq;
+	uint64_t commit_id;      /* a metadata commit: wait for the commit itself */
 	struct ns_entry *next;
 };
 
@@ -30,11 +31,12 @@ int ns_pending_any(void)
 void ns_prune(uint64_t durable)
 {
 	struct ns_entry **pp = &ns_list;
+	uint64_t commits = session_commits_done();
 
 	while (*pp) {
 		struct ns_entry *e = *pp;
 
-		if (e->seq <= durable) {
+		if (e->commit_id ? e->commit_id <= commits : e->seq <= durable) {
 			*pp = e->next;
 			free(e->oldp);
 			free(e->newp);
@@ -48,22 +50,73 @@ void ns_prune(uint64_t durable)
 
 void ns_reset(void)
 {
-	ns_prune(UINT64_MAX);
+	while (ns_list) {
+		struct ns_entry *e = ns_list;
+
+		ns_list = e->next;
+		free(e->oldp);
+		free(e->newp);
+		free(e);
+	}
+	atomic_store(&ns_count, 0);
+}
+
+/* Called with the lock held. */
+void ns_add(const char *oldp, const char *newp, uint64_t seq, uint64_t commit_id)
+{
+	struct ns_entry *e = calloc(1, sizeof(*e));
+
+	if (!e)
+		return;
+	e->oldp = strdup(oldp);
+	e->newp = strdup(newp);
+	e->seq = seq;
+	e->commit_id = commit_id;
+	if (!e->oldp || !e->newp) {
+		free(e->oldp);
+		free(e->newp);
+		free(e);
+		return;
+	}
+	e->next = ns_list;
+	ns_list = e;
+	atomic_fetch_add(&ns_count, 1);
+}
+
+/* Deleting an old checkpoint after committing a new one waits for the commit. */
+void ns_wait_commits(void)
+{
+	uint64_t want;
+	int saved = errno;
+
+	if (!C.enabled || S.state != SESS_ACTIVE || session_lock() < 0)
+		return;
+	want = S.commits_requested;
+	session_unlock();
+	if (session_commits_done() < want)
+		session_wait_commit(want, 0);
+	errno = saved;
 }
 
 int ns_wait_path(const char *canon)
 {
-	uint64_t want = 0;
+	uint64_t want = 0, want_commit = 0;
 	struct ns_entry *e;
 
 	if (session_lock() < 0)
 		return 0;
 	for (e = ns_list; e; e = e->next)
-		if ((!strcmp(e->oldp, canon) || !strcmp(e->newp, canon)) && e->seq > want)
-			want = e->seq;
+		if (!strcmp(e->oldp, canon) || !strcmp(e->newp, canon)) {
+			if (e->seq > want)
+				want = e->seq;
+			if (e->commit_id > want_commit)
+				want_commit = e->commit_id;
+		}
 	session_unlock();
 	if (want)
 		session_wait(want, 0, 0);
+	if (want_commit)
+		session_wait_commit(want_commit, 0);
 	if (session_lock() == 0) {
 		session_reap();
 		session_unlock();
@@ -78,6 +131,65 @@ static int ret_err(int r)
 		return -1;
 	}
 	return r;
+}
+
+static int rename_checks(const char *co, const char *cn, const struct stat *so)
+{
+	char parent[PATH_MAX];
+	struct stat sp, sn;
+	char *slash;
+
+	/* the checks a synchronous rename would fail on, done now */
+	snprintf(parent, sizeof(parent), "%s", cn);
+	slash = strrchr(parent, '/');
+	if (slash == parent)
+		slash[1] = 0;
+	else
+		*slash = 0;
+	if (real.stat(parent, &sp) < 0)
+		return -errno;
+	if (!S_ISDIR(sp.st_mode))
+		return -ENOTDIR;
+	if (sp.st_dev != so->st_dev)
+		return -EXDEV;
+	if (access(parent, W_OK) < 0)
+		return -errno;
+	if (real.lstat(cn, &sn) == 0 && S_ISDIR(sn.st_mode))
+		return -EISDIR;
+	return 0;
+}
+
+/* rename onto a metadata name: the commit, done by the helper after the barrier */
+static int defer_commit(const char *co, const char *cn, const struct stat *so)
+{
+	struct inode_state *ino;
+	uint64_t id;
+	int ret;
+
+	ret = rename_checks(co, cn, so);
+	if (ret < 0)
+		return ret;
+	if (session_lock() < 0)
+		return 0;
+	if (session_ensure() < 0 || S.state != SESS_ACTIVE) {
+		session_unlock();
+		return 0;
+	}
+	ino = inode_find(so->st_dev, so->st_ino);
+	ret = session_send_commit(ino, co, cn, 0, &id);
+	if (ret < 0) {
+		session_unlock();
+		return 0;
+	}
+	ns_add(co, cn, S.seq, id);
+	if (ino) {
+		free(ino->path);
+		ino->path = strdup(cn);
+	}
+	session_unlock();
+	if (C.commit_sync)
+		session_wait_commit(id, 0);
+	return 1;
 }
 
 /* 1 if deferred (done), 0 if the caller should pass through, -errno on error. */
@@ -95,7 +207,11 @@ static int try_defer_rename(int olddir, const char *oldp, int newdir, const char
 		return 0;
 	ns_wait_path(co);
 	ns_wait_path(cn);
-	if (!S.ninodes || real.lstat(co, &so) < 0)
+	if (real.lstat(co, &so) < 0)
+		return 0;
+	if (S_ISREG(so.st_mode) && name_is_metadata(cn) && path_is_managed(cn))
+		return defer_commit(co, cn, &so);
+	if (!S.ninodes)
 		return 0;
 	if (S_ISDIR(so.st_mode)) {
 		/* files inside may have pending renames by absolute path */
@@ -264,6 +380,7 @@ ACKPT_EXPORT int linkat(int od, const char *oldp, int nd, const char *newp, int 
 ACKPT_EXPORT int unlink(const char *path)
 {
 	ENSURE_REAL();
+	ns_wait_commits();
 	if (C.enabled && ns_pending_any()) {
 		int saved = errno;
 		char canon[PATH_MAX];
@@ -278,6 +395,7 @@ ACKPT_EXPORT int unlink(const char *path)
 ACKPT_EXPORT int unlinkat(int dirfd, const char *path, int flags)
 {
 	ENSURE_REAL();
+	ns_wait_commits();
 	if (C.enabled && ns_pending_any()) {
 		int saved = errno;
 		char canon[PATH_MAX];
@@ -292,6 +410,7 @@ ACKPT_EXPORT int unlinkat(int dirfd, const char *path, int flags)
 ACKPT_EXPORT int remove(const char *path)
 {
 	ENSURE_REAL();
+	ns_wait_commits();
 	if (C.enabled && ns_pending_any()) {
 		int saved = errno;
 		char canon[PATH_MAX];
@@ -306,18 +425,23 @@ ACKPT_EXPORT int remove(const char *path)
 /* A listing must not show a name that a deferred rename is about to change. */
 static void wait_all_renames(void)
 {
-	uint64_t want = 0;
+	uint64_t want = 0, want_commit = 0;
 	struct ns_entry *e;
 	int saved = errno;
 
 	if (!C.enabled || !ns_pending_any() || session_lock() < 0)
 		return;
-	for (e = ns_list; e; e = e->next)
+	for (e = ns_list; e; e = e->next) {
 		if (e->seq > want)
 			want = e->seq;
+		if (e->commit_id > want_commit)
+			want_commit = e->commit_id;
+	}
 	session_unlock();
 	if (want)
 		session_wait(want, 0, 0);
+	if (want_commit)
+		session_wait_commit(want_commit, 0);
 	errno = saved;
 }
 
@@ -333,4 +457,11 @@ ACKPT_EXPORT DIR *fdopendir(int fd)
 	ENSURE_REAL();
 	wait_all_renames();
 	return real.fdopendir(fd);
+}
+
+ACKPT_EXPORT int rmdir(const char *path)
+{
+	ENSURE_REAL();
+	ns_wait_commits();
+	return real.rmdir(path);
 }

@@ -39,6 +39,23 @@ static void pre_open(int dirfd, const char *path, int flags)
 	wait_path_pending(dirfd, path, (flags & O_NOFOLLOW) ? AT_SYMLINK_NOFOLLOW : 0);
 }
 
+/* Metadata (commit marker) opened for writing goes under a hidden name. */
+static int open_metadata(int dirfd, const char *path, int flags, mode_t mode)
+{
+	char canon[PATH_MAX];
+	const char *base = strrchr(path, '/');
+	int acc = flags & O_ACCMODE;
+
+	if (!C.enabled || acc == O_RDONLY || (flags & (O_DIRECTORY | O_PATH | __O_TMPFILE)) ||
+	    !C.nmetadata || tls_busy || !session_is_owner())
+		return -ENOTSUP;
+	if (!name_is_metadata(base ? base + 1 : path))
+		return -ENOTSUP;
+	if (canon_path(dirfd, path, canon, sizeof(canon)) < 0 || !path_is_managed(canon))
+		return -ENOTSUP;
+	return files_open_metadata(canon, flags, mode);
+}
+
 static int do_openat(int dirfd, const char *path, int flags, mode_t mode, const char *how)
 {
 	int saved = errno, fd;
@@ -46,6 +63,15 @@ static int do_openat(int dirfd, const char *path, int flags, mode_t mode, const 
 	if (UNLIKELY(!real.openat))
 		return (int)syscall(SYS_openat, dirfd, path, flags, mode);
 	pre_open(dirfd, path, flags);
+	if (path) {
+		fd = open_metadata(dirfd, path, flags, mode);
+		if (fd != -ENOTSUP) {
+			if (fd < 0)
+				return ret_err(fd);
+			errno = saved;
+			return fd;
+		}
+	}
 	errno = saved;
 	fd = real.openat(dirfd, path, flags, mode);
 	if (fd < 0)
@@ -307,6 +333,15 @@ ACKPT_EXPORT int close(int fd)
 	if (r == 0 || errno != EBADF)
 		err = fd_release(fd);
 	session_unlock();
+	if (tls_commit_wait) {
+		/* --commit sync: wait for the metadata commit this close started */
+		uint64_t id = tls_commit_wait;
+
+		tls_commit_wait = 0;
+		session_wait_commit(id, 0);
+		if (!err)
+			err = session_check_commit_error();
+	}
 	if (r < 0)
 		return r;
 	if (err < 0)

@@ -170,12 +170,14 @@ static int spawn_helper(int helper_sock)
 	}
 	while (environ && environ[n])
 		n++;
-	envp = calloc(n + 1, sizeof(*envp));
+	envp = calloc(n + 2, sizeof(*envp));
 	if (!envp)
 		return -ENOMEM;
 	for (i = 0; i < n; i++)
-		if (strncmp(environ[i], "LD_PRELOAD=", 11))
+		if (strncmp(environ[i], "LD_PRELOAD=", 11) && strncmp(environ[i], "ACKPT_COORD_HOST=", 17))
 			envp[j++] = environ[i];
+	if (C.coord_host)
+		envp[j++] = (char *)"ACKPT_COORD_HOST=1";
 	posix_spawn_file_actions_init(&fa);
 	posix_spawn_file_actions_adddup2(&fa, helper_sock, ACKPT_HELPER_SOCK_FD);
 	posix_spawn_file_actions_adddup2(&fa, S.memfd, ACKPT_HELPER_SHM_FD);
@@ -352,6 +354,14 @@ static void replay(void)
 			if (real.fsync(ino->shadow_fd) < 0)
 				ret = errno;
 			break;
+		case ACKPT_OP_COMMIT:
+			/* no barrier without the helper: never commit unconfirmed */
+			alog(L_ERROR, "commit of %s aborted: the helper died before the barrier",
+			     r->paths ? r->paths + strlen(r->paths) + 1 : "?");
+			if (r->paths && (r->len & ACKPT_COMMIT_OWN_TEMP))
+				real.unlink(r->paths);
+			S.dead_commit_failures++;
+			break;
 		case ACKPT_OP_RENAME:
 			if (ino && real.fsync(ino->shadow_fd) < 0)
 				ret = errno;
@@ -417,6 +427,7 @@ static int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 	session_reap();
 	op->seq = ++S.seq;
 	op->path_len = (uint32_t)plen;
+	__atomic_store_n(&S.shm->staged_seq, op->seq, __ATOMIC_RELEASE);
 	r = &oplog[op->seq % LOGCAP];
 	free(r->paths);
 	*r = (struct logrec){ .seq = op->seq, .type = op->type, .ino = ino, .off = op->offset,
@@ -483,6 +494,78 @@ int session_send_rename(struct inode_state *ino, const char *oldp, const char *n
 	return send_op(&op, paths, a + b, -1, ino);
 }
 
+int session_send_commit(struct inode_state *ino, const char *tmp, const char *final, int own_temp,
+			uint64_t *commit_id)
+{
+	struct ackpt_op op = { .type = ACKPT_OP_COMMIT, .file = ino ? ino->slot : ACKPT_NO_FILE,
+			       .flags = own_temp ? ACKPT_COMMIT_OWN_TEMP : 0,
+			       .len = own_temp ? ACKPT_COMMIT_OWN_TEMP : 0 };
+	char paths[2 * PATH_MAX + 2];
+	size_t a = strlen(tmp) + 1, b = strlen(final) + 1;
+	int ret;
+
+	if (a + b > sizeof(paths) || a + b > ACKPT_OP_MAX_MSG - sizeof(op))
+		return -ENAMETOOLONG;
+	memcpy(paths, tmp, a);
+	memcpy(paths + a, final, b);
+	op.offset = S.commits_requested + 1;
+	ret = send_op(&op, paths, a + b, -1, ino);
+	if (ret < 0)
+		return ret;
+	*commit_id = ++S.commits_requested;
+	return 0;
+}
+
+uint64_t session_commits_done(void)
+{
+	if (!S.shm || S.state == SESS_DEAD)
+		return S.commits_requested;
+	return __atomic_load_n(&S.shm->commits_done, __ATOMIC_ACQUIRE);
+}
+
+uint64_t session_commit_failures(void)
+{
+	uint64_t n = S.dead_commit_failures;
+
+	if (S.shm)
+		n += __atomic_load_n(&S.shm->commit_failures, __ATOMIC_ACQUIRE);
+	return n;
+}
+
+/* A failed commit is reported once, as EIO, at the next call on a managed file. */
+int session_check_commit_error(void)
+{
+	uint64_t n = session_commit_failures();
+
+	if (n == S.commit_failures_seen)
+		return 0;
+	S.commit_failures_seen = n;
+	return -EIO;
+}
+
+int session_wait_commit(uint64_t id, double timeout_s)
+{
+	uint64_t t0 = now_ns();
+	uint64_t deadline = timeout_s > 0 ? t0 + (uint64_t)(timeout_s * 1e9) : UINT64_MAX;
+
+	while (session_commits_done() < id) {
+		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
+
+		if (session_commits_done() >= id)
+			break;
+		if (now_ns() >= deadline)
+			return -ETIMEDOUT;
+		if (!helper_alive()) {
+			pthread_mutex_lock(&S.lock);
+			session_helper_died();
+			pthread_mutex_unlock(&S.lock);
+			break;
+		}
+		futex_wait_gen(gen, 100000000ull);
+	}
+	return 0;
+}
+
 /* Reserve arena space for len bytes, blocking while the arena is full. */
 static int arena_reserve(uint64_t len, uint64_t *pos, uint64_t *end)
 {
@@ -547,7 +630,10 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 int session_check_error(struct inode_state *ino)
 {
 	uint32_t seq;
+	int r = session_check_commit_error();
 
+	if (r)
+		return r;
 	if (!S.shm || !ino)
 		return 0;
 	seq = __atomic_load_n(&S.shm->files[ino->slot].err_seq, __ATOMIC_ACQUIRE);
@@ -606,7 +692,7 @@ int session_wait(uint64_t seq, double timeout_s, int progress)
 
 int session_sync_all(double timeout_s, int progress)
 {
-	uint64_t seq;
+	uint64_t seq, commits;
 	int ret;
 
 	if (session_lock() < 0)
@@ -617,10 +703,14 @@ int session_sync_all(double timeout_s, int progress)
 	}
 	ret = session_send_simple(ACKPT_OP_SYNC_ALL, NULL, 0);
 	seq = S.seq;
+	commits = S.commits_requested;
 	session_unlock();
 	if (ret < 0)
 		return 0; /* helper gone: everything was rewritten synchronously */
-	return session_wait(seq, timeout_s, progress);
+	ret = session_wait(seq, timeout_s, progress);
+	if (ret == 0)
+		ret = session_wait_commit(commits, timeout_s);
+	return ret;
 }
 
 /* Drop log records and inode states the helper has confirmed. */
@@ -664,6 +754,7 @@ static void atfork_child(void)
 	pthread_mutex_init(&S.lock, NULL);
 	tls_busy = 0;
 	S.owner = getpid();
+	C.coord_host = 0; /* the parent's helper hosts the coordinator */
 	if (S.state == SESS_NONE || S.state == SESS_FAILED)
 		return;
 	/* The parent's helper and arena stay the parent's; this child starts
@@ -691,12 +782,21 @@ static void atfork_child(void)
 	S.head = 0;
 	S.ninodes = 0;
 	S.bytes_staged = S.files = S.writes = S.stall_ns = 0;
+	S.commits_requested = S.commit_failures_seen = S.dead_commit_failures = 0;
 }
 
 void session_init_once(void)
 {
 	S.owner = getpid();
 	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+	/* rank 0 hosts the coordinator from program start, so that other
+	 * ranks can register before their first managed open returns */
+	if (C.enabled && C.coord_host && session_lock() == 0) {
+		if (session_ensure() < 0)
+			alog(L_ERROR, "cannot start the barrier coordinator; other ranks will fall "
+			     "back to synchronous writes");
+		session_unlock();
+	}
 }
 
 /*
@@ -721,6 +821,11 @@ static int session_exit_drain(void)
 		     "%.1f MiB written (helper CPU %.2f s)",
 		     (unsigned long long)S.files, S.bytes_staged / 1048576.0, S.stall_ns / 1e9, wait,
 		     S.shm->bytes_written / 1048576.0, cpu);
+	}
+	if (session_commit_failures()) {
+		alog(L_ERROR, "%llu metadata commit(s) were aborted; exiting with status 1",
+		     (unsigned long long)session_commit_failures());
+		return 1;
 	}
 	errs = files_unreported_errors();
 	if (errs) {

@@ -86,6 +86,7 @@ struct statx;
 	X(int, unlinkat, (int, const char *, int)) \
 	X(int, remove, (const char *)) \
 	X(DIR *, opendir, (const char *)) \
+	X(int, rmdir, (const char *)) \
 	X(DIR *, fdopendir, (int)) \
 	X(FILE *, fopen, (const char *, const char *)) \
 	X(FILE *, fdopen, (int, const char *)) \
@@ -119,6 +120,10 @@ struct ackpt_config {
 	int log_level;           /* 0 error .. 3 debug */
 	uint64_t staging;
 	int commit_sync;
+	char **metadata;         /* metadata (commit marker) name patterns */
+	int nmetadata;
+	int multi_rank;          /* a job with a global barrier */
+	int coord_host;          /* this process's helper hosts the coordinator */
 	char **roots;            /* canonical directories, or globs */
 	int *root_is_glob;
 	int nroots;
@@ -126,6 +131,7 @@ struct ackpt_config {
 extern struct ackpt_config C;
 void config_load(void);
 int path_is_managed(const char *canon);
+int name_is_metadata(const char *canon);
 
 /* ---- logging: library code below the wrappers does not print ---- */
 void alog(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -145,6 +151,7 @@ struct inode_state {
 	int closing;
 	uint64_t close_seq;
 	char *path;
+	char *commit_final;      /* metadata written under a hidden name: its final name */
 	struct inode_state *next;
 };
 
@@ -183,12 +190,17 @@ struct session {
 	uint64_t seq;            /* last assigned op seq */
 	pid_t helper_pid;
 	int ninodes;
+	uint64_t commits_requested;
+	uint64_t commit_failures_seen; /* reported to the program */
+	uint64_t dead_commit_failures;
 	/* stats */
 	uint64_t bytes_staged, files, writes;
 	uint64_t stall_ns;
 };
 extern struct session S;
 extern __thread int tls_busy;
+extern __thread int tls_force_manage;
+extern __thread uint64_t tls_commit_wait;
 
 int session_lock(void);        /* returns 0 if we may use managed state */
 void session_unlock(void);
@@ -197,6 +209,12 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 int session_send_simple(uint32_t type, struct inode_state *ino, uint64_t offset);
 int session_send_open(struct inode_state *ino, int fd);
 int session_send_rename(struct inode_state *ino, const char *oldp, const char *newp);
+int session_send_commit(struct inode_state *ino, const char *tmp, const char *final, int own_temp,
+			uint64_t *commit_id);
+int session_wait_commit(uint64_t id, double timeout_s);
+uint64_t session_commits_done(void);
+uint64_t session_commit_failures(void);
+int session_check_commit_error(void);
 int session_wait(uint64_t seq, double timeout_s, int progress);
 uint64_t session_durable(void);
 int session_check_error(struct inode_state *ino);
@@ -207,6 +225,7 @@ int session_is_owner(void);
 
 /* files.c */
 int files_post_open(int fd, int flags, const char *how);
+int files_open_metadata(const char *canon, int flags, mode_t mode);
 struct inode_state *inode_find(uint64_t dev, uint64_t ino);
 int inode_drain(struct inode_state *ino);
 int inode_pending(struct inode_state *ino);
@@ -234,6 +253,8 @@ uint64_t files_unreported_errors(void);
 /* namespace (namespace.c) */
 int ns_pending_any(void);
 int ns_wait_path(const char *canon);
+void ns_add(const char *oldp, const char *newp, uint64_t seq, uint64_t commit_id);
+void ns_wait_commits(void);
 void ns_prune(uint64_t durable);
 void ns_reset(void);
 

@@ -1,0 +1,692 @@
+/*
+ * Global durability barrier (helper side).
+ *
+ * Job discovery: RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/SLURM_NTASKS;
+ * the coordinator address is ACKPT_COORD=host:port, else MASTER_ADDR and
+ * MASTER_PORT + ACKPT_COORD_PORT_OFFSET (torch's store owns MASTER_PORT).
+ * Rank 0's first helper hosts the coordinator (ACKPT_COORD_HOST=1, set by
+ * the shim); every other helper registers before its first managed open
+ * returns.  A barrier: the coordinator sends PREPARE to every registered
+ * participant; each notes how far its queue had been filled at that moment
+ * (the shim's staged_seq), acknowledges once all of that is durable, or
+ * reports its write error.  All acknowledged -> commit; any error, a lost
+ * participant or ACKPT_BARRIER_TIMEOUT -> abort, logged on every rank.
+ */
+#include "barrier.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../common/barrier.h"
+
+#define LOCAL -1
+#define MAX_PEND 1024
+#define MAX_REQ 256
+
+struct part {
+	int fd;
+	int rank;
+	int alive;
+	int hello;
+	int rlen;
+	unsigned char rbuf[sizeof(struct ackpt_bar_msg)];
+};
+
+struct bar {
+	uint64_t id;
+	int requester;        /* participant index, or LOCAL */
+	uint64_t commit_id;   /* the requester's commit id */
+	uint64_t deadline;
+	int nwait;
+	int nslots;
+	uint8_t *waiting;     /* [nslots] participants, [nslots] = local */
+	struct bar *next;
+};
+
+static struct {
+	int global, host, rank, world;
+	const char *broken;   /* why a global barrier cannot work, or NULL */
+	struct bar_hooks h;
+	uint8_t token[ACKPT_TOKEN_LEN];
+	uint64_t timeout_ns;
+	char addr[256];
+	int port;
+	/* participant side */
+	int cfd, crlen;
+	unsigned char crbuf[sizeof(struct ackpt_bar_msg)];
+	struct { uint64_t bid, target; } pend[MAX_PEND];
+	int npend;
+	struct { uint64_t commit_id, deadline; } req[MAX_REQ];
+	int nreq;
+	/* coordinator side */
+	int lfd;
+	struct part *parts;
+	int nparts, capparts, nalive;
+	struct bar *bars;
+	uint64_t next_bid;
+} B = { .cfd = -1, .lfd = -1 };
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+/* 128-bit FNV-1a twice with different seeds: identifies the job, not a MAC. */
+static void derive_token(const char *s, uint8_t out[ACKPT_TOKEN_LEN])
+{
+	uint64_t a = 0xcbf29ce484222325ull, b = 0x84222325cbf29ce4ull;
+	const unsigned char *p;
+
+	for (p = (const unsigned char *)s; *p; p++) {
+		a = (a ^ *p) * 0x100000001b3ull;
+		b = (b ^ (*p + 0x5bu)) * 0x100000001b3ull;
+	}
+	memcpy(out, &a, 8);
+	memcpy(out + 8, &b, 8);
+}
+
+static int env_int(const char *a, const char *b, int dflt)
+{
+	const char *v = getenv(a);
+
+	if ((!v || !*v) && b)
+		v = getenv(b);
+	return v && *v ? atoi(v) : dflt;
+}
+
+static int send_msg(int fd, int type, uint64_t id, uint64_t arg, int status)
+{
+	struct ackpt_bar_msg m = { .magic = ACKPT_BAR_MAGIC, .version = ACKPT_BAR_VERSION,
+				   .type = (uint16_t)type, .id = id, .arg = arg, .status = status,
+				   .rank = B.rank };
+
+	if (type == BAR_HELLO)
+		memcpy(m.token, B.token, ACKPT_TOKEN_LEN);
+	return send(fd, &m, sizeof(m), MSG_NOSIGNAL | MSG_DONTWAIT) == (ssize_t)sizeof(m) ? 0 : -1;
+}
+
+static int valid(const struct ackpt_bar_msg *m)
+{
+	return m->magic == ACKPT_BAR_MAGIC && m->version == ACKPT_BAR_VERSION &&
+	       m->type >= BAR_HELLO && m->type <= BAR_BYE;
+}
+
+/* Read whole frames from a non-blocking socket; -1 on EOF/error/garbage. */
+static int read_frames(int fd, unsigned char *buf, int *len,
+		       void (*fn)(const struct ackpt_bar_msg *, void *), void *arg)
+{
+	for (;;) {
+		ssize_t n = recv(fd, buf + *len, sizeof(struct ackpt_bar_msg) - *len, MSG_DONTWAIT);
+		struct ackpt_bar_msg m;
+
+		if (n == 0)
+			return -1;
+		if (n < 0)
+			return errno == EAGAIN || errno == EINTR ? 0 : -1;
+		*len += (int)n;
+		if (*len < (int)sizeof(m))
+			continue;
+		memcpy(&m, buf, sizeof(m));
+		*len = 0;
+		if (!valid(&m))
+			return -1;
+		fn(&m, arg);
+	}
+}
+
+/* ---- coordinator ---- */
+
+static void decide(struct bar *b, int status, int culprit_rank)
+{
+	struct bar **pp;
+	int i;
+
+	if (b->requester == LOCAL)
+		B.h.decided(b->commit_id, status, NULL);
+	else if (b->requester < B.nparts && B.parts[b->requester].alive)
+		send_msg(B.parts[b->requester].fd, BAR_DECISION, b->id, b->commit_id, status);
+	if (status) {
+		B.h.log(0, "barrier %llu aborted: %s (rank %d); the metadata is not committed",
+			(unsigned long long)b->id, strerror(status), culprit_rank);
+		for (i = 0; i < B.nparts; i++)
+			if (B.parts[i].alive && B.parts[i].hello && i != b->requester) {
+				struct ackpt_bar_msg d = { .magic = ACKPT_BAR_MAGIC,
+							   .version = ACKPT_BAR_VERSION,
+							   .type = BAR_DECISION, .id = b->id,
+							   .arg = 0, .status = status,
+							   .rank = culprit_rank };
+				send(B.parts[i].fd, &d, sizeof(d), MSG_NOSIGNAL | MSG_DONTWAIT);
+			}
+	}
+	for (pp = &B.bars; *pp; pp = &(*pp)->next)
+		if (*pp == b) {
+			*pp = b->next;
+			break;
+		}
+	free(b->waiting);
+	free(b);
+}
+
+static void bar_ack(uint64_t bid, int slot, int status, int rank)
+{
+	struct bar *b;
+
+	for (b = B.bars; b; b = b->next)
+		if (b->id == bid)
+			break;
+	if (!b)
+		return;
+	if (slot == LOCAL)
+		slot = b->nslots;
+	if (status) {
+		decide(b, status, rank);
+		return;
+	}
+	if (b->waiting[slot]) {
+		b->waiting[slot] = 0;
+		if (--b->nwait == 0)
+			decide(b, 0, -1);
+	}
+}
+
+static void bar_start(int requester, uint64_t commit_id)
+{
+	struct bar *b = calloc(1, sizeof(*b));
+	int i;
+
+	if (!b) {
+		if (requester == LOCAL)
+			B.h.decided(commit_id, ENOMEM, NULL);
+		return;
+	}
+	b->id = ++B.next_bid;
+	b->requester = requester;
+	b->commit_id = commit_id;
+	b->deadline = now_ns() + B.timeout_ns;
+	b->nslots = B.nparts;
+	b->waiting = calloc(B.nparts + 1, 1);
+	if (!b->waiting) {
+		free(b);
+		if (requester == LOCAL)
+			B.h.decided(commit_id, ENOMEM, NULL);
+		return;
+	}
+	b->next = B.bars;
+	B.bars = b;
+	for (i = 0; i < B.nparts; i++) {
+		if (!B.parts[i].alive || !B.parts[i].hello)
+			continue;
+		if (send_msg(B.parts[i].fd, BAR_PREPARE, b->id, 0, 0) < 0)
+			continue; /* its loss is noticed when the connection breaks */
+		b->waiting[i] = 1;
+		b->nwait++;
+	}
+	/* the host's own helper takes part like any other */
+	b->waiting[b->nslots] = 1;
+	b->nwait++;
+	if (B.npend < MAX_PEND) {
+		B.pend[B.npend].bid = b->id | (1ull << 63); /* local marker */
+		B.pend[B.npend].target = B.h.staged_seq();
+		B.npend++;
+	}
+}
+
+static void on_part_msg(const struct ackpt_bar_msg *m, void *arg)
+{
+	int i = (int)(intptr_t)arg;
+	struct part *p = &B.parts[i];
+
+	if (!p->alive)
+		return;
+	if (!p->hello) {
+		if (m->type != BAR_HELLO || memcmp(m->token, B.token, ACKPT_TOKEN_LEN)) {
+			B.h.log(1, "coordinator: rejected a peer with a wrong job token or protocol");
+			p->alive = 0;
+			return;
+		}
+		p->hello = 1;
+		p->rank = m->rank;
+		send_msg(p->fd, BAR_WELCOME, (uint64_t)i, 0, 0);
+		return;
+	}
+	switch (m->type) {
+	case BAR_REQUEST:
+		bar_start(i, m->arg);
+		break;
+	case BAR_ACK:
+		bar_ack(m->id, i, m->status, p->rank);
+		break;
+	case BAR_BYE:
+		/* drained and leaving: it owes no barrier anything */
+		for (struct bar *b = B.bars, *n; b; b = n) {
+			n = b->next;
+			if (i < b->nslots && b->waiting[i])
+				bar_ack(b->id, i, 0, p->rank);
+		}
+		p->hello = 0;
+		p->alive = 0;
+		break;
+	default:
+		p->alive = 0; /* a participant never sends anything else */
+		break;
+	}
+}
+
+static void part_lost(int i)
+{
+	struct part *p = &B.parts[i];
+	struct bar *b, *n;
+	int was = p->hello;
+
+	close(p->fd);
+	p->fd = -1;
+	p->alive = 0;
+	p->hello = 0;
+	B.nalive--;
+	if (!was)
+		return;
+	for (b = B.bars; b; b = n) {
+		n = b->next;
+		if (i < b->nslots && b->waiting[i]) {
+			B.h.log(0, "coordinator: rank %d's helper was lost with data not yet durable",
+				p->rank);
+			decide(b, ECONNRESET, p->rank);
+		}
+	}
+}
+
+static void coord_accept(void)
+{
+	for (;;) {
+		int fd = accept4(B.lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC), one = 1;
+		struct part *p;
+
+		if (fd < 0)
+			return;
+		if (B.nparts == B.capparts) {
+			int cap = B.capparts ? 2 * B.capparts : 64;
+			struct part *np = realloc(B.parts, cap * sizeof(*np));
+
+			if (!np) {
+				close(fd);
+				return;
+			}
+			B.parts = np;
+			B.capparts = cap;
+		}
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		p = &B.parts[B.nparts++];
+		memset(p, 0, sizeof(*p));
+		p->fd = fd;
+		p->alive = 1;
+		p->rank = -1;
+		B.nalive++;
+	}
+}
+
+/* ---- participant ---- */
+
+static void on_coord_msg(const struct ackpt_bar_msg *m, void *arg)
+{
+	int i;
+
+	(void)arg;
+	switch (m->type) {
+	case BAR_PREPARE:
+		if (B.npend < MAX_PEND) {
+			B.pend[B.npend].bid = m->id;
+			B.pend[B.npend].target = B.h.staged_seq();
+			B.npend++;
+		}
+		break;
+	case BAR_DECISION:
+		for (i = 0; i < B.nreq; i++)
+			if (m->arg && B.req[i].commit_id == m->arg) {
+				B.h.decided(m->arg, m->status, NULL);
+				B.req[i] = B.req[--B.nreq];
+				return;
+			}
+		if (m->status)
+			B.h.log(0, "a metadata commit of this job was aborted: %s (rank %d)",
+				strerror(m->status), m->rank);
+		break;
+	default:
+		break;
+	}
+}
+
+static int connect_coord(void)
+{
+	struct addrinfo hints = { .ai_family = AF_INET, .ai_socktype = SOCK_STREAM }, *ai = NULL;
+	uint64_t deadline = now_ns() + (B.timeout_ns < 120000000000ull ? B.timeout_ns : 120000000000ull);
+	char port[16];
+	int fd = -1, one = 1, warned = 0;
+
+	snprintf(port, sizeof(port), "%d", B.port);
+	for (;;) {
+		if (!ai && getaddrinfo(B.addr, port, &hints, &ai) != 0)
+			ai = NULL;
+		if (ai) {
+			fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+			if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) == 0)
+				break;
+			if (fd >= 0)
+				close(fd);
+			fd = -1;
+		}
+		if (now_ns() > deadline) {
+			if (ai)
+				freeaddrinfo(ai);
+			return -ETIMEDOUT;
+		}
+		if (!warned && now_ns() + B.timeout_ns - deadline > 5000000000ull) {
+			B.h.log(2, "waiting for the coordinator at %s:%d", B.addr, B.port);
+			warned = 1;
+		}
+		usleep(100000);
+	}
+	freeaddrinfo(ai);
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	{
+		struct timeval tv = { 10, 0 };
+		struct ackpt_bar_msg m;
+		ssize_t n;
+
+		setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+		if (send_msg(fd, BAR_HELLO, 0, 0, 0) < 0) {
+			close(fd);
+			return -EPIPE;
+		}
+		n = recv(fd, &m, sizeof(m), MSG_WAITALL);
+		if (n != (ssize_t)sizeof(m) || !valid(&m) || m.type != BAR_WELCOME) {
+			close(fd);
+			return -EPROTO;
+		}
+	}
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+	B.cfd = fd;
+	return 0;
+}
+
+/* ---- public ---- */
+
+int bar_init(const struct bar_hooks *hooks)
+{
+	const char *coord = getenv("ACKPT_COORD"), *tok = getenv("ACKPT_JOB_TOKEN");
+	const char *t = getenv("ACKPT_BARRIER_TIMEOUT");
+	char idbuf[512];
+
+	B.h = *hooks;
+	B.rank = env_int("RANK", "SLURM_PROCID", 0);
+	B.world = env_int("WORLD_SIZE", "SLURM_NTASKS", 1);
+	B.timeout_ns = 600ull * 1000000000ull;
+	if (t && *t) {
+		char *end;
+		double v = strtod(t, &end);
+
+		if (*end || v <= 0)
+			B.h.log(0, "ACKPT_BARRIER_TIMEOUT=\"%s\" is invalid (seconds > 0); using 600", t);
+		else
+			B.timeout_ns = (uint64_t)(v * 1e9);
+	}
+	if (coord && *coord) {
+		const char *colon = strrchr(coord, ':');
+
+		if (!colon || colon == coord || atoi(colon + 1) <= 0 || atoi(colon + 1) > 65535) {
+			B.h.log(0, "ACKPT_COORD=\"%s\" is invalid (expected host:port)", coord);
+			B.global = 1;
+			B.broken = "ACKPT_COORD is invalid";
+			return 0;
+		}
+		snprintf(B.addr, sizeof(B.addr), "%.*s", (int)(colon - coord), coord);
+		B.port = atoi(colon + 1);
+	} else if (getenv("MASTER_ADDR") && getenv("MASTER_PORT")) {
+		snprintf(B.addr, sizeof(B.addr), "%s", getenv("MASTER_ADDR"));
+		B.port = (atoi(getenv("MASTER_PORT")) + ACKPT_COORD_PORT_OFFSET - 1024) % (65536 - 1024) + 1024;
+	}
+	if (B.world <= 1 && !(coord && *coord))
+		return 0; /* a single process: the barrier is a local drain */
+	B.global = 1;
+	if (!B.port) {
+		B.broken = "a multi-rank job needs ACKPT_COORD=host:port (or torchrun's MASTER_ADDR/MASTER_PORT)";
+		B.h.log(0, "%s; metadata commits will be aborted", B.broken);
+		return 0;
+	}
+	snprintf(idbuf, sizeof(idbuf), "%s|%s|%s:%d", tok ? tok : "",
+		 getenv("TORCHELASTIC_RUN_ID") ? getenv("TORCHELASTIC_RUN_ID") :
+		 getenv("SLURM_JOB_ID") ? getenv("SLURM_JOB_ID") : "", B.addr, B.port);
+	derive_token(idbuf, B.token);
+
+	if (getenv("ACKPT_COORD_HOST") && !strcmp(getenv("ACKPT_COORD_HOST"), "1")) {
+		struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)B.port),
+					  .sin_addr.s_addr = htonl(INADDR_ANY) };
+		struct rlimit rl;
+		int one = 1;
+
+		if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+			rl.rlim_cur = rl.rlim_max;
+			setrlimit(RLIMIT_NOFILE, &rl);
+		}
+		B.lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+		setsockopt(B.lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+		if (B.lfd >= 0 && bind(B.lfd, (struct sockaddr *)&sa, sizeof(sa)) == 0 &&
+		    listen(B.lfd, 4096) == 0) {
+			B.host = 1;
+			B.h.log(3, "coordinator listening on port %d", B.port);
+			return 0;
+		}
+		B.h.log(1, "cannot host the coordinator on port %d (%s); joining as a participant",
+			B.port, strerror(errno));
+		if (B.lfd >= 0)
+			close(B.lfd);
+		B.lfd = -1;
+	}
+	{
+		int ret = connect_coord();
+
+		if (ret < 0) {
+			B.h.log(0, "cannot register with the coordinator at %s:%d: %s", B.addr, B.port,
+				strerror(-ret));
+			return ret;
+		}
+	}
+	return 0;
+}
+
+int bar_is_global(void) { return B.global; }
+int bar_rank(void) { return B.rank; }
+
+int bar_participants(void)
+{
+	return B.nalive;
+}
+
+void bar_request(uint64_t commit_id)
+{
+	if (!B.global) {
+		B.h.decided(commit_id, 0, NULL);
+		return;
+	}
+	if (B.broken) {
+		B.h.decided(commit_id, EDESTADDRREQ, B.broken);
+		return;
+	}
+	if (B.host) {
+		bar_start(LOCAL, commit_id);
+		return;
+	}
+	if (B.cfd < 0 || send_msg(B.cfd, BAR_REQUEST, 0, commit_id, 0) < 0) {
+		B.h.decided(commit_id, ENOTCONN, "the coordinator is gone");
+		return;
+	}
+	if (B.nreq < MAX_REQ) {
+		B.req[B.nreq].commit_id = commit_id;
+		B.req[B.nreq].deadline = now_ns() + B.timeout_ns + 5000000000ull;
+		B.nreq++;
+	}
+}
+
+int bar_pollfds(struct pollfd *p, int max)
+{
+	int n = 0, i;
+
+	if (B.cfd >= 0 && n < max) {
+		p[n].fd = B.cfd;
+		p[n++].events = POLLIN;
+	}
+	if (B.lfd >= 0 && n < max) {
+		p[n].fd = B.lfd;
+		p[n++].events = POLLIN;
+	}
+	for (i = 0; i < B.nparts && n < max; i++)
+		if (B.parts[i].fd >= 0) {
+			p[n].fd = B.parts[i].fd;
+			p[n++].events = POLLIN;
+		}
+	return n;
+}
+
+void bar_handle(const struct pollfd *p, int n)
+{
+	int k, i;
+
+	for (k = 0; k < n; k++) {
+		if (!p[k].revents)
+			continue;
+		if (p[k].fd == B.cfd) {
+			if (read_frames(B.cfd, B.crbuf, &B.crlen, on_coord_msg, NULL) < 0) {
+				B.h.log(0, "lost the coordinator; pending metadata commits are aborted");
+				close(B.cfd);
+				B.cfd = -1;
+				while (B.nreq)
+					B.h.decided(B.req[--B.nreq].commit_id, ENOTCONN,
+						    "the coordinator is gone");
+			}
+		} else if (p[k].fd == B.lfd) {
+			coord_accept();
+		} else {
+			for (i = 0; i < B.nparts; i++)
+				if (B.parts[i].fd == p[k].fd)
+					break;
+			if (i == B.nparts)
+				continue;
+			if (read_frames(B.parts[i].fd, B.parts[i].rbuf, &B.parts[i].rlen, on_part_msg,
+					(void *)(intptr_t)i) < 0 ||
+			    !B.parts[i].alive) {
+				int bye = !B.parts[i].alive && !B.parts[i].hello;
+
+				if (bye && B.parts[i].fd >= 0) {
+					close(B.parts[i].fd);
+					B.parts[i].fd = -1;
+					B.nalive--;
+				} else {
+					part_lost(i);
+				}
+			}
+		}
+	}
+}
+
+int bar_tick(void)
+{
+	uint64_t now = now_ns(), durable = B.h.durable_seq();
+	struct bar *b, *n;
+	int i, next = -1;
+
+	for (i = 0; i < B.npend;) {
+		if (durable >= B.pend[i].target) {
+			int err = B.h.error_since_ack();
+			uint64_t bid = B.pend[i].bid;
+
+			if (bid & (1ull << 63))
+				bar_ack(bid & ~(1ull << 63), LOCAL, err, B.rank);
+			else if (B.cfd >= 0)
+				send_msg(B.cfd, BAR_ACK, bid, 0, err);
+			B.pend[i] = B.pend[--B.npend];
+			continue;
+		}
+		i++;
+	}
+	for (b = B.bars; b; b = n) {
+		n = b->next;
+		if (now >= b->deadline) {
+			int culprit = -1, j;
+
+			for (j = 0; j < b->nslots; j++)
+				if (b->waiting[j]) {
+					culprit = B.parts[j].rank;
+					break;
+				}
+			if (culprit < 0 && b->waiting[b->nslots])
+				culprit = B.rank;
+			B.h.log(0, "coordinator: no answer from rank %d within %.0f s", culprit,
+				B.timeout_ns / 1e9);
+			decide(b, ETIMEDOUT, culprit);
+		} else {
+			int ms = (int)((b->deadline - now) / 1000000) + 1;
+
+			if (next < 0 || ms < next)
+				next = ms;
+		}
+	}
+	for (i = 0; i < B.nreq;) {
+		if (now >= B.req[i].deadline) {
+			B.h.decided(B.req[i].commit_id, ETIMEDOUT, "no decision from the coordinator");
+			B.req[i] = B.req[--B.nreq];
+			continue;
+		}
+		i++;
+	}
+	if (B.npend && (next < 0 || next > 50))
+		next = 50;
+	if (B.nreq && (next < 0 || next > 1000))
+		next = 1000;
+	return next;
+}
+
+void bar_shutdown(void)
+{
+	if (B.cfd >= 0) {
+		send_msg(B.cfd, BAR_BYE, 0, 0, 0);
+		close(B.cfd);
+		B.cfd = -1;
+	}
+	if (B.host) {
+		/* others may still need us: wait (bounded) until they leave */
+		uint64_t deadline = now_ns() + B.timeout_ns;
+		struct pollfd *p = calloc(B.capparts + 2, sizeof(*p));
+		int logged = 0;
+
+		while (p && B.nalive > 0 && now_ns() < deadline) {
+			int n = bar_pollfds(p, B.capparts + 2), t;
+
+			if (!logged) {
+				B.h.log(3, "coordinator: waiting for %d participant(s) to leave", B.nalive);
+				logged = 1;
+			}
+			t = bar_tick();
+			if (poll(p, n, t < 0 || t > 1000 ? 1000 : t) > 0)
+				bar_handle(p, n);
+			/* refresh after possible growth */
+			free(p);
+			p = calloc(B.capparts + 2, sizeof(*p));
+		}
+		free(p);
+		close(B.lfd);
+		B.lfd = -1;
+	}
+}
