@@ -921,6 +921,13 @@ int main(int argc, char **argv)
 	fault_init(getenv("ACKPT_FAULT"));
 	if (getenv("ACKPT_TEST_DELAY_MS"))
 		H.delay_ms = strtol(getenv("ACKPT_TEST_DELAY_MS"), NULL, 10);
+	if (getenv("ACKPT_TEST_DELAY_RANK") && *getenv("ACKPT_TEST_DELAY_RANK")) {
+		/* slow only one rank's helper */
+		const char *r = getenv("RANK") ? getenv("RANK") : getenv("SLURM_PROCID");
+
+		if (!r || atoi(r) != atoi(getenv("ACKPT_TEST_DELAY_RANK")))
+			H.delay_ms = 0;
+	}
 	for (i = 0; i < ACKPT_MAX_FILES; i++) {
 		H.files[i].fd = H.files[i].dfd = -1;
 		H.files[i].reg_idx = -1;
