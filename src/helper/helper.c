@@ -527,7 +527,12 @@ static uint64_t hook_durable(void)
 
 static int hook_error(void)
 {
-	uint64_t e = __atomic_load_n(&H.shm->errors, __ATOMIC_ACQUIRE);
+	uint64_t e;
+
+	/* written is not yet durable for files the program keeps open
+	 * without fsync: sync them before answering */
+	sync_all_files();
+	e = __atomic_load_n(&H.shm->errors, __ATOMIC_ACQUIRE);
 
 	if (e == H.errors_acked)
 		return 0;
