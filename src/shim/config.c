@@ -167,6 +167,11 @@ void config_load(void)
 		bad("ACKPT_DIRECT", v, "expected 0 or 1");
 		return;
 	}
+	v = getenv("ACKPT_PIN");
+	if (v && *v && strcmp(v, "eager") && strcmp(v, "background")) {
+		bad("ACKPT_PIN", v, "expected eager or background");
+		return;
+	}
 	v = getenv("ACKPT_IO");
 	if (v && *v && strcmp(v, "uring") && strcmp(v, "pool")) {
 		bad("ACKPT_IO", v, "expected uring or pool");

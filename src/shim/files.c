@@ -459,6 +459,7 @@ int files_post_open(int fd, int flags, const char *how)
 		registry_wait(st.st_dev, st.st_ino);
 		return fd;
 	}
+	cuda_probe(); /* torch may have loaded the driver since the last open */
 	if (session_lock() < 0)
 		return fd;
 	if (session_ensure() < 0) {
@@ -544,7 +545,8 @@ ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, in
 		for (i = 0; i < iovcnt; i++) {
 			if (!iov[i].iov_len)
 				continue;
-			ret = session_stage(ino, iov[i].iov_base, iov[i].iov_len, pos);
+			ret = session_stage(ino, iov[i].iov_base, iov[i].iov_len, pos,
+					    cuda_is_device(iov[i].iov_base));
 			if (ret < 0 && S.state != SESS_DEAD) {
 				session_unlock();
 				return ret;

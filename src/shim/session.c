@@ -598,7 +598,7 @@ static int arena_reserve(uint64_t len, uint64_t *pos, uint64_t *end)
 	return 0;
 }
 
-int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off)
+int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off, int device)
 {
 	const char *src = buf;
 
@@ -611,7 +611,14 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 		ret = arena_reserve(chunk, &pos, &end);
 		if (ret < 0)
 			return ret;
-		memcpy(S.arena + pos % S.arena_size, src, chunk);
+		if (device) {
+			/* chunked through the arena with back-pressure, like host data */
+			ret = cuda_copy_to_host(S.arena + pos % S.arena_size, src, chunk);
+			if (ret < 0)
+				return ret;
+		} else {
+			memcpy(S.arena + pos % S.arena_size, src, chunk);
+		}
 		op.offset = off;
 		op.len = chunk;
 		op.arena_pos = pos;
@@ -755,6 +762,7 @@ static void atfork_child(void)
 	tls_busy = 0;
 	S.owner = getpid();
 	C.coord_host = 0; /* the parent's helper hosts the coordinator */
+	cuda_fork_child(); /* a CUDA context does not survive fork */
 	if (S.state == SESS_NONE || S.state == SESS_FAILED)
 		return;
 	/* The parent's helper and arena stay the parent's; this child starts
@@ -848,10 +856,12 @@ __attribute__((destructor)) static void session_fini(void)
 		return;
 	cookies_flush_all();
 	if (session_exit_drain()) {
+		cuda_exit();
 		fflush(NULL);
 		S.state = SESS_NONE;
 		_exit(1);
 	}
+	cuda_exit();
 }
 
 /* _exit skips destructors (dash, os._exit, forked workers): drain here too. */
@@ -863,6 +873,7 @@ __attribute__((noreturn)) static void exit_now(int status, const char *name)
 	if (!real_exit)
 		real_exit = (void (*)(int))dlsym(RTLD_NEXT, name);
 	bad = session_exit_drain();
+	cuda_exit();
 	S.state = SESS_NONE; /* the destructor, if any runs, has nothing left */
 	if (bad && !status)
 		status = 1;

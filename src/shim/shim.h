@@ -205,7 +205,7 @@ extern __thread uint64_t tls_commit_wait;
 int session_lock(void);        /* returns 0 if we may use managed state */
 void session_unlock(void);
 int session_ensure(void);      /* start arena+helper; -errno on failure */
-int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off);
+int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off, int device);
 int session_send_simple(uint32_t type, struct inode_state *ino, uint64_t offset);
 int session_send_open(struct inode_state *ino, int fd);
 int session_send_rename(struct inode_state *ino, const char *oldp, const char *newp);
@@ -249,6 +249,14 @@ void registry_note_op(int idx, uint64_t seq);
 void cookies_flush_all(void);
 void cookie_forget(FILE *f);
 uint64_t files_unreported_errors(void);
+
+/* device memory (cuda.c): all no-ops without CUDA headers or a loaded driver */
+void cuda_probe(void);
+void cuda_fork_child(void);
+int cuda_is_device(const void *p);
+int cuda_copy_to_host(void *dst, const void *src, size_t n);
+void cuda_exit(void);
+int cuda_state(void);
 
 /* namespace (namespace.c) */
 int ns_pending_any(void);
