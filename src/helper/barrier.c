@@ -658,6 +658,16 @@ int bar_tick(void)
 	return next;
 }
 
+/* participants that completed HELLO and have not left */
+static int registered(void)
+{
+	int i, n = 0;
+
+	for (i = 0; i < B.nparts; i++)
+		n += B.parts[i].alive && B.parts[i].hello;
+	return n;
+}
+
 void bar_shutdown(void)
 {
 	if (B.cfd >= 0) {
@@ -671,11 +681,11 @@ void bar_shutdown(void)
 		struct pollfd *p = calloc(B.capparts + 2, sizeof(*p));
 		int logged = 0;
 
-		while (p && B.nalive > 0 && now_ns() < deadline) {
+		while (p && registered() > 0 && now_ns() < deadline) {
 			int n = bar_pollfds(p, B.capparts + 2), t;
 
 			if (!logged) {
-				B.h.log(3, "coordinator: waiting for %d participant(s) to leave", B.nalive);
+				B.h.log(3, "coordinator: waiting for %d participant(s) to leave", registered());
 				logged = 1;
 			}
 			t = bar_tick();
