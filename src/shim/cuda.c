@@ -16,6 +16,7 @@
  * run at full PCIe bandwidth; until then they still work, more slowly.
  */
 #include <dlfcn.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -37,8 +38,9 @@ static struct {
 	CUresult (*memcpy_dtoh_async)(void *, CUdeviceptr, size_t, CUstream);
 	CUresult (*mem_host_register)(void *, size_t, unsigned);
 	CUresult (*mem_host_unregister)(void *);
-	CUstream stream;
-	CUcontext stream_ctx;
+	CUresult (*ctx_push)(CUcontext);
+	CUresult (*ctx_pop)(CUcontext *);
+	struct { CUcontext ctx; CUstream stream; } streams[8];
 	atomic_int pin_state;    /* 0 not started, 1 in progress, 2 pinned, -1 failed */
 	void *pinned_base;
 	uint64_t copies, copy_bytes;
@@ -69,8 +71,11 @@ void cuda_probe(void)
 	G.memcpy_dtoh_async = sym("cuMemcpyDtoHAsync_v2");
 	G.mem_host_register = sym("cuMemHostRegister_v2");
 	G.mem_host_unregister = sym("cuMemHostUnregister");
+	G.ctx_push = sym("cuCtxPushCurrent_v2");
+	G.ctx_pop = sym("cuCtxPopCurrent_v2");
 	if (!G.pointer_get_attribute || !G.ctx_get_current || !G.ctx_synchronize ||
-	    !G.stream_create || !G.stream_synchronize || !G.memcpy_dtoh_async) {
+	    !G.stream_create || !G.stream_synchronize || !G.memcpy_dtoh_async || !G.ctx_push ||
+	    !G.ctx_pop) {
 		alog(L_WARN, "libcuda.so.1 lacks the driver API we need; device writes unsupported");
 		dlclose(lib);
 		G.lib = NULL;
@@ -126,15 +131,13 @@ static void pin_arena(CUcontext ctx)
 		atomic_store(&G.pin_state, 0);
 }
 
-/* 1 if p is device (or managed) memory of a live context; never initialises CUDA. */
+/* 1 if p is device (or managed) memory; never initialises CUDA (an
+ * uninitialised driver answers CUDA_ERROR_NOT_INITIALIZED: host memory). */
 int cuda_is_device(const void *p)
 {
 	unsigned type = 0;
-	CUcontext ctx = NULL;
 
 	if (LIKELY(atomic_load_explicit(&G.state, memory_order_relaxed) != 1))
-		return 0;
-	if (G.ctx_get_current(&ctx) != CUDA_SUCCESS || !ctx)
 		return 0;
 	if (G.pointer_get_attribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
 				    (CUdeviceptr)(uintptr_t)p) != CUDA_SUCCESS)
@@ -142,33 +145,82 @@ int cuda_is_device(const void *p)
 	return type == CU_MEMORYTYPE_DEVICE || type == CU_MEMORYTYPE_UNIFIED;
 }
 
-/* Copy n bytes of device memory at src into dst (inside the arena). */
+static CUstream stream_for(CUcontext ctx)
+{
+	unsigned i;
+
+	for (i = 0; i < 8; i++)
+		if (G.streams[i].ctx == ctx)
+			return G.streams[i].stream;
+	for (i = 0; i < 8; i++)
+		if (!G.streams[i].ctx) {
+			if (G.stream_create(&G.streams[i].stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS)
+				return NULL;
+			G.streams[i].ctx = ctx;
+			return G.streams[i].stream;
+		}
+	return NULL;
+}
+
+/*
+ * Copy n bytes of device memory at src into dst (inside the arena), in the
+ * context that owns src (made current for the copy, whatever the calling
+ * thread has current): synchronize that context, then copy on our stream.
+ */
 int cuda_copy_to_host(void *dst, const void *src, size_t n)
+{
+	CUcontext ctx = NULL, popped;
+	CUstream st;
+	int ret = 0;
+
+	if (G.pointer_get_attribute(&ctx, CU_POINTER_ATTRIBUTE_CONTEXT,
+				    (CUdeviceptr)(uintptr_t)src) != CUDA_SUCCESS || !ctx)
+		return -EFAULT;
+	if (G.ctx_push(ctx) != CUDA_SUCCESS)
+		return -EFAULT;
+	st = stream_for(ctx);
+	if (!atomic_load(&G.pin_state))
+		pin_arena(ctx);
+	if (!st || G.ctx_synchronize() != CUDA_SUCCESS ||
+	    G.memcpy_dtoh_async(dst, (CUdeviceptr)(uintptr_t)src, n, st) != CUDA_SUCCESS ||
+	    G.stream_synchronize(st) != CUDA_SUCCESS)
+		ret = -EIO;
+	G.ctx_pop(&popped);
+	if (!ret) {
+		G.copies++;
+		G.copy_bytes += n;
+	}
+	return ret;
+}
+
+/* A managed file was opened and the arena exists: pin it now if CUDA is
+ * live in this thread, so the first checkpoint's copies are already fast. */
+void cuda_session_ready(void)
 {
 	CUcontext ctx = NULL;
 
-	if (G.ctx_get_current(&ctx) != CUDA_SUCCESS || !ctx)
-		return -EFAULT;
-	if (!G.stream || G.stream_ctx != ctx) {
-		if (G.stream_create(&G.stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS)
-			return -EIO;
-		G.stream_ctx = ctx;
-	}
-	if (!atomic_load(&G.pin_state))
+	if (atomic_load(&G.state) != 1 || atomic_load(&G.pin_state) || !S.arena)
+		return;
+	if (G.ctx_get_current(&ctx) == CUDA_SUCCESS && ctx)
 		pin_arena(ctx);
-	if (G.ctx_synchronize() != CUDA_SUCCESS)
-		return -EIO;
-	if (G.memcpy_dtoh_async(dst, (CUdeviceptr)(uintptr_t)src, n, G.stream) != CUDA_SUCCESS ||
-	    G.stream_synchronize(G.stream) != CUDA_SUCCESS)
-		return -EIO;
-	G.copies++;
-	G.copy_bytes += n;
-	return 0;
+}
+
+/* A write large enough to matter on an fd opened before the driver was
+ * loaded: look again (dlopen with RTLD_NOLOAD, about a microsecond). */
+void cuda_probe_late(size_t len)
+{
+	if (len >= (64u << 10) && atomic_load_explicit(&G.state, memory_order_relaxed) == 0)
+		cuda_probe();
 }
 
 /* At exit, after the last copy: give the pinned pages back. */
 void cuda_exit(void)
 {
+	int i;
+
+	/* a registration still running in the background finishes first */
+	for (i = 0; i < 3000 && atomic_load(&G.pin_state) == 1; i++)
+		usleep(10000);
 	if (atomic_load(&G.state) == 1 && atomic_load(&G.pin_state) == 2 && G.mem_host_unregister &&
 	    session_is_owner()) {
 		G.mem_host_unregister(G.pinned_base);
@@ -184,6 +236,8 @@ int cuda_state(void)
 #else /* built without CUDA headers */
 
 void cuda_probe(void) {}
+void cuda_session_ready(void) {}
+void cuda_probe_late(size_t len) { (void)len; }
 void cuda_fork_child(void) {}
 int cuda_is_device(const void *p) { (void)p; return 0; }
 int cuda_copy_to_host(void *dst, const void *src, size_t n) { (void)dst; (void)src; (void)n; return -EFAULT; }

@@ -487,6 +487,7 @@ int files_post_open(int fd, int flags, const char *how)
 	} else if (flags & O_TRUNC) {
 		ino->size = 0;
 	}
+	cuda_session_ready();
 	o = calloc(1, sizeof(*o));
 	if (!o) {
 		session_unlock();
@@ -533,6 +534,7 @@ ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, in
 		session_unlock();
 		return ret;
 	}
+	cuda_probe_late(total);
 	if (!use_pos && off < 0) {
 		session_unlock();
 		return -EINVAL;

@@ -252,6 +252,8 @@ uint64_t files_unreported_errors(void);
 
 /* device memory (cuda.c): all no-ops without CUDA headers or a loaded driver */
 void cuda_probe(void);
+void cuda_session_ready(void);
+void cuda_probe_late(size_t len);
 void cuda_fork_child(void);
 int cuda_is_device(const void *p);
 int cuda_copy_to_host(void *dst, const void *src, size_t n);
