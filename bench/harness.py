@@ -130,6 +130,10 @@ def machine(tmp):
         info["nvidia_resiliency_ext"] = "not installed (%s)" % e
     info["fio"] = sh("fio --version") or "missing"
     info["ackpt"] = sh("git -C %s rev-parse --short HEAD" % REPO)
+    # libackpt.so is built from the work tree, which may hold uncommitted edits
+    dirty = sh("git -C %s status --porcelain -- src include meson.build" % REPO)
+    info["ackpt_uncommitted"] = [x[3:] for x in dirty.splitlines()]
+    info["loadavg_start"] = open("/proc/loadavg").read().split()[:3]
     return info
 
 
@@ -497,14 +501,14 @@ class Harness:
     def run_cell(self, size, fmt):
         systems = systems_for(fmt, not self.args.no_nvrx)
         rounds = self.args.rounds + 1
+        for s in [s for s in systems if s in self.nvrx_errors]:
+            self.results.append(self.row(size, fmt, s, error=self.nvrx_errors[s]
+                                         + " (as at the first size; not retried)"))
+            self.done_saves += rounds
+            systems.remove(s)
         for group in self.groups(size, systems, fmt):
             workers = []
             for s in group:
-                if s.startswith("nvrx") and s in self.nvrx_errors:
-                    self.results.append(self.row(size, fmt, s, error=self.nvrx_errors[s]
-                                                 + " (as at the first size; not retried)"))
-                    self.done_saves += rounds
-                    continue
                 wid = "%s-%s-%s" % (fmt, fmt_size(size).replace(" ", ""), s)
                 workers.append(Worker(self, wid, size, fmt, s))
                 self.live.append(workers[-1])
@@ -632,11 +636,32 @@ class Harness:
         shutil.rmtree(d, ignore_errors=True)
         return out
 
+    def barrier_latency(self):
+        """Barrier latency comes from bench/barrier_latency, the barrier
+        issue's own benchmark, once that is committed; until then the result
+        says it is not available."""
+        prog = os.path.join(HERE, "barrier_latency")
+        tracked = subprocess.run(["git", "-C", REPO, "ls-files", "--error-unmatch", "bench/barrier_latency"],
+                                 capture_output=True).returncode == 0
+        if self.args.no_barrier or not (tracked and os.access(prog, os.X_OK)):
+            return None
+        self.progress("barrier latency at 16/256/1024 participants (bench/barrier_latency)")
+        out = os.path.join(self.tmp, "barrier.json")
+        try:
+            p = subprocess.run([sys.executable, prog, "--sizes", "1,16,256,1024", "--json", out],
+                               capture_output=True, text=True, timeout=300, cwd=REPO)
+            data = json.load(open(out)) if os.path.exists(out) else None
+            return {"source": "bench/barrier_latency", "rc": p.returncode, "table": p.stdout[-4000:],
+                    "json": data}
+        except Exception as e:
+            return {"source": "bench/barrier_latency", "error": str(e)}
+
     def run(self):
         a = self.args
         micro_mod = load_micro()
-        plan = [(s, f) for s in a.sizes for f in a.formats]
+        plan = [(s, f) for s in a.sizes for f in a.formats if s <= GiB or f in a.large_formats]
         self.total_saves = sum(len(systems_for(f, not a.no_nvrx)) * (a.rounds + 1) for s, f in plan)
+        self.plan = plan
         res = {"mode": "quick" if a.quick else "full", "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                "machine": machine(self.tmp),
                "config": {"sizes": [fmt_size(s) for s in a.sizes], "formats": a.formats,
@@ -645,6 +670,7 @@ class Harness:
                           "compute_loop": "numpy fp32 256x256 matmul, 1 BLAS thread",
                           "dir": self.tmp},
                "barrier_latency": {"16": BARRIER_NA, "256": BARRIER_NA, "1024": BARRIER_NA}}
+        res["config"]["large_formats"] = a.large_formats
         self.sampler.start()
         lim = {}
         for s in a.sizes:
@@ -663,6 +689,7 @@ class Harness:
             shutil.rmtree(d, ignore_errors=True)
         for s, f in plan:
             self.run_cell(s, f)
+        res["barrier_latency"] = self.barrier_latency() or res["barrier_latency"]
         for s in a.sizes:
             self.progress("limits at %s again (drift check)" % fmt_size(s))
             lim[fmt_size(s)]["end"] = self.limits(s, micro_mod, "end")
@@ -677,6 +704,7 @@ class Harness:
         res["results"] = self.results
         res["targets"] = targets(res)
         res["duration_s"] = time.monotonic() - self.t_start
+        res["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
         self.sampler.stop.set()
         return res
 
@@ -793,6 +821,12 @@ def markdown(res):
                 mc.get("filesystem"), mc.get("disk"), mc.get("torch"), mc.get("safetensors"),
                 mc.get("nvidia_resiliency_ext"), mc.get("fio")))
     L.append("")
+    L.append("ackpt at commit %s%s. Load average (1, 5, 15 min) at start %s, at end %s: the machine is "
+             "shared, so other work ran beside this benchmark." % (
+                 mc.get("ackpt"), "" if not mc.get("ackpt_uncommitted") else
+                 " plus uncommitted edits to " + ", ".join(mc["ackpt_uncommitted"]),
+                 " / ".join(mc.get("loadavg_start", [])), " / ".join(mc.get("loadavg_end", []))))
+    L.append("")
     L.append("### Limits (same directory, same run)")
     L.append("")
     L.append("| size | warm memcpy | memcpy GiB/s | fio O_DIRECT MiB/s (start, end) | fio buffered MiB/s (start, end) |")
@@ -822,7 +856,15 @@ def markdown(res):
     for row in table_rows(res):
         L.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
     L.append("")
-    L.append("Barrier latency at 16 / 256 / 1024 participants: %s." % BARRIER_NA)
+    bl = res.get("barrier_latency", {})
+    if "source" in bl:
+        L.append("Barrier latency (from %s, exit status %s):" % (bl["source"], bl.get("rc")))
+        L.append("")
+        L.append("```")
+        L.append(bl.get("table") or bl.get("error", ""))
+        L.append("```")
+    else:
+        L.append("Barrier latency at 16 / 256 / 1024 participants: %s." % BARRIER_NA)
     L.append("")
     m = res.get("micro")
     if m:
@@ -859,7 +901,12 @@ def print_table(res):
     for t in res["targets"]:
         print("%-4s %s [%s]: %s (goal %s)%s" % ("ok" if t["met"] else "MISS", t["target"], t["where"],
                                                  t["measured"], t["goal"], "" if t["met"] else " -- " + t["gap"]))
-    print("barrier latency (16/256/1024 participants): " + BARRIER_NA)
+    bl = res.get("barrier_latency", {})
+    if "source" in bl:
+        print("barrier latency (%s):" % bl["source"])
+        print(bl.get("table") or bl.get("error", ""))
+    else:
+        print("barrier latency (16/256/1024 participants): " + BARRIER_NA)
 
 
 def parse_size(s):
@@ -883,11 +930,15 @@ def main():
     ap.add_argument("--micro-rounds", type=int)
     ap.add_argument("--no-micro", action="store_true")
     ap.add_argument("--no-nvrx", action="store_true", help="skip nvidia-resiliency-ext")
+    ap.add_argument("--no-barrier", action="store_true", help="skip the barrier latency step")
+    ap.add_argument("--large-formats", default="torch,dcp1",
+                    help="formats also run at sizes above 1 GiB (default torch,dcp1: at 4 GiB the "
+                         "systems no longer fit side by side in 24 GiB, so each costs a separate pass)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--timeout", type=float, default=120, help="base timeout per step, seconds")
     ap.add_argument("--nvrx-timeout", type=float, default=45,
                     help="timeout of an nvidia-resiliency-ext save, seconds (it hangs when its worker dies)")
-    ap.add_argument("--mem-fraction", type=float, default=0.6,
+    ap.add_argument("--mem-fraction", type=float, default=0.75,
                     help="share of available memory that side-by-side workers may use")
     a = ap.parse_args()
     if a.sizes:
@@ -900,6 +951,7 @@ def main():
         if mem_available() >= 18 * GiB:
             a.sizes.append(4 * GiB)
     a.formats = a.formats.split(",") if a.formats else list(workload.FORMATS)
+    a.large_formats = a.large_formats.split(",")
     for f in a.formats:
         if f not in workload.FORMATS:
             ap.error("unknown format %s" % f)
