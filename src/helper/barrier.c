@@ -75,6 +75,8 @@ static struct {
 	int nparts, capparts, nalive;
 	struct bar *bars;
 	uint64_t next_bid;
+	int lost[64];        /* ranks lost without BYE and not registered again */
+	int nlost;
 } B = { .cfd = -1, .lfd = -1 };
 
 static uint64_t now_ns(void)
@@ -205,9 +207,21 @@ static void bar_ack(uint64_t bid, int slot, int status, int rank)
 
 static void bar_start(int requester, uint64_t commit_id)
 {
-	struct bar *b = calloc(1, sizeof(*b));
+	struct bar *b;
 	int i;
 
+	if (B.nlost) {
+		/* a helper that vanished may have taken staged data with it:
+		 * no commit until that rank has a helper registered again */
+		B.h.log(0, "coordinator: refusing a commit: rank %d's helper was lost with its data "
+			"in an unknown state", B.lost[0]);
+		if (requester == LOCAL)
+			B.h.decided(commit_id, ECONNRESET, "a rank's helper was lost");
+		else if (B.parts[requester].alive)
+			send_msg(B.parts[requester].fd, BAR_DECISION, 0, commit_id, ECONNRESET);
+		return;
+	}
+	b = calloc(1, sizeof(*b));
 	if (!b) {
 		if (requester == LOCAL)
 			B.h.decided(commit_id, ENOMEM, NULL);
@@ -260,6 +274,11 @@ static void on_part_msg(const struct ackpt_bar_msg *m, void *arg)
 		}
 		p->hello = 1;
 		p->rank = m->rank;
+		for (int k = 0; k < B.nlost; k++)
+			if (B.lost[k] == p->rank) {
+				B.lost[k] = B.lost[--B.nlost];
+				break;
+			}
 		send_msg(p->fd, BAR_WELCOME, (uint64_t)i, 0, 0);
 		return;
 	}
@@ -299,6 +318,10 @@ static void part_lost(int i)
 	B.nalive--;
 	if (!was)
 		return;
+	B.h.log(0, "coordinator: rank %d's helper was lost without leaving cleanly; commits are "
+		"refused until that rank registers again", p->rank);
+	if (B.nlost < 64)
+		B.lost[B.nlost++] = p->rank;
 	for (b = B.bars; b; b = n) {
 		n = b->next;
 		if (i < b->nslots && b->waiting[i]) {
@@ -317,6 +340,20 @@ static void coord_accept(void)
 
 		if (fd < 0)
 			return;
+		for (int k = 0; k < B.nparts; k++)
+			if (B.parts[k].fd < 0 && !B.parts[k].alive) {
+				/* a closed slot: no barrier still waits on it */
+				setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+				memset(&B.parts[k], 0, sizeof(B.parts[k]));
+				B.parts[k].fd = fd;
+				B.parts[k].alive = 1;
+				B.parts[k].rank = -1;
+				B.nalive++;
+				fd = -1;
+				break;
+			}
+		if (fd < 0)
+			continue;
 		if (B.nparts == B.capparts) {
 			int cap = B.capparts ? 2 * B.capparts : 64;
 			struct part *np = realloc(B.parts, cap * sizeof(*np));

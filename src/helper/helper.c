@@ -63,6 +63,7 @@ struct hfile {
 	int err;
 	int reg_idx;
 	uint64_t dev, ino;
+	char *path;            /* for log lines */
 	struct hop *head, *tail, *qhead;
 };
 
@@ -159,7 +160,7 @@ static void file_error(uint32_t slot, int err, const char *what)
 	if (!__atomic_load_n(&H.shm->files[slot].err, __ATOMIC_RELAXED))
 		__atomic_store_n(&H.shm->files[slot].err, err, __ATOMIC_RELEASE);
 	__atomic_fetch_add(&H.shm->files[slot].err_seq, 1, __ATOMIC_RELEASE);
-	hlog(0, "%s failed on file %u: %s", what, slot, strerror(err));
+	hlog(0, "%s of %s failed: %s", what, f->path ? f->path : "(unknown file)", strerror(err));
 	publish();
 }
 
@@ -732,8 +733,20 @@ static int receive_one(void)
 				if (fl >= 0 && (fl & O_APPEND))
 					fcntl(fd, F_SETFL, fl & ~O_APPEND);
 			}
+			free(f->path);
 			memset(f, 0, sizeof(*f));
 			f->fd = own;
+			{
+				char link[64], target[4096];
+				ssize_t n;
+
+				snprintf(link, sizeof(link), "/proc/self/fd/%d", own);
+				n = readlink(link, target, sizeof(target) - 1);
+				if (n > 0) {
+					target[n] = 0;
+					f->path = strdup(target);
+				}
+			}
 			f->dfd = -1;
 			f->open = 1;
 			f->reg_idx = (int)op.flags - 1;

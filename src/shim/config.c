@@ -212,6 +212,7 @@ void config_load(void)
 			return;
 		}
 	}
+	C.barrier_timeout = 600;
 	v = getenv("ACKPT_BARRIER_TIMEOUT");
 	if (v && *v) {
 		char *end;
@@ -221,6 +222,7 @@ void config_load(void)
 			bad("ACKPT_BARRIER_TIMEOUT", v, "expected seconds > 0");
 			return;
 		}
+		C.barrier_timeout = t;
 	}
 	{
 		const char *rank = getenv("RANK"), *world = getenv("WORLD_SIZE");
@@ -232,8 +234,12 @@ void config_load(void)
 		C.multi_rank = (world && atoi(world) > 1) || (getenv("ACKPT_COORD") && *getenv("ACKPT_COORD"));
 		/* rank 0's first process hosts the coordinator; its children
 		 * (which inherit RANK=0) join as participants */
-		if (C.multi_rank && (!rank || atoi(rank) == 0) && rank &&
-		    !getenv("ACKPT_COORD_OWNER")) {
+		const char *owner = getenv("ACKPT_COORD_OWNER");
+
+		/* the owner may exec the real program (torchrun --no-python,
+		 * srun wrappers): same pid, still the host */
+		if (C.multi_rank && rank && atoi(rank) == 0 &&
+		    (!owner || atoi(owner) == (int)getpid())) {
 			char pid[32];
 
 			snprintf(pid, sizeof(pid), "%d", (int)getpid());

@@ -215,7 +215,7 @@ static int futex_wait_gen(uint32_t old, uint64_t timeout_ns)
 static int session_start(void)
 {
 	uint64_t hdr = ackpt_shm_hdr_size();
-	uint64_t t0 = now_ns();
+	uint64_t t0 = now_ns(), start_limit = 10000000000ull;
 	int sv[2] = { -1, -1 };
 	int ret, sndbuf = 4 << 20;
 	pthread_t t;
@@ -256,13 +256,19 @@ static int session_start(void)
 	real.close(sv[1]);
 	if (ret < 0)
 		goto err;
-	/* the open that started us returns only once the helper is up */
+	/* the open that started us returns only once the helper is up (and,
+	 * in a multi-rank job, registered: it may wait for the coordinator) */
+	if (C.multi_rank && !C.coord_host) {
+		double t = C.barrier_timeout < 120 ? C.barrier_timeout : 120;
+
+		start_limit = (uint64_t)((t + 10) * 1e9);
+	}
 	while (!__atomic_load_n(&S.shm->helper_pid, __ATOMIC_ACQUIRE)) {
 		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
 
 		if (__atomic_load_n(&S.shm->helper_pid, __ATOMIC_ACQUIRE))
 			break;
-		if (!helper_alive() || now_ns() - t0 > 10000000000ull) {
+		if (!helper_alive() || now_ns() - t0 > start_limit) {
 			alog(L_WARN, "ackpt-helper did not start; writes stay synchronous");
 			ret = -ECHILD;
 			goto err;

@@ -124,6 +124,7 @@ struct ackpt_config {
 	int nmetadata;
 	int multi_rank;          /* a job with a global barrier */
 	int coord_host;          /* this process's helper hosts the coordinator */
+	double barrier_timeout;  /* seconds */
 	char **roots;            /* canonical directories, or globs */
 	int *root_is_glob;
 	int nroots;
