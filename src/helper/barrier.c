@@ -555,7 +555,12 @@ int bar_participants(void)
 void bar_request(uint64_t commit_id)
 {
 	if (!B.global) {
-		B.h.decided(commit_id, 0, NULL);
+		/* a single process: the drain is done (the commit op waited for
+		 * every earlier op); commit only if nothing failed since the
+		 * last commit */
+		int err = B.h.error_since_ack();
+
+		B.h.decided(commit_id, err, err ? "a write of this checkpoint failed" : NULL);
 		return;
 	}
 	if (B.broken) {

@@ -99,6 +99,7 @@ struct commit {
 	char *tmp, *final;
 	int own_temp;
 	uint32_t slot;
+	int file_err;       /* error of the metadata file itself, at request time */
 	int state;          /* 0 new, 1 waiting for the barrier, 2 decided */
 	int status;
 	struct commit *next;
@@ -430,6 +431,8 @@ static void commit_enqueue(struct hop *h)
 	c->final = strdup(tmp + strlen(tmp) + 1);
 	c->own_temp = !!(h->op.flags & ACKPT_COMMIT_OWN_TEMP);
 	c->slot = h->op.file;
+	if (c->slot < ACKPT_MAX_FILES)
+		c->file_err = H.files[c->slot].err;
 	if (H.cq_tail)
 		H.cq_tail->next = c;
 	else
@@ -454,8 +457,13 @@ static void commit_decided(uint64_t id, int status, const char *why)
 
 static int commit_apply(struct commit *c)
 {
-	int fd, ret = 0;
+	char backup[4096];
+	const char *base;
+	struct stat st;
+	int fd, ret = 0, have_backup = 0;
 
+	if (c->file_err)
+		return -c->file_err; /* the metadata's own bytes did not all land */
 	/* the data of the metadata file itself, then the name, then the name's
 	 * directory: a loader that sees the name sees complete contents */
 	fd = open(c->tmp, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
@@ -467,12 +475,33 @@ static int commit_apply(struct commit *c)
 	close(fd);
 	if (ret)
 		return ret;
+	/* keep the previous metadata reachable until the new name is durable */
+	base = strrchr(c->final, '/');
+	base = base ? base + 1 : c->final;
+	if (lstat(c->final, &st) == 0 && S_ISREG(st.st_mode) &&
+	    snprintf(backup, sizeof(backup), "%.*s.%s.ackpt.prev.%d", (int)(base - c->final),
+		     c->final, base, (int)H.pid) < (int)sizeof(backup)) {
+		unlink(backup);
+		have_backup = link(c->final, backup) == 0;
+	}
 	ret = fault_check(FAULT_RENAME, 0);
 	if (!ret && rename(c->tmp, c->final) < 0)
 		ret = -errno;
-	if (ret)
-		return ret;
-	return fsync_dir_of(c->final);
+	if (!ret) {
+		ret = fsync_dir_of(c->final);
+		if (ret) {
+			/* not known durable: put the previous state back */
+			if (have_backup)
+				rename(backup, c->final);
+			else
+				unlink(c->final);
+			have_backup = 0;
+			fsync_dir_of(c->final);
+		}
+	}
+	if (have_backup)
+		unlink(backup);
+	return ret;
 }
 
 /* Run the oldest commit as far as it can go; commits finish in order. */

@@ -167,6 +167,16 @@ void config_load(void)
 		bad("ACKPT_DIRECT", v, "expected 0 or 1");
 		return;
 	}
+	v = getenv("ACKPT_TEST_DELAY_MS");
+	if (v && *v) {
+		char *end;
+		long ms = strtol(v, &end, 10);
+
+		if (*end || ms < 0) {
+			bad("ACKPT_TEST_DELAY_MS", v, "expected milliseconds >= 0");
+			return;
+		}
+	}
 	v = getenv("ACKPT_PIN");
 	if (v && *v && strcmp(v, "eager") && strcmp(v, "background")) {
 		bad("ACKPT_PIN", v, "expected eager or background");
@@ -196,6 +206,10 @@ void config_load(void)
 			C.metadata[C.nmetadata++] = strdup(tok);
 		}
 		free(copy);
+		if (!C.nmetadata) {
+			bad("ACKPT_METADATA", v, "no pattern given; unset it for the defaults");
+			return;
+		}
 	} else {
 		C.metadata = (char **)default_metadata;
 		while (default_metadata[C.nmetadata])

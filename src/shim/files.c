@@ -348,13 +348,12 @@ static void ofd_put(struct ofd *o)
 		if (o->writable)
 			ino->writers--;
 		if (ino->nofd == 0) {
-			if (S.state == SESS_ACTIVE) {
-				ino->closing = 1;
-				if (session_send_simple(ACKPT_OP_CLOSE, ino, 0) == 0)
-					ino->close_seq = ino->last_seq;
-				else
-					ino->close_seq = 0;
-			}
+			/*
+			 * The commit goes first: sending an op may reap
+			 * inodes whose CLOSE is durable, and after our CLOSE
+			 * this one could be among them.  The helper's commit
+			 * fsyncs the temporary itself, so order is safe.
+			 */
 			if (ino->commit_final) {
 				uint64_t id;
 
@@ -364,13 +363,18 @@ static void ofd_put(struct ofd *o)
 					ns_add(ino->path, ino->commit_final, S.seq, id);
 					if (C.commit_sync)
 						tls_commit_wait = id;
-				} else if (S.state != SESS_ACTIVE) {
-					alog(L_ERROR, "commit of %s aborted: no helper", ino->commit_final);
-					real.unlink(ino->path);
-					S.dead_commit_failures++;
+				} else if (S.state != SESS_ACTIVE && ino->commit_final) {
+					session_commit_now(ino->path, ino->commit_final, 1);
 				}
 				free(ino->commit_final);
 				ino->commit_final = NULL;
+			}
+			if (S.state == SESS_ACTIVE) {
+				ino->closing = 1;
+				if (session_send_simple(ACKPT_OP_CLOSE, ino, 0) == 0)
+					ino->close_seq = ino->last_seq;
+				else
+					ino->close_seq = 0;
 			}
 			if (S.state != SESS_ACTIVE || ino->last_seq <= session_durable()) {
 				ino->closing = 1;
@@ -792,6 +796,17 @@ int files_open_metadata(const char *canon, int flags, mode_t mode)
 	struct ofd *o;
 	int exists, fd, saved;
 
+	if (real.lstat(canon, &st) == 0 && S_ISLNK(st.st_mode)) {
+		char target[PATH_MAX];
+
+		/* as the kernel would: refuse with O_NOFOLLOW, else write
+		 * (and commit) through the link to its target */
+		if (flags & O_NOFOLLOW)
+			return -ELOOP;
+		if (!realpath(canon, target) || !path_is_managed(target))
+			return -ENOTSUP;
+		return files_open_metadata(target, flags | O_NOFOLLOW, mode);
+	}
 	exists = real.stat(canon, &st) == 0;
 	if (exists && !S_ISREG(st.st_mode))
 		return -ENOTSUP;
@@ -824,4 +839,19 @@ int files_open_metadata(const char *canon, int flags, mode_t mode)
 	session_unlock();
 	alog(L_DEBUG, "metadata %s staged as %s", canon, tmp);
 	return fd;
+}
+
+/* Helper gone: make every file this process still tracks durable. */
+void files_fsync_all(void)
+{
+	unsigned b;
+
+	for (b = 0; b < HASH_BUCKETS; b++) {
+		struct inode_state *i;
+
+		for (i = inode_hash[b]; i; i = i->next)
+			if (i->shadow_fd >= 0 && real.fsync(i->shadow_fd) < 0)
+				alog(L_ERROR, "fsync of %s failed: %s", i->path ? i->path : "?",
+				     strerror(errno));
+	}
 }

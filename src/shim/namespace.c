@@ -178,6 +178,14 @@ static int defer_commit(const char *co, const char *cn, const struct stat *so)
 	ino = inode_find(so->st_dev, so->st_ino);
 	ret = session_send_commit(ino, co, cn, 0, &id);
 	if (ret < 0) {
+		/* the helper died: commit here if a local drain suffices */
+		if (S.state == SESS_DEAD) {
+			uint64_t before = S.dead_commit_failures;
+
+			session_commit_now(co, cn, 0);
+			session_unlock();
+			return S.dead_commit_failures == before ? 1 : -EIO;
+		}
 		session_unlock();
 		return 0;
 	}

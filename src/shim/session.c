@@ -31,6 +31,16 @@ struct logrec {
 	char *paths;
 };
 
+/* Commits sent to the helper and not yet reported done, in request order:
+ * if the helper dies they are finished (or aborted) here. */
+struct pcommit {
+	uint64_t id;
+	char *tmp, *final;
+	int own_temp;
+	struct pcommit *next;
+};
+static struct pcommit *pc_head, *pc_tail;
+
 struct session S = { .lock = PTHREAD_MUTEX_INITIALIZER, .memfd = -1, .sock = -1 };
 __thread int tls_busy;
 static struct logrec oplog[LOGCAP];
@@ -361,13 +371,7 @@ static void replay(void)
 				ret = errno;
 			break;
 		case ACKPT_OP_COMMIT:
-			/* no barrier without the helper: never commit unconfirmed */
-			alog(L_ERROR, "commit of %s aborted: the helper died before the barrier",
-			     r->paths ? r->paths + strlen(r->paths) + 1 : "?");
-			if (r->paths && (r->len & ACKPT_COMMIT_OWN_TEMP))
-				real.unlink(r->paths);
-			S.dead_commit_failures++;
-			break;
+			break; /* finished from the pending-commit list below */
 		case ACKPT_OP_RENAME:
 			if (ino && real.fsync(ino->shadow_fd) < 0)
 				ret = errno;
@@ -397,6 +401,22 @@ static void session_helper_died(void)
 	     "continuing without it", (int)S.helper_pid,
 	     (unsigned long long)(S.seq - __atomic_load_n(&S.shm->durable_seq, __ATOMIC_ACQUIRE)));
 	replay();
+	{
+		/* commits the helper had not finished, in order */
+		uint64_t done = __atomic_load_n(&S.shm->commits_done, __ATOMIC_ACQUIRE);
+
+		while (pc_head) {
+			struct pcommit *p = pc_head;
+
+			pc_head = p->next;
+			if (p->id > done && p->tmp && p->final)
+				session_commit_now(p->tmp, p->final, p->own_temp);
+			free(p->tmp);
+			free(p->final);
+			free(p);
+		}
+		pc_tail = NULL;
+	}
 	S.state = SESS_DEAD;
 	session_reap();
 }
@@ -519,7 +539,78 @@ int session_send_commit(struct inode_state *ino, const char *tmp, const char *fi
 	if (ret < 0)
 		return ret;
 	*commit_id = ++S.commits_requested;
+	{
+		struct pcommit *p = calloc(1, sizeof(*p));
+
+		if (p) {
+			p->id = *commit_id;
+			p->tmp = strdup(tmp);
+			p->final = strdup(final);
+			p->own_temp = own_temp;
+			if (pc_tail)
+				pc_tail->next = p;
+			else
+				pc_head = p;
+			pc_tail = p;
+		}
+	}
 	return 0;
+}
+
+static int fsync_path_dir(const char *path)
+{
+	char dir[PATH_MAX];
+	char *slash;
+	int fd, ret = 0;
+
+	snprintf(dir, sizeof(dir), "%s", path);
+	slash = strrchr(dir, '/');
+	if (!slash)
+		return 0;
+	if (slash == dir)
+		slash[1] = 0;
+	else
+		*slash = 0;
+	fd = real.open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	if (real.fsync(fd) < 0)
+		ret = -errno;
+	real.close(fd);
+	return ret;
+}
+
+/*
+ * Without a helper: a single process's barrier is its own drain, which the
+ * synchronous rewrite has just done, so commit here; a multi-rank job has
+ * no barrier any more and must not commit.
+ */
+void session_commit_now(const char *tmp, const char *final, int own_temp)
+{
+	int fd, ret = 0;
+
+	if (C.multi_rank) {
+		alog(L_ERROR, "commit of %s aborted: the helper died, no barrier is possible", final);
+		ret = -ECONNRESET;
+	} else {
+		files_fsync_all();
+		fd = real.open(tmp, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+		if (fd < 0 || real.fsync(fd) < 0)
+			ret = -errno;
+		if (fd >= 0)
+			real.close(fd);
+		if (!ret && real.rename(tmp, final) < 0)
+			ret = -errno;
+		if (!ret)
+			ret = fsync_path_dir(final);
+		if (ret)
+			alog(L_ERROR, "commit of %s failed: %s", final, strerror(-ret));
+	}
+	if (ret) {
+		if (own_temp)
+			real.unlink(tmp);
+		S.dead_commit_failures++;
+	}
 }
 
 uint64_t session_commits_done(void)
@@ -744,6 +835,20 @@ void session_reap(void)
 		log_first++;
 	}
 	ns_prune(durable);
+	{
+		uint64_t done = session_commits_done();
+
+		while (pc_head && pc_head->id <= done && S.state == SESS_ACTIVE) {
+			struct pcommit *p = pc_head;
+
+			pc_head = p->next;
+			if (!pc_head)
+				pc_tail = NULL;
+			free(p->tmp);
+			free(p->final);
+			free(p);
+		}
+	}
 }
 
 /* ---- fork and exit ---- */

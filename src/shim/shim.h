@@ -216,6 +216,8 @@ int session_wait_commit(uint64_t id, double timeout_s);
 uint64_t session_commits_done(void);
 uint64_t session_commit_failures(void);
 int session_check_commit_error(void);
+void session_commit_now(const char *tmp, const char *final, int own_temp);
+void files_fsync_all(void);
 int session_wait(uint64_t seq, double timeout_s, int progress);
 uint64_t session_durable(void);
 int session_check_error(struct inode_state *ino);
