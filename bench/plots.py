@@ -14,6 +14,11 @@ COLORS = {"sync": "#7f7f7f", "ackpt": "#d62728", "dcp-thread": "#1f77b4", "dcp-p
 SHORT = {"torch": "torch.save", "safetensors": "safetensors", "dcp1": "DCP 1 rank", "dcp2": "DCP 2 ranks"}
 
 
+def _bytes(label):
+    n, unit = label.split()
+    return float(n) * (GiB if unit == "GiB" else MiB)
+
+
 def _ok(res):
     return [r for r in res["results"] if r["status"] == "ok" and "stall_p50_s" in r]
 
@@ -69,7 +74,7 @@ def _throughput(res, path):
             if lim.get(key):
                 ax.axhline(lim[key], color="black", ls=style, lw=1, label="%s %.0f MiB/s" % (name, lim[key]))
         m = res.get("micro", {})
-        if m.get("ackpt_write_rate_mib_s") and size == sizes[-1]:
+        if m.get("ackpt_write_rate_mib_s") and lim and abs(m.get("size_mib", 0) * MiB - _bytes(size)) < MiB:
             ax.axhline(m["ackpt_write_rate_mib_s"], color=COLORS["ackpt"], ls="-.", lw=1,
                        label="ackpt raw write() %.0f MiB/s" % m["ackpt_write_rate_mib_s"])
         ax.set_xticks(range(len(items)))
