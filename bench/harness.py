@@ -296,7 +296,8 @@ class Worker:
             # save never waits for space (back-pressure would measure the
             # disk, not the staging path); every rank gets its own arena.
             per_rank = self.size // self.ranks
-            self.staging = int(math.ceil(per_rank * 1.25 / MiB))
+            # (ackpt refuses arenas under 16M)
+            self.staging = max(64, int(math.ceil(per_rank * 1.25 / MiB)))
             cmd = [RUN, "--dir", self.dir, "--staging", "%dM" % self.staging, "--"] + cmd
         return cmd
 
@@ -556,6 +557,7 @@ class Harness:
                 w.close(self.timeout(size))
                 self.live.remove(w)
                 row = self.row(size, fmt, w.system, worker=w)
+                row["interleaved_with"] = [x.system for x in workers if x is not w]
                 if w.system.startswith("nvrx") and w.error:
                     self.nvrx_errors[w.system] = w.error
                 self.results.append(row)
@@ -856,6 +858,16 @@ def markdown(res):
     for row in table_rows(res):
         L.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
     L.append("")
+    groups = []
+    for r in res["results"]:
+        if "interleaved_with" in r:
+            g = "%s %s: %s" % (r["size"], workload.FORMAT_LABEL[r["format"]],
+                               ", ".join(sorted([r["system"]] + r["interleaved_with"], key=ORDER.index)))
+            if g not in groups:
+                groups.append(g)
+    if groups:
+        L.append("Interleaved in one pass (workers that fit in memory side by side): " + "; ".join(groups) + ".")
+        L.append("")
     bl = res.get("barrier_latency", {})
     if "source" in bl:
         L.append("Barrier latency (from %s, exit status %s):" % (bl["source"], bl.get("rc")))

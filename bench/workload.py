@@ -85,8 +85,10 @@ def touch(sd, step):
 
 
 def fsync_path(path, flags=os.O_WRONLY):
-    # O_WRONLY, not O_RDONLY: see bench/RESULTS.md (an O_RDONLY open of a file
-    # with pending writes waits for them under ackpt, by design section 3).
+    # The file was written by a library that takes a path (safetensors), so
+    # the careful user reopens it to fsync.  Under ackpt this reopen (O_WRONLY
+    # or O_RDONLY alike) waits until the file's pending writes are done, which
+    # makes such a save synchronous: see bench/RESULTS.md.
     fd = os.open(path, flags)
     try:
         os.fsync(fd)
