@@ -526,7 +526,11 @@ int bar_init(const struct bar_hooks *hooks)
 			B.h.log(3, "coordinator listening on port %d", B.port);
 			return 0;
 		}
-		B.h.log(1, "cannot host the coordinator on port %d (%s); joining as a participant",
+		/* an exec'd rank 0 finds its previous image's coordinator there and
+		 * joins it (the job token proves it is ours); anything else fails
+		 * the registration below, loudly */
+		B.h.log(1, "cannot host the barrier coordinator on port %d (%s); joining the one "
+			"there if it is this job's (else set ACKPT_COORD=host:port to a free port)",
 			B.port, strerror(errno));
 		if (B.lfd >= 0)
 			close(B.lfd);
