@@ -589,12 +589,26 @@ void session_commit_now(const char *tmp, const char *final, int own_temp)
 {
 	int fd, ret = 0;
 
-	if (C.multi_rank) {
+	if (C.multi_rank && access(tmp, F_OK) == 0) {
 		alog(L_ERROR, "commit of %s aborted: the helper died, no barrier is possible", final);
 		ret = -ECONNRESET;
 	} else {
 		files_fsync_all();
 		fd = real.open(tmp, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+		if (fd < 0 && errno == ENOENT) {
+			/* the helper renamed it and died before saying so: make
+			 * what it did durable */
+			fd = real.open(final, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+			if (fd < 0 || real.fsync(fd) < 0)
+				ret = -errno;
+			if (fd >= 0)
+				real.close(fd);
+			if (!ret)
+				ret = fsync_path_dir(final);
+			if (ret)
+				alog(L_ERROR, "commit of %s failed: %s", final, strerror(-ret));
+			goto out;
+		}
 		if (fd < 0 || real.fsync(fd) < 0)
 			ret = -errno;
 		if (fd >= 0)
@@ -605,6 +619,17 @@ void session_commit_now(const char *tmp, const char *final, int own_temp)
 			ret = fsync_path_dir(final);
 		if (ret)
 			alog(L_ERROR, "commit of %s failed: %s", final, strerror(-ret));
+	}
+out:
+	{
+		/* the helper may have died holding the previous metadata's link */
+		const char *base = strrchr(final, '/');
+		char backup[PATH_MAX];
+
+		base = base ? base + 1 : final;
+		if (snprintf(backup, sizeof(backup), "%.*s.%s.ackpt.prev.%d", (int)(base - final), final,
+			     base, (int)S.helper_pid) < (int)sizeof(backup))
+			real.unlink(backup);
 	}
 	if (ret) {
 		if (own_temp)
