@@ -385,48 +385,37 @@ ACKPT_EXPORT int linkat(int od, const char *oldp, int nd, const char *newp, int 
 	return real.linkat(od, oldp, nd, newp, flags);
 }
 
+/* Before a deletion: commits finish first, and a deferred rename of this
+ * name is done first. */
+static void before_delete(int dirfd, const char *path)
+{
+	int saved = errno;
+	char canon[PATH_MAX];
+
+	ns_wait_commits();
+	if (C.enabled && ns_pending_any() && canon_path(dirfd, path, canon, sizeof(canon)) == 0)
+		ns_wait_path(canon);
+	errno = saved;
+}
+
 ACKPT_EXPORT int unlink(const char *path)
 {
 	ENSURE_REAL();
-	ns_wait_commits();
-	if (C.enabled && ns_pending_any()) {
-		int saved = errno;
-		char canon[PATH_MAX];
-
-		if (canon_path(AT_FDCWD, path, canon, sizeof(canon)) == 0)
-			ns_wait_path(canon);
-		errno = saved;
-	}
+	before_delete(AT_FDCWD, path);
 	return real.unlink(path);
 }
 
 ACKPT_EXPORT int unlinkat(int dirfd, const char *path, int flags)
 {
 	ENSURE_REAL();
-	ns_wait_commits();
-	if (C.enabled && ns_pending_any()) {
-		int saved = errno;
-		char canon[PATH_MAX];
-
-		if (canon_path(dirfd, path, canon, sizeof(canon)) == 0)
-			ns_wait_path(canon);
-		errno = saved;
-	}
+	before_delete(dirfd, path);
 	return real.unlinkat(dirfd, path, flags);
 }
 
 ACKPT_EXPORT int remove(const char *path)
 {
 	ENSURE_REAL();
-	ns_wait_commits();
-	if (C.enabled && ns_pending_any()) {
-		int saved = errno;
-		char canon[PATH_MAX];
-
-		if (canon_path(AT_FDCWD, path, canon, sizeof(canon)) == 0)
-			ns_wait_path(canon);
-		errno = saved;
-	}
+	before_delete(AT_FDCWD, path);
 	return real.remove(path);
 }
 
