@@ -678,9 +678,12 @@ int session_wait_commit(uint64_t id, double timeout_s)
 		if (now_ns() >= deadline)
 			return -ETIMEDOUT;
 		if (!helper_alive()) {
-			pthread_mutex_lock(&S.lock);
-			session_helper_died();
-			pthread_mutex_unlock(&S.lock);
+			/* a vfork child shares our memory: only the owner repairs */
+			if (session_is_owner()) {
+				pthread_mutex_lock(&S.lock);
+				session_helper_died();
+				pthread_mutex_unlock(&S.lock);
+			}
 			break;
 		}
 		futex_wait_gen(gen, 100000000ull);
@@ -791,9 +794,12 @@ int session_wait(uint64_t seq, double timeout_s, int progress)
 		if (t >= deadline)
 			return -ETIMEDOUT;
 		if (!helper_alive()) {
-			pthread_mutex_lock(&S.lock);
-			session_helper_died();
-			pthread_mutex_unlock(&S.lock);
+			/* a vfork child shares our memory: only the owner repairs */
+			if (session_is_owner()) {
+				pthread_mutex_lock(&S.lock);
+				session_helper_died();
+				pthread_mutex_unlock(&S.lock);
+			}
 			break;
 		}
 		if (progress && t - t0 > 1000000000ull && t - last_print >= 1000000000ull) {
@@ -1001,18 +1007,18 @@ __attribute__((destructor)) static void session_fini(void)
 }
 
 /* _exit skips destructors (dash, os._exit, forked workers): drain here too. */
-__attribute__((noreturn)) static void exit_now(int status, const char *name)
+__attribute__((noreturn)) static void exit_now(int status, void (*real_exit)(int))
 {
-	static void (*real_exit)(int);
 	int bad;
 
-	if (!real_exit)
-		real_exit = (void (*)(int))dlsym(RTLD_NEXT, name);
-	bad = session_exit_drain();
-	cuda_exit();
-	S.state = SESS_NONE; /* the destructor, if any runs, has nothing left */
-	if (bad && !status)
-		status = 1;
+	/* a vfork child (exec failed) shares our memory: touch nothing */
+	if (session_is_owner() && S.state != SESS_NONE && S.state != SESS_FAILED) {
+		bad = session_exit_drain();
+		cuda_exit();
+		S.state = SESS_NONE; /* the destructor, if any runs, has nothing left */
+		if (bad && !status)
+			status = 1;
+	}
 	if (real_exit)
 		real_exit(status);
 	syscall(SYS_exit_group, status);
@@ -1021,10 +1027,12 @@ __attribute__((noreturn)) static void exit_now(int status, const char *name)
 
 ACKPT_EXPORT void _exit(int status)
 {
-	exit_now(status, "_exit");
+	ENSURE_REAL();
+	exit_now(status, real._exit);
 }
 
 ACKPT_EXPORT void _Exit(int status)
 {
-	exit_now(status, "_Exit");
+	ENSURE_REAL();
+	exit_now(status, real._Exit);
 }

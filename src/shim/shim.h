@@ -101,6 +101,8 @@ struct statx;
 			     const posix_spawnattr_t *, char *const[], char *const[])) \
 	X(int, posix_spawnp, (pid_t *, const char *, const posix_spawn_file_actions_t *, \
 			      const posix_spawnattr_t *, char *const[], char *const[])) \
+	X(void, _exit, (int)) \
+	X(void, _Exit, (int)) \
 	X(long, syscall, (long, ...))
 
 struct ackpt_real {
