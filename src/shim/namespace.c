@@ -176,6 +176,8 @@ static int defer_commit(const char *co, const char *cn, const struct stat *so)
 		return 0;
 	}
 	ino = inode_find(so->st_dev, so->st_ino);
+	if (ino && ino->closing)
+		ino = NULL; /* closed and fsynced: the commit needs nothing of it */
 	ret = session_send_commit(ino, co, cn, 0, &id);
 	if (ret < 0) {
 		/* the helper died: commit here if a local drain suffices */
@@ -205,7 +207,7 @@ static int try_defer_rename(int olddir, const char *oldp, int newdir, const char
 {
 	char co[PATH_MAX], cn[PATH_MAX], parent[PATH_MAX];
 	struct stat so, sp;
-	struct inode_state *ino;
+	struct inode_state *ino, *rename_ino;
 	struct ns_entry *e;
 	char *slash;
 	int ret;
@@ -233,6 +235,7 @@ static int try_defer_rename(int olddir, const char *oldp, int newdir, const char
 		session_unlock();
 		return 0;
 	}
+	rename_ino = ino->closing ? NULL : ino; /* a closed file was fsynced at its CLOSE */
 	/* the checks a synchronous rename would fail on, done now */
 	snprintf(parent, sizeof(parent), "%s", cn);
 	slash = strrchr(parent, '/');
@@ -269,7 +272,7 @@ static int try_defer_rename(int olddir, const char *oldp, int newdir, const char
 		ret = 0;
 		goto out;
 	}
-	ret = session_send_rename(ino, co, cn);
+	ret = session_send_rename(rename_ino, co, cn);
 	if (ret < 0) {
 		free(e);
 		ret = 0; /* helper gone: it was replayed or we pass through */
@@ -287,8 +290,10 @@ static int try_defer_rename(int olddir, const char *oldp, int newdir, const char
 		ns_list = e;
 		atomic_fetch_add(&ns_count, 1);
 	}
-	free(ino->path);
-	ino->path = strdup(cn);
+	if (rename_ino) {
+		free(rename_ino->path);
+		rename_ino->path = strdup(cn);
+	}
 	ret = 1;
 out:
 	session_unlock();

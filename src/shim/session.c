@@ -450,7 +450,6 @@ static int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 
 	if (log_wait_space() < 0)
 		return -EPIPE;
-	session_reap();
 	op->seq = ++S.seq;
 	op->path_len = (uint32_t)plen;
 	__atomic_store_n(&S.shm->staged_seq, op->seq, __ATOMIC_RELEASE);
@@ -488,6 +487,9 @@ static int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 		session_helper_died();
 		return -EPIPE;
 	}
+	/* only now: reaping may free closed inodes, never the one in hand
+	 * (callers pass no inode whose CLOSE was sent) */
+	session_reap();
 	return 0;
 }
 
