@@ -36,7 +36,6 @@ enum ackpt_op_type {
 	ACKPT_OP_CLOSE,      /* last program reference gone: fsync + close */
 	ACKPT_OP_RENAME,     /* global barrier; paths follow the record */
 	ACKPT_OP_SYNC_ALL,   /* global barrier: fsync every open file */
-	ACKPT_OP_PREFAULT,   /* helper may populate the arena in background */
 	ACKPT_OP_COMMIT,     /* metadata commit: barrier, then rename paths[0] -> paths[1];
 			      * offset = commit id; flags & ACKPT_COMMIT_OWN_TEMP: on abort
 			      * remove paths[0] (our hidden temporary) */

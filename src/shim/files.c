@@ -585,7 +585,6 @@ ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, in
 		/* keep the kernel offset in step for inherited fds and exec */
 		real.lseek(fd, (off_t)o->pos, SEEK_SET);
 	}
-	S.writes++;
 	S.stall_ns += now_ns() - t0;
 	session_unlock();
 	return (ssize_t)total;

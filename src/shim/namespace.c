@@ -98,15 +98,16 @@ void ns_wait_commits(void)
 	errno = saved;
 }
 
-int ns_wait_path(const char *canon)
+/* Wait for the deferred renames and commits involving canon (NULL: all). */
+static void ns_wait_matching(const char *canon)
 {
 	uint64_t want = 0, want_commit = 0;
 	struct ns_entry *e;
 
 	if (session_lock() < 0)
-		return 0;
+		return;
 	for (e = ns_list; e; e = e->next)
-		if (!strcmp(e->oldp, canon) || !strcmp(e->newp, canon)) {
+		if (!canon || !strcmp(e->oldp, canon) || !strcmp(e->newp, canon)) {
 			if (e->seq > want)
 				want = e->seq;
 			if (e->commit_id > want_commit)
@@ -117,6 +118,11 @@ int ns_wait_path(const char *canon)
 		session_wait(want, 0, 0);
 	if (want_commit)
 		session_wait_commit(want_commit, 0);
+}
+
+int ns_wait_path(const char *canon)
+{
+	ns_wait_matching(canon);
 	if (session_lock() == 0) {
 		session_reap();
 		session_unlock();
@@ -427,23 +433,11 @@ ACKPT_EXPORT int remove(const char *path)
 /* A listing must not show a name that a deferred rename is about to change. */
 static void wait_all_renames(void)
 {
-	uint64_t want = 0, want_commit = 0;
-	struct ns_entry *e;
 	int saved = errno;
 
-	if (!C.enabled || !ns_pending_any() || session_lock() < 0)
+	if (!C.enabled || !ns_pending_any())
 		return;
-	for (e = ns_list; e; e = e->next) {
-		if (e->seq > want)
-			want = e->seq;
-		if (e->commit_id > want_commit)
-			want_commit = e->commit_id;
-	}
-	session_unlock();
-	if (want)
-		session_wait(want, 0, 0);
-	if (want_commit)
-		session_wait_commit(want_commit, 0);
+	ns_wait_matching(NULL);
 	errno = saved;
 }
 

@@ -933,7 +933,7 @@ static void atfork_child(void)
 	S.seq = 0;
 	S.head = 0;
 	S.ninodes = 0;
-	S.bytes_staged = S.files = S.writes = S.stall_ns = 0;
+	S.bytes_staged = S.files = S.stall_ns = 0;
 	S.commits_requested = S.commit_failures_seen = S.dead_commit_failures = 0;
 }
 

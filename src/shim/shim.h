@@ -197,7 +197,7 @@ struct session {
 	uint64_t commit_failures_seen; /* reported to the program */
 	uint64_t dead_commit_failures;
 	/* stats */
-	uint64_t bytes_staged, files, writes;
+	uint64_t bytes_staged, files;
 	uint64_t stall_ns;
 };
 extern struct session S;
@@ -252,7 +252,6 @@ int registry_claim(uint64_t dev, uint64_t ino, pid_t owner);
 int registry_any(void);
 void registry_note_op(int idx, uint64_t seq);
 void cookies_flush_all(void);
-void cookie_forget(FILE *f);
 uint64_t files_unreported_errors(void);
 
 /* device memory (cuda.c): all no-ops without CUDA headers or a loaded driver */
