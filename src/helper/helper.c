@@ -412,6 +412,20 @@ static void run_rename(struct hop *h)
 		file_error(h->op.file, -ret, "directory fsync after rename");
 }
 
+/* The shim's hidden temporary for metadata: ".<name>.ackpt.<pid>.<n>". */
+static int is_metadata_temp(const char *path)
+{
+	const char *base = path ? strrchr(path, '/') : NULL;
+	const char *tag;
+	unsigned pid, n;
+	char end;
+
+	if (!base || base[1] != '.')
+		return 0;
+	tag = strstr(base, ".ackpt.");
+	return tag && sscanf(tag, ".ackpt.%u.%u%c", &pid, &n, &end) == 2;
+}
+
 /* ---- metadata commits ---- */
 
 static void commit_enqueue(struct hop *h)
@@ -1072,6 +1086,13 @@ int main(int argc, char **argv)
 
 		if (!f->open)
 			continue;
+		if (is_metadata_temp(f->path)) {
+			/* the program died while writing metadata: it was never
+			 * committed, so its hidden temporary must not stay behind */
+			unlink(f->path);
+			file_close(f);
+			continue;
+		}
 		if (f->dirty) {
 			ret = fault_check(FAULT_FSYNC, 0);
 			if (!ret && fsync(f->fd) < 0)
