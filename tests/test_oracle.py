@@ -90,3 +90,50 @@ def test_no_program_writes_to_managed_files(name, build_c, tmp_path):
                              for c in prog_hits[:15])
         pytest.fail("%d write/fsync syscalls on managed files came from program pids (not the "
                     "helper %s):\n  %s" % (len(prog_hits), sorted(helpers), sample), pytrace=False)
+
+
+@pytest.mark.parametrize("style", ["tracker", "dcp"])
+def test_commit_waits_for_durable_names(style, tmp_path):
+    """The helper fsyncs the directory of every new data file, and that
+    directory's parent (the checkpoint directory the program just made),
+    before the metadata commit renames the temporary to its final name.
+    The negative control (ACKPT_TEST_SKIP_DIRFSYNC=1, the knob of the
+    power-loss scenario) must make the oracle see no such fsync."""
+    need_shim()
+    if shutil.which("strace") is None:
+        pytest.skip("strace not installed")
+    from faultutil import run, shim_env
+    from conftest import REPO
+    prog = REPO / "tests" / "faults" / "progs" / "sweep_save.py"
+    found = {}
+    for label, extra in (("normal", {}), ("skip-dirfsync", {"ACKPT_TEST_SKIP_DIRFSYNC": "1"})):
+        out = tmp_path / label / "ckpt"
+        out.mkdir(parents=True)
+        trace = tmp_path / label / "strace.txt"
+        res = run(strace_argv(trace, [VENV_PY, prog, style, out, "1"],
+                              syscalls="fsync,fdatasync,rename,renameat,renameat2,execve,clone,clone3,"
+                                       "fork,vfork"),
+                  shim_env(out, ACKPT_IO="pool", **extra), timeout=120)
+        assert res.returncode == 0 and "OK" in res.stdout, res.describe()
+        calls = parse_strace(trace)
+        helpers = helper_pid_set(calls)
+        assert helpers, "no helper in the trace"
+        hcalls = [c for c in calls if c.pid in helpers and c.ret.strip().startswith("0")]
+        final = "latest_checkpointed_iteration.txt" if style == "tracker" else ".metadata"
+        commit = [i for i, c in enumerate(hcalls) if c.name.startswith("rename")
+                  and c.args.rstrip().rstrip('"').endswith(final)]
+        assert commit, "no commit rename by the helper: %s" % [(c.name, c.args) for c in hcalls]
+        before = hcalls[:commit[-1]]
+        dirs = {c.fd_path() for c in before if c.name == "fsync" and c.fd_path()
+                and os.path.isdir(c.fd_path())}
+        files = {c.fd_path() for c in before if c.name in SYNC_FAMILY and c.fd_path()
+                 and not os.path.isdir(c.fd_path())}
+        found[label] = (dirs, files)
+        print(label, "dir fsyncs before the commit:", sorted(dirs))
+    dirs, files = found["normal"]
+    it = str(tmp_path / "normal" / "ckpt" / "iter_1")
+    assert {it + "/a.bin", it + "/b.bin"} <= files, "data not fsynced before the commit: %s" % files
+    assert {it, str(tmp_path / "normal" / "ckpt")} <= dirs, \
+        "the data files' directory and its parent were not fsynced before the commit: %s" % dirs
+    assert not found["skip-dirfsync"][0], \
+        "negative control: ACKPT_TEST_SKIP_DIRFSYNC=1 still fsynced directories: %s" % found["skip-dirfsync"][0]

@@ -62,8 +62,10 @@ struct hfile {
 	int direct_failed;
 	int err;
 	int reg_idx;
+	int name_durable;      /* its directory entry has been fsynced */
+	uint64_t open_gen;     /* H.open_gen when it was opened */
 	uint64_t dev, ino;
-	char *path;            /* for log lines */
+	char *path;            /* for log lines and its directory */
 	struct hop *head, *tail, *qhead;
 };
 
@@ -87,6 +89,10 @@ static struct {
 	struct ackpt_registry *reg;
 	int reg_helper;
 	long delay_ms;
+	int skip_dirfsync;   /* testing knob: the negative control of the power-loss test */
+	uint64_t open_gen;   /* counts OPEN ops */
+	struct { char *dir; uint64_t gen; } dircache[16]; /* directories fsynced, and when */
+	unsigned dircache_next;
 	pid_t pid;
 	uint64_t errors_acked;
 	int last_err;
@@ -192,7 +198,9 @@ static void file_close(struct hfile *f)
 	registry_release(f);
 }
 
-static int fsync_dir_of(const char *path)
+/* fsync the directory holding path; *gone is set when the directory itself
+ * cannot be opened (removed, or not readable), which is not a write error */
+static int fsync_dir_gone(const char *path, int *gone)
 {
 	char dir[PATH_MAX];
 	char *slash;
@@ -206,14 +214,89 @@ static int fsync_dir_of(const char *path)
 		slash[1] = 0;
 	else
 		*slash = 0;
+	if (H.skip_dirfsync)
+		return 0;
 	fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd < 0)
+	if (fd < 0) {
+		if (gone)
+			*gone = 1;
 		return -errno;
+	}
 	ret = fault_check(FAULT_DIRFSYNC, 0);
 	if (!ret && fsync(fd) < 0)
 		ret = -errno;
 	close(fd);
 	return ret;
+}
+
+static int fsync_dir_of(const char *path)
+{
+	return fsync_dir_gone(path, NULL);
+}
+
+/*
+ * Make a data file's name durable, not just its bytes: fsync its directory,
+ * and that directory's parent (a checkpoint directory the program has just
+ * made). Journaling filesystems usually commit the entry with the file's own
+ * fsync; others (ext2, some network filesystems) do not, and a commit must
+ * never name data whose directory entry a power loss can take away. A
+ * directory fsynced after the file was opened is not fsynced again.
+ */
+static int dir_synced_since(const char *dir, uint64_t gen)
+{
+	unsigned i;
+
+	for (i = 0; i < sizeof(H.dircache) / sizeof(H.dircache[0]); i++)
+		if (H.dircache[i].dir && H.dircache[i].gen >= gen && !strcmp(H.dircache[i].dir, dir))
+			return 1;
+	return 0;
+}
+
+static int sync_dir_cached(const char *path, uint64_t gen)
+{
+	char dir[PATH_MAX];
+	char *slash;
+	unsigned i;
+	int ret, gone = 0;
+
+	snprintf(dir, sizeof(dir), "%s", path);
+	slash = strrchr(dir, '/');
+	if (!slash || slash == dir)
+		return 0;
+	*slash = 0;
+	if (dir_synced_since(dir, gen))
+		return 0;
+	ret = fsync_dir_gone(path, &gone);
+	if (gone)
+		return 0; /* removed with its directory: no name left to keep */
+	if (ret)
+		return ret;
+	i = H.dircache_next++ % (sizeof(H.dircache) / sizeof(H.dircache[0]));
+	free(H.dircache[i].dir);
+	H.dircache[i].dir = strdup(dir);
+	H.dircache[i].gen = H.open_gen;
+	return 0;
+}
+
+static void file_name_durable(uint32_t slot)
+{
+	struct hfile *f = &H.files[slot];
+	char dir[PATH_MAX];
+	char *slash;
+	int ret;
+
+	if (f->name_durable || !f->path || f->err || strstr(f->path, " (deleted)"))
+		return;
+	f->name_durable = 1;
+	ret = sync_dir_cached(f->path, f->open_gen);
+	snprintf(dir, sizeof(dir), "%s", f->path);
+	slash = strrchr(dir, '/');
+	if (!ret && slash && slash != dir) {
+		*slash = 0;
+		ret = sync_dir_cached(dir, f->open_gen);
+	}
+	if (ret)
+		file_error(slot, -ret, "directory fsync");
 }
 
 /* ---- op bookkeeping ---- */
@@ -359,14 +442,17 @@ static void sync_all_files(void)
 		struct hfile *f = &H.files[i];
 		int ret;
 
-		if (!f->open || !f->dirty)
+		if (!f->open)
 			continue;
-		f->dirty = 0;
-		ret = fault_check(FAULT_FSYNC, 0);
-		if (!ret && fsync(f->fd) < 0)
-			ret = -errno;
-		if (ret)
-			file_error(i, -ret, "fsync");
+		if (f->dirty) {
+			f->dirty = 0;
+			ret = fault_check(FAULT_FSYNC, 0);
+			if (!ret && fsync(f->fd) < 0)
+				ret = -errno;
+			if (ret)
+				file_error(i, -ret, "fsync");
+		}
+		file_name_durable(i);
 	}
 }
 
@@ -697,6 +783,8 @@ static void on_complete(void *tag, long res, void *arg)
 	/* fsync, possibly as the first half of a close */
 	if (res < 0)
 		file_error(h->op.file, (int)-res, "fsync");
+	else
+		file_name_durable(h->op.file);
 	if (h->op.type == ACKPT_OP_CLOSE)
 		file_close(f);
 	mark_done(h);
@@ -792,6 +880,7 @@ static int receive_one(void)
 			}
 			f->dfd = -1;
 			f->open = 1;
+			f->open_gen = ++H.open_gen;
 			f->reg_idx = (int)op.flags - 1;
 			f->dev = op.dev;
 			f->ino = op.ino;
@@ -982,6 +1071,9 @@ int main(int argc, char **argv)
 	fault_init(getenv("ACKPT_FAULT"));
 	if (getenv("ACKPT_TEST_DELAY_MS"))
 		H.delay_ms = strtol(getenv("ACKPT_TEST_DELAY_MS"), NULL, 10);
+	/* testing knob: skip every directory fsync, so the power-loss test can
+	 * show that it catches a commit that is not durable */
+	H.skip_dirfsync = getenv("ACKPT_TEST_SKIP_DIRFSYNC") && !strcmp(getenv("ACKPT_TEST_SKIP_DIRFSYNC"), "1");
 	if (getenv("ACKPT_TEST_DELAY_RANK") && *getenv("ACKPT_TEST_DELAY_RANK")) {
 		/* slow only one rank's helper */
 		const char *r = getenv("RANK") ? getenv("RANK") : getenv("SLURM_PROCID");
@@ -1100,6 +1192,7 @@ int main(int argc, char **argv)
 			if (ret)
 				file_error(i, -ret, "fsync at exit");
 		}
+		file_name_durable(i);
 		file_close(f);
 	}
 	publish();
