@@ -167,6 +167,11 @@ void config_load(void)
 		bad("ACKPT_DIRECT", v, "expected 0 or 1");
 		return;
 	}
+	v = getenv("ACKPT_TEST_SKIP_DIRFSYNC");
+	if (v && *v && strcmp(v, "0") && strcmp(v, "1")) {
+		bad("ACKPT_TEST_SKIP_DIRFSYNC", v, "expected 0 or 1");
+		return;
+	}
 	v = getenv("ACKPT_TEST_DELAY_MS");
 	if (v && *v) {
 		char *end;

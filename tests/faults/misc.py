@@ -101,6 +101,7 @@ MALFORMED = [("ACKPT_PATHS", "relative/path"), ("ACKPT_METADATA", ":::"), ("ACKP
              ("ACKPT_LOG", "loud"), ("ACKPT_COMMIT", "maybe"), ("ACKPT_COORD", "no-port"),
              ("ACKPT_BARRIER_TIMEOUT", "-3"), ("ACKPT_DISABLE", "yes"), ("ACKPT_DIRECT", "2"),
              ("ACKPT_IO", "aio"), ("ACKPT_FAULT", "op=bogus"), ("ACKPT_TEST_DELAY_MS", "abc"),
+             ("ACKPT_TEST_SKIP_DIRFSYNC", "yes"),
 ("ACKPT_HELPER", "/nonexistent/ackpt-helper")]
 
 
