@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compare_trees
+from conftest import VENV_PY, compare_trees
 from faultutil import (FPROGS, assert_same_trees, file_matches, helper_pids, need_shim,
                        parse_strace, plain_env, prng, py_prog, read_stats, run,
                        run_plain_and_shim, shim_env, strace_argv, wait_for_helper, wait_helpers,
@@ -417,3 +417,30 @@ def test_bad_config(mini, tmp_path, var, value):
     assert_same_trees(diffs, shimmed)
     assert sst["present"] == 1 and sst["active"] == 0 and sst["bytes_staged"] == 0, \
         "not pass-through: %r" % sst
+
+
+def test_stale_backup_links_removed_by_next_commit(tmp_path):
+    """A helper that dies (or a machine that loses power) between linking the
+    previous metadata to ".<name>.ackpt.prev.<helper pid>" and removing that
+    link leaves it behind. The next durable commit of <name> removes such
+    links of dead pids, and leaves a live process's link alone."""
+    need_shim()
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    name = "latest_checkpointed_iteration.txt"
+    dead = out / (".%s.ackpt.prev.%d" % (name, 4194303))   # above any pid in use here
+    live = out / (".%s.ackpt.prev.%d" % (name, os.getpid()))
+    other = out / (".other.txt.ackpt.prev.%d" % 4194303)     # another name's: not ours to judge
+    for p in (dead, live, other):
+        p.write_text("old")
+    try:
+        os.kill(4194303, 0)
+        pytest.skip("pid 4194303 is in use on this machine")
+    except ProcessLookupError:
+        pass
+    prog = Path(__file__).parent / "faults" / "progs" / "sweep_save.py"
+    res = run([VENV_PY, prog, "tracker", out, "1"], shim_env(out))
+    assert res.returncode == 0 and "OK" in res.stdout, res.describe()
+    assert (out / name).read_text() == "1"
+    assert not dead.exists(), "the dead helper's backup link is still there"
+    assert live.exists() and other.exists(), "a link that was not stale was removed"

@@ -14,6 +14,7 @@
  *  - rename and sync-all wait for every earlier op of every file, and
  *    nothing after them starts until they finish.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -555,6 +556,45 @@ static void commit_decided(uint64_t id, int status, const char *why)
 		}
 }
 
+/*
+ * Backup links ".<name>.ackpt.prev.<helper pid>" of helpers that died (or a
+ * machine that lost power) between making the link and removing it: once a
+ * new commit of <name> is durable nobody needs them, and nobody else would
+ * remove them. A live pid is left alone (it may be another helper's).
+ */
+static void remove_stale_backups(const char *final)
+{
+	char dirpath[PATH_MAX], prefix[NAME_MAX + 16];
+	const char *base = strrchr(final, '/');
+	struct dirent *de;
+	DIR *d;
+	size_t plen;
+
+	if (!base || (size_t)(base - final) >= sizeof(dirpath))
+		return;
+	snprintf(dirpath, sizeof(dirpath), "%.*s", (int)(base - final) ? (int)(base - final) : 1, final);
+	if (snprintf(prefix, sizeof(prefix), ".%s.ackpt.prev.", base + 1) >= (int)sizeof(prefix))
+		return;
+	plen = strlen(prefix);
+	d = opendir(dirpath);
+	if (!d)
+		return;
+	while ((de = readdir(d))) {
+		char *end;
+		long pid;
+
+		if (strncmp(de->d_name, prefix, plen))
+			continue;
+		pid = strtol(de->d_name + plen, &end, 10);
+		if (*end || pid <= 0 || pid == H.pid || !(kill((pid_t)pid, 0) < 0 && errno == ESRCH))
+			continue;
+		if (unlinkat(dirfd(d), de->d_name, 0) == 0)
+			hlog(2, "removed %s/%s, left by a helper that died during a commit", dirpath,
+			     de->d_name);
+	}
+	closedir(d);
+}
+
 static int commit_apply(struct commit *c)
 {
 	char backup[4096];
@@ -601,6 +641,8 @@ static int commit_apply(struct commit *c)
 	}
 	if (have_backup)
 		unlink(backup);
+	if (!ret)
+		remove_stale_backups(c->final);
 	return ret;
 }
 
