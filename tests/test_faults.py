@@ -444,3 +444,33 @@ def test_stale_backup_links_removed_by_next_commit(tmp_path):
     assert (out / name).read_text() == "1"
     assert not dead.exists(), "the dead helper's backup link is still there"
     assert live.exists() and other.exists(), "a link that was not stale was removed"
+
+
+def test_failed_fsync_is_never_retried_and_trusted(tmp_path):
+    """The helper fails a write (ACKPT_FAULT, EIO) and drops every later write
+    to that file. The program's fsync reports EIO, and so does every retry:
+    a second fsync returning 0 would claim durability for lost data (the
+    kernel's own behaviour, which PostgreSQL's "fsyncgate" showed to be a
+    trap). The program was told, so the exit status is its own (0 here)."""
+    need_shim()
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    prog = tmp_path / "retry.py"
+    prog.write_text(
+        "import ctypes, errno, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)\n"
+        "os.write(fd, b'x' * (1 << 20))\n"
+        "ctypes.CDLL(None).ackpt_wait(ctypes.c_double(30.0))\n"
+        "res = []\n"
+        "for i in range(3):\n"
+        "    try:\n"
+        "        os.fsync(fd)\n"
+        "        res.append('ok')\n"
+        "    except OSError as e:\n"
+        "        res.append(errno.errorcode[e.errno])\n"
+        "    os.write(fd, b'y' * 4096)\n"
+        "print(' '.join(res), flush=True)\n")
+    res = run([VENV_PY, prog, out / "data.bin"],
+              shim_env(out, ACKPT_FAULT="op=write,nth=1,err=EIO,mode=once"))
+    assert res.stdout.split() == ["EIO", "EIO", "EIO"], res.describe()
+    assert res.returncode == 0, res.describe()

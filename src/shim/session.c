@@ -777,6 +777,22 @@ int session_check_error(struct inode_state *ino)
 	return -__atomic_load_n(&S.shm->files[ino->slot].err, __ATOMIC_ACQUIRE);
 }
 
+/*
+ * For fsync and friends: the file's error is reported at every call, not
+ * once. The helper writes nothing more to a file whose write or fsync
+ * failed, so a retried fsync that returned 0 would claim durability for
+ * data that was dropped (PostgreSQL's "fsyncgate": never retry a failed
+ * fsync and trust it).
+ */
+int session_check_error_sticky(struct inode_state *ino)
+{
+	int r = session_check_error(ino);
+
+	if (r || !S.shm || !ino)
+		return r;
+	return -__atomic_load_n(&S.shm->files[ino->slot].err, __ATOMIC_ACQUIRE);
+}
+
 /* Wait (without the session lock) until every op up to seq is complete. */
 int session_wait(uint64_t seq, double timeout_s, int progress)
 {

@@ -223,6 +223,7 @@ void files_fsync_all(void);
 int session_wait(uint64_t seq, double timeout_s, int progress);
 uint64_t session_durable(void);
 int session_check_error(struct inode_state *ino);
+int session_check_error_sticky(struct inode_state *ino); /* fsync: at every call */
 void session_reap(void);
 int session_sync_all(double timeout_s, int progress);
 void session_init_once(void);

@@ -23,7 +23,7 @@ static int managed_fsync(int fd)
 		session_unlock();
 		return -ENOTSUP;
 	}
-	ret = session_check_error(o->ino);
+	ret = session_check_error_sticky(o->ino);
 	if (!ret && S.state == SESS_ACTIVE && o->writable)
 		ret = session_send_simple(ACKPT_OP_FSYNC, o->ino, 0);
 	else if (!ret && S.state != SESS_ACTIVE && real.fsync(o->ino->shadow_fd) < 0)
@@ -78,7 +78,7 @@ ACKPT_EXPORT int sync_file_range(int fd, off_t off, off_t n, unsigned flags)
 	{
 		struct ofd *o = fd_peek(fd);
 
-		r = o && o->ino ? session_check_error(o->ino) : 0;
+		r = o && o->ino ? session_check_error_sticky(o->ino) : 0;
 	}
 	session_unlock();
 	if (r < 0) {
