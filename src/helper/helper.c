@@ -106,7 +106,8 @@ struct commit {
 	char *tmp, *final;
 	int own_temp;
 	uint32_t slot;
-	int file_err;       /* error of the metadata file itself, at request time */
+	uint64_t dev, ino;  /* the file in that slot at request time */
+	int file_err;       /* error of the metadata file itself, up to the commit */
 	int state;          /* 0 new, 1 waiting for the barrier, 2 decided */
 	int status;
 	struct commit *next;
@@ -165,6 +166,16 @@ static void file_error(uint32_t slot, int err, const char *what)
 	f = &H.files[slot];
 	if (!f->err)
 		f->err = err;
+	{
+		/* a commit waiting for this very file (its CLOSE's fsync can come
+		 * after the COMMIT) must not go ahead: its own fsync of the file
+		 * would be a retried fsync, and could succeed without the data */
+		struct commit *c;
+
+		for (c = H.cq_head; c; c = c->next)
+			if (c->slot == slot && c->dev == f->dev && c->ino == f->ino && !c->file_err)
+				c->file_err = err;
+	}
 	if (!__atomic_load_n(&H.shm->files[slot].err, __ATOMIC_RELAXED))
 		__atomic_store_n(&H.shm->files[slot].err, err, __ATOMIC_RELEASE);
 	__atomic_fetch_add(&H.shm->files[slot].err_seq, 1, __ATOMIC_RELEASE);
@@ -532,8 +543,11 @@ static void commit_enqueue(struct hop *h)
 	c->final = strdup(tmp + strlen(tmp) + 1);
 	c->own_temp = !!(h->op.flags & ACKPT_COMMIT_OWN_TEMP);
 	c->slot = h->op.file;
-	if (c->slot < ACKPT_MAX_FILES)
+	if (c->slot < ACKPT_MAX_FILES) {
 		c->file_err = H.files[c->slot].err;
+		c->dev = H.files[c->slot].dev;
+		c->ino = H.files[c->slot].ino;
+	}
 	if (H.cq_tail)
 		H.cq_tail->next = c;
 	else
@@ -595,12 +609,53 @@ static void remove_stale_backups(const char *final)
 	closedir(d);
 }
 
+/*
+ * The previous metadata, kept as backup while the new name is not yet
+ * durable: a hard link, or where the filesystem has none (FUSE, some network
+ * filesystems) a copy, fsynced. A storage error making it aborts the
+ * commit, like any other error on the way to it.
+ */
+static int make_backup(const char *final, const char *backup, const struct stat *st)
+{
+	char buf[65536];
+	int in, out, ret = 0;
+	ssize_t n;
+
+	unlink(backup);
+	if (link(final, backup) == 0)
+		return 0;
+	in = open(final, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (in < 0)
+		return -errno;
+	out = open(backup, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, st->st_mode & 07777);
+	if (out < 0) {
+		ret = -errno;
+		close(in);
+		return ret;
+	}
+	while (!ret && (n = read(in, buf, sizeof(buf))) != 0) {
+		if (n < 0)
+			ret = -errno;
+		else if (write(out, buf, (size_t)n) != n)
+			ret = errno ? -errno : -EIO;
+	}
+	if (!ret)
+		ret = fault_check(FAULT_FSYNC, 0);
+	if (!ret && fsync(out) < 0)
+		ret = -errno;
+	close(in);
+	close(out);
+	if (ret)
+		unlink(backup);
+	return ret;
+}
+
 static int commit_apply(struct commit *c)
 {
 	char backup[4096];
 	const char *base;
 	struct stat st;
-	int fd, ret = 0, have_backup = 0;
+	int fd, ret = 0, have_backup = 0, had_prev = 0;
 
 	if (c->file_err)
 		return -c->file_err; /* the metadata's own bytes did not all land */
@@ -621,8 +676,11 @@ static int commit_apply(struct commit *c)
 	if (lstat(c->final, &st) == 0 && S_ISREG(st.st_mode) &&
 	    snprintf(backup, sizeof(backup), "%.*s.%s.ackpt.prev.%d", (int)(base - c->final),
 		     c->final, base, (int)H.pid) < (int)sizeof(backup)) {
-		unlink(backup);
-		have_backup = link(c->final, backup) == 0;
+		had_prev = 1;
+		ret = make_backup(c->final, backup, &st);
+		if (ret)
+			return ret;
+		have_backup = 1;
 	}
 	ret = fault_check(FAULT_RENAME, 0);
 	if (!ret && rename(c->tmp, c->final) < 0)
@@ -630,10 +688,12 @@ static int commit_apply(struct commit *c)
 	if (!ret) {
 		ret = fsync_dir_of(c->final);
 		if (ret) {
-			/* not known durable: put the previous state back */
+			/* not known durable: put the previous state back; with
+			 * no copy of it, keep the new one (its data is durable)
+			 * rather than leave no metadata at all */
 			if (have_backup)
 				rename(backup, c->final);
-			else
+			else if (!had_prev)
 				unlink(c->final);
 			have_backup = 0;
 			fsync_dir_of(c->final);
@@ -658,6 +718,14 @@ static void commit_pump(void)
 		}
 		if (c->state != 2)
 			return;
+		if (!c->status && c->slot < ACKPT_MAX_FILES) {
+			struct hfile *f = &H.files[c->slot];
+
+			/* the metadata file's own writes and fsync (its CLOSE
+			 * follows the COMMIT) finish first, so their errors count */
+			if (f->head && f->dev == c->dev && f->ino == c->ino)
+				return;
+		}
 		if (!c->status) {
 			int ret = commit_apply(c);
 
