@@ -785,6 +785,54 @@ def test_coordinator_survives_garbage(tmp_path):
 
 
 
+def test_unauthenticated_flood_does_not_stall_a_barrier(tmp_path):
+    """Peers without a HELLO stream valid-looking ACK frames as fast as they
+    can while a barrier waits for a participant that answers after 1 s
+    (barrier timeout 5 s). The coordinator must drop them at their first
+    frame and keep serving its own I/O and the legitimate peers: the commit
+    succeeds. (It used to read such a stream frame by frame until the socket
+    was empty, which stalled the helper for seconds and timed the barrier
+    out, blaming an innocent rank.)"""
+    import threading
+    com, s, d, _ = _scale_setup(tmp_path, "flood", 4, modes={0: "delay:1.0"}, timeout_s=5)
+    port = s.port
+    sent = []
+
+    def flood():
+        buf = sim.pack(sim.ACK, id_=1, status=0, rank=1) * (1 << 16)
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        t_end = time.monotonic() + 8.0
+        n = 0
+        try:
+            while time.monotonic() < t_end:
+                c.sendall(buf)
+                n += len(buf)
+        except OSError:
+            pass
+        sent.append(n)
+        c.close()
+
+    try:
+        dt, err = com.commit()
+        assert err == 0, com.stderr()
+        com.go()
+        time.sleep(0.2)   # the barrier is running, waiting for the slow participant
+        ths = [threading.Thread(target=flood) for _ in range(5)]
+        for th in ths:
+            th.start()
+        dt, err = com.commit(timeout=90, go=False)
+        for th in ths:
+            th.join()
+        summ = s.summary()
+    finally:
+        rc = _scale_teardown(com, s)
+    print("commit during an unauthenticated flood (%d bytes sent before the coordinator closed "
+          "the connections): %.2f s, errno %d" % (sum(sent), dt, err))
+    assert err == 0, "the flood made the commit fail (errno %d)\n%s" % (err, com.stderr())
+    assert summ["decisions"] == [] and summ["lost"] == [], summ
+    assert rc == 0, com.stderr()
+
+
 # --------------------------------------------------------------------------
 # Registration edge cases
 # --------------------------------------------------------------------------

@@ -128,10 +128,21 @@ static int valid(const struct ackpt_bar_msg *m)
 }
 
 /* Read whole frames from a non-blocking socket; -1 on EOF/error/garbage. */
+/*
+ * Handle the complete frames waiting on fd, at most FRAMES_PER_WAKEUP of
+ * them: a peer that streams frames must not keep the helper from its own
+ * I/O or from other peers (poll wakes us again for the rest). fn returns
+ * nonzero to stop reading (the peer was rejected). Returns -1 when the
+ * connection is over.
+ */
+#define FRAMES_PER_WAKEUP 64
+
 static int read_frames(int fd, unsigned char *buf, int *len,
-		       void (*fn)(const struct ackpt_bar_msg *, void *), void *arg)
+		       int (*fn)(const struct ackpt_bar_msg *, void *), void *arg)
 {
-	for (;;) {
+	int frames = 0;
+
+	while (frames < FRAMES_PER_WAKEUP) {
 		ssize_t n = recv(fd, buf + *len, sizeof(struct ackpt_bar_msg) - *len, MSG_DONTWAIT);
 		struct ackpt_bar_msg m;
 
@@ -146,8 +157,11 @@ static int read_frames(int fd, unsigned char *buf, int *len,
 		*len = 0;
 		if (!valid(&m))
 			return -1;
-		fn(&m, arg);
+		frames++;
+		if (fn(&m, arg))
+			return -1;
 	}
+	return 0;
 }
 
 /* ---- coordinator ---- */
@@ -259,18 +273,18 @@ static void bar_start(int requester, uint64_t commit_id)
 	}
 }
 
-static void on_part_msg(const struct ackpt_bar_msg *m, void *arg)
+static int on_part_msg(const struct ackpt_bar_msg *m, void *arg)
 {
 	int i = (int)(intptr_t)arg;
 	struct part *p = &B.parts[i];
 
 	if (!p->alive)
-		return;
+		return 1;
 	if (!p->hello) {
 		if (m->type != BAR_HELLO || memcmp(m->token, B.token, ACKPT_TOKEN_LEN)) {
 			B.h.log(1, "coordinator: rejected a peer with a wrong job token or protocol");
 			p->alive = 0;
-			return;
+			return 1;
 		}
 		p->hello = 1;
 		p->rank = m->rank;
@@ -280,7 +294,7 @@ static void on_part_msg(const struct ackpt_bar_msg *m, void *arg)
 				break;
 			}
 		send_msg(p->fd, BAR_WELCOME, (uint64_t)i, 0, 0);
-		return;
+		return 0;
 	}
 	switch (m->type) {
 	case BAR_REQUEST:
@@ -303,6 +317,7 @@ static void on_part_msg(const struct ackpt_bar_msg *m, void *arg)
 		p->alive = 0; /* a participant never sends anything else */
 		break;
 	}
+	return !p->alive;
 }
 
 static void part_lost(int i)
@@ -377,7 +392,7 @@ static void coord_accept(void)
 
 /* ---- participant ---- */
 
-static void on_coord_msg(const struct ackpt_bar_msg *m, void *arg)
+static int on_coord_msg(const struct ackpt_bar_msg *m, void *arg)
 {
 	int i;
 
@@ -395,7 +410,7 @@ static void on_coord_msg(const struct ackpt_bar_msg *m, void *arg)
 			if (m->arg && B.req[i].commit_id == m->arg) {
 				B.h.decided(m->arg, m->status, NULL);
 				B.req[i] = B.req[--B.nreq];
-				return;
+				return 0;
 			}
 		if (m->status)
 			B.h.log(0, "a metadata commit of this job was aborted: %s (rank %d)",
@@ -404,6 +419,7 @@ static void on_coord_msg(const struct ackpt_bar_msg *m, void *arg)
 	default:
 		break;
 	}
+	return 0;
 }
 
 static int connect_coord(void)
@@ -647,11 +663,36 @@ void bar_handle(const struct pollfd *p, int n)
 	}
 }
 
+/*
+ * Before a barrier is declared timed out: read what peers have already
+ * sent. The helper may have been busy (its own I/O) while their ACKs
+ * arrived; an answer that is waiting in a socket is an answer.
+ */
+static void read_ready_peers(void)
+{
+	int max = B.nparts + 2, n;
+	struct pollfd *p = calloc((size_t)max, sizeof(*p));
+
+	if (!p)
+		return;
+	n = bar_pollfds(p, max);
+	if (n > 0 && poll(p, (nfds_t)n, 0) > 0)
+		bar_handle(p, n);
+	free(p);
+}
+
 int bar_tick(void)
 {
-	uint64_t now = now_ns(), durable = B.h.durable_seq();
+	uint64_t now = now_ns(), durable;
 	struct bar *b, *n;
 	int i, next = -1;
+
+	for (b = B.bars; b; b = b->next)
+		if (now >= b->deadline) {
+			read_ready_peers();
+			break;
+		}
+	durable = B.h.durable_seq();
 
 	for (i = 0; i < B.npend;) {
 		if (durable >= B.pend[i].target) {
