@@ -833,6 +833,29 @@ def test_unauthenticated_flood_does_not_stall_a_barrier(tmp_path):
     assert rc == 0, com.stderr()
 
 
+def test_idle_strangers_are_closed(tmp_path):
+    """Connections that never say HELLO (port scanners, half-open peers) are
+    closed after 10 s, so they cannot hold the coordinator's descriptors and
+    slots forever; legitimate participants are untouched and a commit after
+    that succeeds."""
+    com, s, d, _ = _scale_setup(tmp_path, "idle", 4)
+    idle = [socket.create_connection(("127.0.0.1", s.port), timeout=5) for _ in range(3)]
+    try:
+        t0 = time.monotonic()
+        closed = [_closed_by_peer(c, timeout=25.0)[0] for c in idle]
+        waited = time.monotonic() - t0
+        dt, err = com.commit()
+        summ = s.summary()
+    finally:
+        for c in idle:
+            c.close()
+        rc = _scale_teardown(com, s)
+    print("idle connections closed by the coordinator after %.1f s: %s" % (waited, closed))
+    assert all(closed), "an idle connection without HELLO was never closed"
+    assert err == 0 and summ["lost"] == [] and summ["decisions"] == [], (err, summ)
+    assert rc == 0, com.stderr()
+
+
 # --------------------------------------------------------------------------
 # Registration edge cases
 # --------------------------------------------------------------------------

@@ -39,9 +39,13 @@ struct part {
 	int rank;
 	int alive;
 	int hello;
+	uint64_t hello_by;    /* a connection without a HELLO is closed then */
 	int rlen;
 	unsigned char rbuf[sizeof(struct ackpt_bar_msg)];
 };
+
+/* how long a new connection may take to say HELLO with the job token */
+#define HELLO_WITHIN_NS 10000000000ull
 
 struct bar {
 	uint64_t id;
@@ -363,6 +367,7 @@ static void coord_accept(void)
 				B.parts[k].fd = fd;
 				B.parts[k].alive = 1;
 				B.parts[k].rank = -1;
+				B.parts[k].hello_by = now_ns() + HELLO_WITHIN_NS;
 				B.nalive++;
 				fd = -1;
 				break;
@@ -386,6 +391,7 @@ static void coord_accept(void)
 		p->fd = fd;
 		p->alive = 1;
 		p->rank = -1;
+		p->hello_by = now_ns() + HELLO_WITHIN_NS;
 		B.nalive++;
 	}
 }
@@ -692,6 +698,19 @@ int bar_tick(void)
 			read_ready_peers();
 			break;
 		}
+	for (i = 0; i < B.nparts; i++) {
+		struct part *p = &B.parts[i];
+
+		/* idle strangers must not hold descriptors and slots forever */
+		if (p->fd >= 0 && p->alive && !p->hello && now >= p->hello_by) {
+			B.h.log(1, "coordinator: closed a connection that sent no HELLO within %.0f s",
+				HELLO_WITHIN_NS / 1e9);
+			close(p->fd);
+			p->fd = -1;
+			p->alive = 0;
+			B.nalive--;
+		}
+	}
 	durable = B.h.durable_seq();
 
 	for (i = 0; i < B.npend;) {
