@@ -19,7 +19,7 @@ def figures(tmp_path_factory):
     need_shim()
     out = tmp_path_factory.mktemp("faults") / "figures.json"
     r = subprocess.run([str(RUN), "--quick", "--no-doc", "--json", str(out)], capture_output=True,
-                       text=True, timeout=900)
+                       text=True, timeout=3000)
     if not out.exists():
         pytest.fail("tests/faults/run produced no figures (status %s):\n%s\n%s"
                     % (r.returncode, r.stdout[-4000:], r.stderr[-4000:]), pytrace=False)
@@ -28,8 +28,9 @@ def figures(tmp_path_factory):
     return fig
 
 
-SCENARIOS = ["1-trainer-kill", "2-helper-kill", "5-fault-sweep", "6-real-enospc", "9-bad-input",
-             "10-security"]
+SCENARIOS = ["1-trainer-kill", "2-helper-kill", "3-crash-sweep", "4-power-loss", "5-fault-sweep",
+             "6-real-enospc", "6b-real-eio", "7-multi-rank", "8-back-pressure", "8b-fuse-faults", "9-bad-input",
+             "10-security", "10b-coordinator-fuzz"]
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
