@@ -7,7 +7,12 @@
  *  - fsync_s[]: time inside fsync after it; durable_s[]: from the start of
  *    the write until everything is durable (ackpt_wait under the shim,
  *    fsync returning without it);
- *  - fastpath_ns: cost per 4 KiB write() to an unmanaged file.
+ *  - fastpath_ns: cost per 4 KiB write() to an unmanaged file;
+ *  - managed_small_ns: cost per 4 KiB write() to a managed file (staged
+ *    under the shim), per batch.
+ * STAGE_BENCH_DLOPEN=LIB dlopens LIB first (a CUDA driver, so the shim
+ * classifies every written buffer); STAGE_BENCH_SMALL_ONLY=1 measures only
+ * managed_small_ns.
  */
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -38,6 +43,36 @@ static void *faulted(size_t n)
 	return p;
 }
 
+/* 4 KiB writes to a file in dir, timed per batch (ns per call) */
+static int managed_small(const char *dir, const char *src)
+{
+	enum { BATCHES = 20, PER = 2000 };
+	char path[4096];
+	int b, i, fd;
+
+	snprintf(path, sizeof(path), "%s/stage_small.bin", dir);
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	if (fd < 0) {
+		perror(path);
+		return 1;
+	}
+	printf("\"managed_small_ns\": [");
+	for (b = 0; b < BATCHES; b++) {
+		double t0 = now();
+
+		for (i = 0; i < PER; i++)
+			if (write(fd, src + (size_t)i * 4096 % (1u << 20), 4096) != 4096) {
+				perror("write");
+				return 1;
+			}
+		printf("%s%.1f", b ? ", " : "", (now() - t0) / PER * 1e9);
+	}
+	printf("]");
+	close(fd);
+	unlink(path);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	const char *dir = argc > 1 ? argv[1] : ".";
@@ -45,12 +80,27 @@ int main(int argc, char **argv)
 	int rounds = argc > 3 ? atoi(argv[3]) : 4;
 	const char *scratch = argc > 4 ? argv[4] : "/tmp";
 	int (*wait_fn)(double) = (int (*)(double))dlsym(RTLD_DEFAULT, "ackpt_wait");
-	char *src = faulted(size), *dst = faulted(size);
+	const char *lib = getenv("STAGE_BENCH_DLOPEN");
+	char *src, *dst;
 	double best = 1e9, t;
 	char path[4096];
 	size_t i;
 	int r, fd;
 
+	if (lib && *lib && !dlopen(lib, RTLD_NOW | RTLD_GLOBAL)) {
+		fprintf(stderr, "stage_bench: %s\n", dlerror());
+		return 1;
+	}
+	if (getenv("STAGE_BENCH_SMALL_ONLY")) {
+		src = faulted(1u << 21);
+		printf("{\"shim\": %s, ", wait_fn ? "true" : "false");
+		if (managed_small(dir, src))
+			return 1;
+		printf("}\n");
+		return 0;
+	}
+	src = faulted(size);
+	dst = faulted(size);
 	for (i = 0; i < size; i += 4096)
 		src[i] = (char)(i >> 12);
 	for (r = 0; r < 3; r++) {
@@ -127,7 +177,10 @@ int main(int argc, char **argv)
 					return 1;
 			direct[b] = (now() - t0) / per * 1e9;
 		}
-		printf("], \"fastpath_ns\": [");
+		printf("], ");
+		if (managed_small(dir, src))
+			return 1;
+		printf(", \"fastpath_ns\": [");
 		for (b = 0; b < batches; b++)
 			printf("%s[%.1f, %.1f]", b ? ", " : "", via[b], direct[b]);
 		printf("]}\n");

@@ -58,7 +58,7 @@ static struct fill pending[MAX_PENDING];
 static int npending;
 static uintptr_t reg_base;
 static size_t reg_len;
-static int log_fd = -1;
+static int log_fd = -1;  /* -2: no $FAKECUDA_LOG (looked up once: bench/micro times calls) */
 
 static void logf_(const char *fmt, ...)
 {
@@ -66,11 +66,15 @@ static void logf_(const char *fmt, ...)
 	va_list ap;
 	int n;
 
+	if (log_fd == -2)
+		return;
 	if (log_fd < 0) {
 		const char *p = getenv("FAKECUDA_LOG");
 
-		if (!p)
+		if (!p) {
+			log_fd = -2;
 			return;
+		}
 		/* raw syscalls: the preload must not see the fake's own I/O */
 		log_fd = (int)syscall(SYS_openat, AT_FDCWD, p, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC,
 				      0644);
