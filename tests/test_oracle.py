@@ -137,3 +137,41 @@ def test_commit_waits_for_durable_names(style, tmp_path):
         "the data files' directory and its parent were not fsynced before the commit: %s" % dirs
     assert not found["skip-dirfsync"][0], \
         "negative control: ACKPT_TEST_SKIP_DIRFSYNC=1 still fsynced directories: %s" % found["skip-dirfsync"][0]
+
+
+def test_rename_into_new_directory_makes_its_entry_durable(tmp_path):
+    """A deferred rename into a directory the program has just made: after
+    the rename the helper fsyncs the new name's directory, the old one's,
+    and the new directory's parent (which holds the new directory's own
+    entry)."""
+    need_shim()
+    if shutil.which("strace") is None:
+        pytest.skip("strace not installed")
+    from faultutil import run, shim_env
+    out = tmp_path / "ckpt"
+    (out / "a").mkdir(parents=True)
+    prog = tmp_path / "mv.py"
+    prog.write_text(
+        "import os, sys\n"
+        "out = sys.argv[1]\n"
+        "fd = os.open(out + '/a/tmp.bin', os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)\n"
+        "os.write(fd, b'z' * (1 << 20))\n"
+        "os.close(fd)\n"
+        "os.makedirs(out + '/b/c')\n"
+        "os.rename(out + '/a/tmp.bin', out + '/b/c/data.bin')\n"
+        "print('OK', flush=True)\n")
+    trace = tmp_path / "strace.txt"
+    res = run(strace_argv(trace, [VENV_PY, prog, out],
+                          syscalls="fsync,rename,renameat,renameat2,execve,clone,clone3,fork,vfork"),
+              shim_env(out, ACKPT_TEST_DELAY_MS="200"), timeout=120)
+    assert res.returncode == 0 and "OK" in res.stdout, res.describe()
+    assert (out / "b" / "c" / "data.bin").read_bytes() == b"z" * (1 << 20)
+    calls = parse_strace(trace)
+    helpers = helper_pid_set(calls)
+    hcalls = [c for c in calls if c.pid in helpers and c.ret.strip().startswith("0")]
+    ren = [i for i, c in enumerate(hcalls) if c.name.startswith("rename") and "data.bin" in c.args]
+    assert ren, "the rename was not deferred to the helper: %s" % [(c.name, c.args) for c in hcalls]
+    after = {c.fd_path() for c in hcalls[ren[0]:] if c.name == "fsync"}
+    print("fsyncs after the rename:", sorted(after))
+    want = {str(out / "b" / "c"), str(out / "a"), str(out / "b")}
+    assert want <= after, "missing directory fsyncs after the rename: %s" % sorted(want - after)

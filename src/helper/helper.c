@@ -91,6 +91,7 @@ static struct {
 	int reg_helper;
 	long delay_ms;
 	int skip_dirfsync;   /* testing knob: the negative control of the power-loss test */
+	struct timespec started; /* CLOCK_REALTIME at start */
 	uint64_t open_gen;   /* counts OPEN ops */
 	struct { char *dir; uint64_t gen; } dircache[16]; /* directories fsynced, and when */
 	unsigned dircache_next;
@@ -211,7 +212,7 @@ static void file_close(struct hfile *f)
 }
 
 /* fsync the directory holding path; *gone is set when the directory itself
- * cannot be opened (removed, or not readable), which is not a write error */
+ * no longer exists, which is not a write error */
 static int fsync_dir_gone(const char *path, int *gone)
 {
 	char dir[PATH_MAX];
@@ -230,7 +231,7 @@ static int fsync_dir_gone(const char *path, int *gone)
 		return 0;
 	fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (fd < 0) {
-		if (gone)
+		if (gone && (errno == ENOENT || errno == ENOTDIR || errno == ESTALE))
 			*gone = 1;
 		return -errno;
 	}
@@ -273,9 +274,9 @@ static int sync_dir_cached(const char *path, uint64_t gen)
 
 	snprintf(dir, sizeof(dir), "%s", path);
 	slash = strrchr(dir, '/');
-	if (!slash || slash == dir)
+	if (!slash || !strcmp(path, "/"))
 		return 0;
-	*slash = 0;
+	slash[slash == dir] = 0; /* "/x" is in "/" */
 	if (dir_synced_since(dir, gen))
 		return 0;
 	ret = fsync_dir_gone(path, &gone);
@@ -293,15 +294,24 @@ static int sync_dir_cached(const char *path, uint64_t gen)
 static void file_name_durable(uint32_t slot)
 {
 	struct hfile *f = &H.files[slot];
-	char dir[PATH_MAX];
+	char link[64], path[PATH_MAX], dir[PATH_MAX];
 	char *slash;
+	ssize_t n;
 	int ret;
 
-	if (f->name_durable || !f->path || f->err || strstr(f->path, " (deleted)"))
+	if (f->name_durable || f->err || f->fd < 0)
 		return;
+	/* where the file is now: it may have been renamed since it was opened */
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", f->fd);
+	n = readlink(link, path, sizeof(path) - 1);
+	if (n <= 0 || path[0] != '/')
+		return;
+	path[n] = 0;
 	f->name_durable = 1;
-	ret = sync_dir_cached(f->path, f->open_gen);
-	snprintf(dir, sizeof(dir), "%s", f->path);
+	if (n > 10 && !strcmp(path + n - 10, " (deleted)"))
+		return; /* no name left to keep */
+	ret = sync_dir_cached(path, f->open_gen);
+	snprintf(dir, sizeof(dir), "%s", path);
 	slash = strrchr(dir, '/');
 	if (!ret && slash && slash != dir) {
 		*slash = 0;
@@ -506,6 +516,21 @@ static void run_rename(struct hop *h)
 	ret = fsync_dir_of(newp);
 	if (!ret && strncmp(oldp, newp, strrchr(newp, '/') - newp + 1))
 		ret = fsync_dir_of(oldp);
+	if (!ret) {
+		/* the new directory's own entry too (a directory just made) */
+		char nd[PATH_MAX];
+		char *slash;
+		int gone = 0;
+
+		snprintf(nd, sizeof(nd), "%s", newp);
+		slash = strrchr(nd, '/');
+		if (slash && slash != nd) {
+			*slash = 0;
+			ret = fsync_dir_gone(nd, &gone);
+			if (gone)
+				ret = 0;
+		}
+	}
 	if (ret)
 		file_error(h->op.file, -ret, "directory fsync after rename");
 }
@@ -594,6 +619,7 @@ static void remove_stale_backups(const char *final)
 	if (!d)
 		return;
 	while ((de = readdir(d))) {
+		struct stat st;
 		char *end;
 		long pid;
 
@@ -601,6 +627,10 @@ static void remove_stale_backups(const char *final)
 			continue;
 		pid = strtol(de->d_name + plen, &end, 10);
 		if (*end || pid <= 0 || pid == H.pid || !(kill((pid_t)pid, 0) < 0 && errno == ESRCH))
+			continue;
+		if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+		    st.st_ctim.tv_sec > H.started.tv_sec ||
+		    (st.st_ctim.tv_sec == H.started.tv_sec && st.st_ctim.tv_nsec >= H.started.tv_nsec))
 			continue;
 		if (unlinkat(dirfd(d), de->d_name, 0) == 0)
 			hlog(2, "removed %s/%s, left by a helper that died during a commit", dirpath,
@@ -612,9 +642,15 @@ static void remove_stale_backups(const char *final)
 /*
  * The previous metadata, kept as backup while the new name is not yet
  * durable: a hard link, or where the filesystem has none (FUSE, some network
- * filesystems) a copy, fsynced. A storage error making it aborts the
- * commit, like any other error on the way to it.
+ * filesystems) a copy, fsynced. Returns 0 with a backup, 1 without one for a
+ * harmless reason (the previous file unreadable or gone), or a storage
+ * error, which aborts the commit like any other error on the way to it.
  */
+static int storage_errno(int e)
+{
+	return e == EIO || e == ENOSPC || e == EDQUOT || e == EROFS;
+}
+
 static int make_backup(const char *final, const char *backup, const struct stat *st)
 {
 	char buf[65536];
@@ -626,18 +662,21 @@ static int make_backup(const char *final, const char *backup, const struct stat 
 		return 0;
 	in = open(final, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 	if (in < 0)
-		return -errno;
+		return storage_errno(errno) ? -errno : 1;
 	out = open(backup, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, st->st_mode & 07777);
 	if (out < 0) {
-		ret = -errno;
+		ret = storage_errno(errno) ? -errno : 1;
 		close(in);
 		return ret;
 	}
 	while (!ret && (n = read(in, buf, sizeof(buf))) != 0) {
-		if (n < 0)
+		if (n < 0) {
 			ret = -errno;
-		else if (write(out, buf, (size_t)n) != n)
-			ret = errno ? -errno : -EIO;
+			break;
+		}
+		errno = 0;
+		if (write(out, buf, (size_t)n) != n)
+			ret = errno ? -errno : -ENOSPC;
 	}
 	if (!ret)
 		ret = fault_check(FAULT_FSYNC, 0);
@@ -673,14 +712,15 @@ static int commit_apply(struct commit *c)
 	/* keep the previous metadata reachable until the new name is durable */
 	base = strrchr(c->final, '/');
 	base = base ? base + 1 : c->final;
-	if (lstat(c->final, &st) == 0 && S_ISREG(st.st_mode) &&
+	had_prev = lstat(c->final, &st) == 0;
+	if (had_prev && S_ISREG(st.st_mode) &&
 	    snprintf(backup, sizeof(backup), "%.*s.%s.ackpt.prev.%d", (int)(base - c->final),
 		     c->final, base, (int)H.pid) < (int)sizeof(backup)) {
-		had_prev = 1;
 		ret = make_backup(c->final, backup, &st);
-		if (ret)
+		if (ret < 0)
 			return ret;
-		have_backup = 1;
+		have_backup = ret == 0;
+		ret = 0;
 	}
 	ret = fault_check(FAULT_RENAME, 0);
 	if (!ret && rename(c->tmp, c->final) < 0)
@@ -832,6 +872,8 @@ static void dispatch(void)
 			break;
 		case ACKPT_OP_FSYNC:
 			if (!f->open || !f->dirty) {
+				if (f->open)
+					file_name_durable(h->op.file);
 				mark_done(h);
 				break;
 			}
@@ -842,6 +884,8 @@ static void dispatch(void)
 				h->fsync_phase = 1;
 				issue_fsync(f, h);
 			} else {
+				if (f->open)
+					file_name_durable(h->op.file); /* created, never written */
 				file_close(f);
 				mark_done(h);
 			}
@@ -997,6 +1041,11 @@ static int receive_one(void)
 		} else {
 			if (fd >= 0)
 				close(fd);
+			if (f) {
+				/* the error is this file's, not the slot's previous one's */
+				f->dev = op.dev;
+				f->ino = op.ino;
+			}
 			file_error(op.file, EBADF, "open (no descriptor received)");
 		}
 		mark_done(h);
@@ -1168,6 +1217,7 @@ int main(int argc, char **argv)
 		_exit(0);
 	setsid();
 	H.pid = getpid();
+	clock_gettime(CLOCK_REALTIME, &H.started);
 
 	H.shm = mmap(NULL, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, ACKPT_HELPER_SHM_FD, 0);
 	if (H.shm == MAP_FAILED || H.shm->magic != ACKPT_PROTO_MAGIC ||
