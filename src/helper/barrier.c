@@ -131,13 +131,13 @@ static int valid(const struct ackpt_bar_msg *m)
 	       m->type >= BAR_HELLO && m->type <= BAR_BYE;
 }
 
-/* Read whole frames from a non-blocking socket; -1 on EOF/error/garbage. */
 /*
- * Handle the complete frames waiting on fd, at most FRAMES_PER_WAKEUP of
- * them: a peer that streams frames must not keep the helper from its own
- * I/O or from other peers (poll wakes us again for the rest). fn returns
- * nonzero to stop reading (the peer was rejected). Returns -1 when the
- * connection is over.
+ * Handle the complete frames waiting on a non-blocking socket, at most
+ * FRAMES_PER_WAKEUP of them: a peer that streams frames must not keep the
+ * helper from its own I/O or from other peers (poll wakes us again for the
+ * rest). fn returns nonzero to stop reading (the peer was rejected).
+ * Returns -1 when the connection is over: EOF, an error, garbage, or fn
+ * said stop.
  */
 #define FRAMES_PER_WAKEUP 64
 

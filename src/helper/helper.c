@@ -66,7 +66,7 @@ struct hfile {
 	int name_durable;      /* its directory entry has been fsynced */
 	uint64_t open_gen;     /* H.open_gen when it was opened */
 	uint64_t dev, ino;
-	char *path;            /* for log lines and its directory */
+	char *path;            /* at open, for log lines */
 	struct hop *head, *tail, *qhead;
 };
 
@@ -599,7 +599,9 @@ static void commit_decided(uint64_t id, int status, const char *why)
  * Backup links ".<name>.ackpt.prev.<helper pid>" of helpers that died (or a
  * machine that lost power) between making the link and removing it: once a
  * new commit of <name> is durable nobody needs them, and nobody else would
- * remove them. A live pid is left alone (it may be another helper's).
+ * remove them. Only links made before this helper started, by a pid that no
+ * longer exists, are removed: on a filesystem shared between nodes a pid
+ * says nothing about another node's helper, whose link would be fresh.
  */
 static void remove_stale_backups(const char *final)
 {
@@ -639,6 +641,11 @@ static void remove_stale_backups(const char *final)
 	closedir(d);
 }
 
+static int storage_errno(int e)
+{
+	return e == EIO || e == ENOSPC || e == EDQUOT || e == EROFS;
+}
+
 /*
  * The previous metadata, kept as backup while the new name is not yet
  * durable: a hard link, or where the filesystem has none (FUSE, some network
@@ -646,11 +653,6 @@ static void remove_stale_backups(const char *final)
  * harmless reason (the previous file unreadable or gone), or a storage
  * error, which aborts the commit like any other error on the way to it.
  */
-static int storage_errno(int e)
-{
-	return e == EIO || e == ENOSPC || e == EDQUOT || e == EROFS;
-}
-
 static int make_backup(const char *final, const char *backup, const struct stat *st)
 {
 	char buf[65536];
