@@ -38,6 +38,7 @@
 #include "barrier.h"
 #include "engine.h"
 #include "fault.h"
+#include "path.h"
 #include "proto.h"
 
 #define MAXPEND   4096
@@ -211,22 +212,22 @@ static void file_close(struct hfile *f)
 	registry_release(f);
 }
 
-/* fsync the directory holding path; *gone is set when the directory itself
- * no longer exists, which is not a write error */
-static int fsync_dir_gone(const char *path, int *gone)
+/* fsync, or the error the fault hook makes of it */
+static int fsync_checked(int fd)
 {
-	char dir[PATH_MAX];
-	char *slash;
-	int fd, ret = 0;
+	int ret = fault_check(FAULT_FSYNC, 0);
 
-	snprintf(dir, sizeof(dir), "%s", path);
-	slash = strrchr(dir, '/');
-	if (!slash)
-		return 0;
-	if (slash == dir)
-		slash[1] = 0;
-	else
-		*slash = 0;
+	if (!ret && fsync(fd) < 0)
+		ret = -errno;
+	return ret;
+}
+
+/* fsync the directory dir; *gone is set when the directory no longer
+ * exists, which is not a write error */
+static int fsync_dir(const char *dir, int *gone)
+{
+	int fd, ret;
+
 	if (H.skip_dirfsync)
 		return 0;
 	fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -242,9 +243,12 @@ static int fsync_dir_gone(const char *path, int *gone)
 	return ret;
 }
 
+/* fsync the directory holding path */
 static int fsync_dir_of(const char *path)
 {
-	return fsync_dir_gone(path, NULL);
+	char dir[PATH_MAX];
+
+	return path_dir(dir, sizeof(dir), path) ? 0 : fsync_dir(dir, NULL);
 }
 
 /*
@@ -265,21 +269,14 @@ static int dir_synced_since(const char *dir, uint64_t gen)
 	return 0;
 }
 
-static int sync_dir_cached(const char *path, uint64_t gen)
+static int sync_dir_cached(const char *dir, uint64_t gen)
 {
-	char dir[PATH_MAX];
-	char *slash;
 	unsigned i;
 	int ret, gone = 0;
 
-	snprintf(dir, sizeof(dir), "%s", path);
-	slash = strrchr(dir, '/');
-	if (!slash || !strcmp(path, "/"))
-		return 0;
-	slash[slash == dir] = 0; /* "/x" is in "/" */
 	if (dir_synced_since(dir, gen))
 		return 0;
-	ret = fsync_dir_gone(path, &gone);
+	ret = fsync_dir(dir, &gone);
 	if (gone)
 		return 0; /* removed with its directory: no name left to keep */
 	if (ret)
@@ -294,8 +291,7 @@ static int sync_dir_cached(const char *path, uint64_t gen)
 static void file_name_durable(uint32_t slot)
 {
 	struct hfile *f = &H.files[slot];
-	char link[64], path[PATH_MAX], dir[PATH_MAX];
-	char *slash;
+	char link[64], path[PATH_MAX], dir[PATH_MAX], parent[PATH_MAX];
 	ssize_t n;
 	int ret;
 
@@ -308,15 +304,11 @@ static void file_name_durable(uint32_t slot)
 		return;
 	path[n] = 0;
 	f->name_durable = 1;
-	if (n > 10 && !strcmp(path + n - 10, " (deleted)"))
+	if ((n > 10 && !strcmp(path + n - 10, " (deleted)")) || path_dir(dir, sizeof(dir), path))
 		return; /* no name left to keep */
-	ret = sync_dir_cached(path, f->open_gen);
-	snprintf(dir, sizeof(dir), "%s", path);
-	slash = strrchr(dir, '/');
-	if (!ret && slash && slash != dir) {
-		*slash = 0;
-		ret = sync_dir_cached(dir, f->open_gen);
-	}
+	ret = sync_dir_cached(dir, f->open_gen);
+	if (!ret && strcmp(dir, "/") && !path_dir(parent, sizeof(parent), dir))
+		ret = sync_dir_cached(parent, f->open_gen);
 	if (ret)
 		file_error(slot, -ret, "directory fsync");
 }
@@ -468,9 +460,7 @@ static void sync_all_files(void)
 			continue;
 		if (f->dirty) {
 			f->dirty = 0;
-			ret = fault_check(FAULT_FSYNC, 0);
-			if (!ret && fsync(f->fd) < 0)
-				ret = -errno;
+			ret = fsync_checked(f->fd);
 			if (ret)
 				file_error(i, -ret, "fsync");
 		}
@@ -493,9 +483,7 @@ static void run_rename(struct hop *h)
 
 		if (f->open && f->dirty) {
 			f->dirty = 0;
-			ret = fault_check(FAULT_FSYNC, 0);
-			if (!ret && fsync(f->fd) < 0)
-				ret = -errno;
+			ret = fsync_checked(f->fd);
 			if (ret) {
 				file_error(h->op.file, -ret, "fsync before rename");
 				return; /* never move partial data under the final name */
@@ -518,15 +506,12 @@ static void run_rename(struct hop *h)
 		ret = fsync_dir_of(oldp);
 	if (!ret) {
 		/* the new directory's own entry too (a directory just made) */
-		char nd[PATH_MAX];
-		char *slash;
+		char nd[PATH_MAX], parent[PATH_MAX];
 		int gone = 0;
 
-		snprintf(nd, sizeof(nd), "%s", newp);
-		slash = strrchr(nd, '/');
-		if (slash && slash != nd) {
-			*slash = 0;
-			ret = fsync_dir_gone(nd, &gone);
+		if (!path_dir(nd, sizeof(nd), newp) && strcmp(nd, "/") &&
+		    !path_dir(parent, sizeof(parent), nd)) {
+			ret = fsync_dir(parent, &gone);
 			if (gone)
 				ret = 0;
 		}
@@ -681,9 +666,7 @@ static int make_backup(const char *final, const char *backup, const struct stat 
 			ret = errno ? -errno : -ENOSPC;
 	}
 	if (!ret)
-		ret = fault_check(FAULT_FSYNC, 0);
-	if (!ret && fsync(out) < 0)
-		ret = -errno;
+		ret = fsync_checked(out);
 	close(in);
 	close(out);
 	if (ret)
@@ -705,9 +688,7 @@ static int commit_apply(struct commit *c)
 	fd = open(c->tmp, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 	if (fd < 0)
 		return -errno;
-	ret = fault_check(FAULT_FSYNC, 0);
-	if (!ret && fsync(fd) < 0)
-		ret = -errno;
+	ret = fsync_checked(fd);
 	close(fd);
 	if (ret)
 		return ret;
@@ -1348,9 +1329,7 @@ int main(int argc, char **argv)
 			continue;
 		}
 		if (f->dirty) {
-			ret = fault_check(FAULT_FSYNC, 0);
-			if (!ret && fsync(f->fd) < 0)
-				ret = -errno;
+			ret = fsync_checked(f->fd);
 			if (ret)
 				file_error(i, -ret, "fsync at exit");
 		}

@@ -143,15 +143,10 @@ static int rename_checks(const char *co, const char *cn, const struct stat *so)
 {
 	char parent[PATH_MAX];
 	struct stat sp, sn;
-	char *slash;
 
 	/* the checks a synchronous rename would fail on, done now */
-	snprintf(parent, sizeof(parent), "%s", cn);
-	slash = strrchr(parent, '/');
-	if (slash == parent)
-		slash[1] = 0;
-	else
-		*slash = 0;
+	if (path_dir(parent, sizeof(parent), cn))
+		return -ENAMETOOLONG;
 	if (real.stat(parent, &sp) < 0)
 		return -errno;
 	if (!S_ISDIR(sp.st_mode))
@@ -211,11 +206,10 @@ static int defer_commit(const char *co, const char *cn, const struct stat *so)
 /* 1 if deferred (done), 0 if the caller should pass through, -errno on error. */
 static int try_defer_rename(int olddir, const char *oldp, int newdir, const char *newp)
 {
-	char co[PATH_MAX], cn[PATH_MAX], parent[PATH_MAX];
-	struct stat so, sp;
+	char co[PATH_MAX], cn[PATH_MAX];
+	struct stat so;
 	struct inode_state *ino, *rename_ino;
 	struct ns_entry *e;
-	char *slash;
 	int ret;
 
 	if (canon_path(olddir, oldp, co, sizeof(co)) < 0 ||
@@ -242,37 +236,9 @@ static int try_defer_rename(int olddir, const char *oldp, int newdir, const char
 		return 0;
 	}
 	rename_ino = ino->closing ? NULL : ino; /* a closed file was fsynced at its CLOSE */
-	/* the checks a synchronous rename would fail on, done now */
-	snprintf(parent, sizeof(parent), "%s", cn);
-	slash = strrchr(parent, '/');
-	if (slash == parent)
-		slash[1] = 0;
-	else
-		*slash = 0;
-	if (real.stat(parent, &sp) < 0) {
-		ret = -errno;
+	ret = rename_checks(co, cn, &so);
+	if (ret < 0)
 		goto out;
-	}
-	if (!S_ISDIR(sp.st_mode)) {
-		ret = -ENOTDIR;
-		goto out;
-	}
-	if (sp.st_dev != so.st_dev) {
-		ret = -EXDEV;
-		goto out;
-	}
-	if (access(parent, W_OK) < 0) {
-		ret = -errno;
-		goto out;
-	}
-	{
-		struct stat sn;
-
-		if (real.lstat(cn, &sn) == 0 && S_ISDIR(sn.st_mode)) {
-			ret = -EISDIR;
-			goto out;
-		}
-	}
 	e = calloc(1, sizeof(*e));
 	if (!e) {
 		ret = 0;

@@ -562,17 +562,10 @@ int session_send_commit(struct inode_state *ino, const char *tmp, const char *fi
 static int fsync_path_dir(const char *path)
 {
 	char dir[PATH_MAX];
-	char *slash;
 	int fd, ret = 0;
 
-	snprintf(dir, sizeof(dir), "%s", path);
-	slash = strrchr(dir, '/');
-	if (!slash)
+	if (path_dir(dir, sizeof(dir), path))
 		return 0;
-	if (slash == dir)
-		slash[1] = 0;
-	else
-		*slash = 0;
 	fd = real.open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
@@ -667,6 +660,23 @@ int session_check_commit_error(void)
 	return -EIO;
 }
 
+/*
+ * The helper has died while we wait for it: repair (the arena's unconfirmed
+ * data rewritten synchronously) and say so. A vfork child shares our
+ * memory, so only the owner repairs.
+ */
+static int helper_gone(void)
+{
+	if (helper_alive())
+		return 0;
+	if (session_is_owner()) {
+		pthread_mutex_lock(&S.lock);
+		session_helper_died();
+		pthread_mutex_unlock(&S.lock);
+	}
+	return 1;
+}
+
 int session_wait_commit(uint64_t id, double timeout_s)
 {
 	uint64_t t0 = now_ns();
@@ -679,15 +689,8 @@ int session_wait_commit(uint64_t id, double timeout_s)
 			break;
 		if (now_ns() >= deadline)
 			return -ETIMEDOUT;
-		if (!helper_alive()) {
-			/* a vfork child shares our memory: only the owner repairs */
-			if (session_is_owner()) {
-				pthread_mutex_lock(&S.lock);
-				session_helper_died();
-				pthread_mutex_unlock(&S.lock);
-			}
+		if (helper_gone())
 			break;
-		}
 		futex_wait_gen(gen, 100000000ull);
 	}
 	return 0;
@@ -811,15 +814,8 @@ int session_wait(uint64_t seq, double timeout_s, int progress)
 		t = now_ns();
 		if (t >= deadline)
 			return -ETIMEDOUT;
-		if (!helper_alive()) {
-			/* a vfork child shares our memory: only the owner repairs */
-			if (session_is_owner()) {
-				pthread_mutex_lock(&S.lock);
-				session_helper_died();
-				pthread_mutex_unlock(&S.lock);
-			}
+		if (helper_gone())
 			break;
-		}
 		if (progress && t - t0 > 1000000000ull && t - last_print >= 1000000000ull) {
 			uint64_t written = __atomic_load_n(&S.shm->bytes_written, __ATOMIC_RELAXED);
 			uint64_t left = S.head - __atomic_load_n(&S.shm->arena_tail, __ATOMIC_RELAXED);

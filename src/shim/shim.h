@@ -22,6 +22,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "path.h"
 #include "proto.h"
 
 #define ACKPT_EXPORT __attribute__((visibility("default")))
