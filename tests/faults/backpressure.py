@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (HERE, PROGS, VENV_PY, Proc, Tally, ackpt_lines, compare_trees,  # noqa: E402
-                    helper_pids, plain_env, shim_env, shm_leftovers, shm_snapshot,
+                    helper_pids, plain_env, program_told, shim_env, shm_leftovers, shm_snapshot,
                     wait_helpers_gone)
 from sweep import committed, data_ok, save, temporaries  # noqa: E402
 
@@ -503,7 +503,7 @@ def sweep_loop(t, fs, templates, backing, base, style, op, err, mode, variant, e
             break
         lines = ackpt_lines(se)
         err_lines = [ln for ln in lines if "error" in ln]
-        told = ("FIRST_ERROR" in so and rc == 3) or (rc == 1 and bool(err_lines))
+        told = program_told(rc, so, lines)
         if st["hits"] == 0:
             # the sweep ends here: this run must be a complete, committed save
             if not (rc == 0 and "OK" in so and committed(style, back, 2) and data_ok(back, 2)

@@ -181,6 +181,15 @@ def ackpt_lines(stderr):
     return [ln for ln in stderr.splitlines() if "ackpt" in ln]
 
 
+def program_told(rc, stdout, lines, mark="error"):
+    """Did a fault surface in a program run by progs/sweep_save.py?  A call
+    failed (FIRST_ERROR, exit 3), a failed fsync was retried (RETRIED: the
+    first attempt reported it), or the program exited 1 with an ackpt line
+    containing `mark` (lines: ackpt_lines of its stderr)."""
+    return (("FIRST_ERROR" in stdout and rc == 3) or "RETRIED" in stdout
+            or (rc == 1 and any(mark in ln for ln in lines)))
+
+
 def check_trees(flavor, outs, ref, mib, timeout=300):
     """Run progs/check_ckpt.py once over many trees (one torch import); returns {out: dict}."""
     res = {}

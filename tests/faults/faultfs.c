@@ -422,13 +422,11 @@ static int backing_flags(int flags)
 	return flags & ~(O_DIRECT | O_NOFOLLOW);
 }
 
-static int fs_create(const char *path, mode_t mode, struct fuse_file_info *fi)
+/* open (or create) the backing file of path for the file handle fi */
+static int open_backing(const char *path, int flags, mode_t mode, struct fuse_file_info *fi)
 {
-	int fd;
+	int fd = openat(base_fd, rel(path), backing_flags(fi->flags) | flags, mode);
 
-	if (is_ctl(path))
-		return -EEXIST;
-	fd = openat(base_fd, rel(path), backing_flags(fi->flags) | O_CREAT, mode);
 	if (fd < 0)
 		return -errno;
 	fi->fh = (uint64_t)fd;
@@ -438,24 +436,22 @@ static int fs_create(const char *path, mode_t mode, struct fuse_file_info *fi)
 	return 0;
 }
 
+static int fs_create(const char *path, mode_t mode, struct fuse_file_info *fi)
+{
+	if (is_ctl(path))
+		return -EEXIST;
+	return open_backing(path, O_CREAT, mode, fi);
+}
+
 static int fs_open(const char *path, struct fuse_file_info *fi)
 {
-	int fd;
-
 	if (is_ctl(path)) {
 		fi->fh = CTL_FH;
 		fi->direct_io = 1;
 		fi->nonseekable = 0;
 		return 0;
 	}
-	fd = openat(base_fd, rel(path), backing_flags(fi->flags));
-	if (fd < 0)
-		return -errno;
-	fi->fh = (uint64_t)fd;
-	set_fdpath(fd, path);
-	if (opt.directio)
-		fi->direct_io = 1;
-	return 0;
+	return open_backing(path, 0, 0, fi);
 }
 
 static int fs_read(const char *path, char *buf, size_t size, off_t off, struct fuse_file_info *fi)

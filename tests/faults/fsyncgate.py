@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (PROGS, VENV_PY, Tally, ackpt_lines, plain_env, run, shim_env,  # noqa: E402
+from common import (PROGS, VENV_PY, Tally, ackpt_lines, plain_env, program_told, run, shim_env,  # noqa: E402
                     wait_helpers_gone)
 from sweep import committed, data_ok, expected, save  # noqa: E402
 
@@ -444,7 +444,7 @@ def _case(t, work, idx, case, log, stats):
                                "helper still running 30 s after the program"))
         lines = ackpt_lines(se)
         err_lines = [ln for ln in lines if ": error: " in ln]
-        told = ("FIRST_ERROR" in so and rc == 3) or "RETRIED" in so or (rc == 1 and bool(err_lines))
+        told = program_told(rc, so, lines, mark=": error: ")
         helper_commits = [ln for ln in lines if "committed" in ln]
         helper_fails = [ln for ln in lines if "failed:" in ln]
         ro = "ro" in (_mount_opts(rig.mnt) or [])

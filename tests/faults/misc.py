@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from common import (PROGS, REGISTRY, VENV_PY, Proc, Tally, ackpt_lines, compare_trees, helper_pids,
-                    plain_env, run, shim_env, wait_helpers_gone)
+                    plain_env, program_told, run, shim_env, wait_helpers_gone)
 from sweep import committed, data_ok, save, temporaries
 
 TIMEOUT = 120
@@ -63,7 +63,7 @@ def scenario_enospc(work, log, trials_per_case=1):
                 t.hangs += 1
                 t.fail("%s: hang" % what)
             lines = ackpt_lines(se)
-            told = ("FIRST_ERROR" in so and rc == 3) or "RETRIED" in so or (rc == 1 and any("error" in ln for ln in lines))
+            told = program_told(rc, so, lines)
             t.surfaced += told
             if not told:
                 t.fail("%s: ENOSPC not reported (rc %s, %r, %r)" % (what, rc, so, se))

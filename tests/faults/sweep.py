@@ -12,7 +12,7 @@ succeeds.  The run that ends a sweep must be byte-identical and committed.
 import random
 import shutil
 
-from common import (PROGS, VENV_PY, Tally, ackpt_lines, plain_env, run, shim_env)
+from common import (PROGS, VENV_PY, Tally, ackpt_lines, plain_env, program_told, run, shim_env)
 
 NMAX = 60
 TIMEOUT = 60
@@ -77,7 +77,7 @@ def scenario_sweep(work, ops, errs, modes, styles, log, followup=True):
                             break
                         lines = ackpt_lines(se)
                         err_lines = [ln for ln in lines if "error" in ln]
-                        told = ("FIRST_ERROR" in so and rc == 3) or (rc == 1 and bool(err_lines))
+                        told = program_told(rc, so, lines)
                         hit = told or rc != 0 or bool(err_lines)
                         if not hit:
                             # the sweep ends here: this run must be a complete, committed save
