@@ -179,9 +179,15 @@ def scenario_helper_kill(work, trials, seed, log):
             log("  s2 attempt %3d: loop ended before the kill; retried" % attempts)
             shutil.rmtree(out, ignore_errors=True)
             continue
+        # Stop the trainer around the kill, so that whether its last save had
+        # returned is known for sure: a kill after that, landing once its exit
+        # drain had found everything durable, is one it rightly never notices.
+        os.kill(p.p.pid, signal.SIGSTOP)
+        time.sleep(0.1)  # what it printed before the stop reaches p.out
         done_before = any(ln == "saved %d" % ITERS for ln in list(p.out))
         for h in hp:
             os.kill(h, signal.SIGKILL)
+        os.kill(p.p.pid, signal.SIGCONT)
         if done_before:
             p.wait(RUN_TIMEOUT)
             wait_helpers_gone(mark, HELPER_TIMEOUT)
