@@ -39,6 +39,9 @@ enum ackpt_op_type {
 	ACKPT_OP_COMMIT,     /* metadata commit: barrier, then rename paths[0] -> paths[1];
 			      * offset = commit id; flags & ACKPT_COMMIT_OWN_TEMP: on abort
 			      * remove paths[0] (our hidden temporary) */
+	ACKPT_OP_DIRTY,      /* the program wrote the file through the kernel itself (a
+			      * description shared with another process): fsync it at
+			      * the next FSYNC, CLOSE or barrier */
 };
 
 #define ACKPT_COMMIT_OWN_TEMP 0x1

@@ -873,6 +873,10 @@ static void dispatch(void)
 				mark_done(h);
 			}
 			break;
+		case ACKPT_OP_DIRTY:
+			f->dirty = 1;
+			mark_done(h);
+			break;
 		case ACKPT_OP_TRUNCATE:
 			if (f->open && ftruncate(f->fd, (off_t)h->op.offset) < 0)
 				file_error(h->op.file, errno, "ftruncate");

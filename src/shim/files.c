@@ -138,12 +138,14 @@ void registry_note_op(int idx, uint64_t seq)
 		__atomic_store_n(&reg->e[idx].last_seq, seq, __ATOMIC_RELEASE);
 }
 
-/* Wait while another process's helper has pending work on (dev, ino). */
+/* Wait while another process's helper has pending work on (dev, ino).
+ * Returns 1 if there was some, 0 if not. */
 int registry_wait(uint64_t dev, uint64_t ino)
 {
 	struct ackpt_registry *r = registry_map(0);
 	uint64_t t0 = now_ns(), warned = 0;
 	unsigned i;
+	int waited = 0;
 
 	if (!r || !__atomic_load_n(&r->used, __ATOMIC_RELAXED))
 		return 0;
@@ -175,10 +177,11 @@ int registry_wait(uint64_t dev, uint64_t ino)
 				alog(L_INFO, "waiting for ackpt-helper %d to finish a file", (int)pid);
 				warned = 1;
 			}
+			waited = 1;
 			nanosleep(&ts, NULL);
 		}
 	}
-	return 0;
+	return waited;
 }
 
 /* ---- inodes ---- */
@@ -509,6 +512,53 @@ int files_post_open(int fd, int flags, const char *how)
 	return fd;
 }
 
+/*
+ * Wait, with the lock dropped and retaken, until the inode behind fd has no
+ * staged work.  Returns the description again (it may have been closed by
+ * another thread meanwhile: NULL), never a pointer from before the drop.
+ */
+static struct ofd *drain_fd_locked(int fd)
+{
+	struct ofd *o = fd_peek(fd);
+
+	while (o && o->ino && o->ino->last_seq > session_durable()) {
+		inode_drain(o->ino);
+		o = fd_peek(fd);
+	}
+	return o;
+}
+
+/*
+ * A write through a description that another process may also use (after
+ * fork, posix_spawn, SCM_RIGHTS): the kernel's offset, O_APPEND and size
+ * are the only ones every holder sees, so the write goes to the kernel
+ * once the inode's staged data is in the file.  The helper is told the
+ * file is dirty so the next fsync, close or barrier covers these bytes.
+ */
+static ssize_t shared_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos)
+{
+	struct ofd *o = drain_fd_locked(fd);
+	struct stat st;
+	ssize_t n;
+
+	if (!o || !o->ino)
+		return -EBADF;
+	n = use_pos ? real.writev(fd, iov, iovcnt) : real.pwritev(fd, iov, iovcnt, off);
+	if (n < 0)
+		return -errno;
+	if (real.fstat(fd, &st) == 0)
+		o->ino->size = (uint64_t)st.st_size;
+	if (use_pos) {
+		off_t p = real.lseek(fd, 0, SEEK_CUR);
+
+		if (p >= 0)
+			o->pos = (uint64_t)p;
+	}
+	if (S.state == SESS_ACTIVE)
+		session_send_dirty(o->ino);
+	return n;
+}
+
 /* Stage a write.  off < 0 with use_pos: at the logical position. */
 ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos)
 {
@@ -542,6 +592,12 @@ ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, in
 	if (!use_pos && off < 0) {
 		session_unlock();
 		return -EINVAL;
+	}
+	if (ino->shared) {
+		ret = shared_write(fd, iov, iovcnt, off, use_pos);
+		S.stall_ns += now_ns() - t0;
+		session_unlock();
+		return ret;
 	}
 	/* Linux appends even for pwrite on an O_APPEND description */
 	at = o->append ? ino->size : use_pos ? o->pos : (uint64_t)off;
@@ -601,6 +657,20 @@ off_t managed_lseek(int fd, off_t off, int whence)
 	if (!o || !o->ino || !o->writable) {
 		session_unlock();
 		return -ENOTSUP;
+	}
+	if (o->ino->shared) {
+		o = drain_fd_locked(fd);
+		if (!o) {
+			session_unlock();
+			return -EBADF;
+		}
+		r = real.lseek(fd, off, whence);
+		if (r < 0)
+			r = -errno;
+		else
+			o->pos = (uint64_t)r;
+		session_unlock();
+		return r;
 	}
 	switch (whence) {
 	case SEEK_SET: base = 0; break;
@@ -777,6 +847,104 @@ int files_any_inherited_open(void)
 		}
 	}
 	return 0;
+}
+
+static int fd_inheritable(int fd)
+{
+	int fl = real.fcntl(fd, F_GETFD);
+
+	return fl >= 0 && !(fl & FD_CLOEXEC);
+}
+
+/*
+ * Some descriptions are about to reach another process: every writable
+ * managed one (all), or those an exec keeps open (!all).  Their inodes go
+ * through the kernel from now on, and what is staged for them is written
+ * out first, so the other process finds the data, size and offset a
+ * synchronous run would show it.  Not for a vfork child: files_share_vfork.
+ */
+void files_share(int all)
+{
+	uint64_t wait = 0;
+	unsigned i;
+
+	if (S.state != SESS_ACTIVE || !S.ninodes || session_lock() < 0)
+		return;
+	for (i = 0; i < FD_MAX; i++) {
+		struct ofd *o = atomic_load_explicit(&fdtab[i], memory_order_acquire);
+
+		if (!o || !o->ino || !o->writable || (!all && !fd_inheritable((int)i)))
+			continue;
+		o->ino->shared = 1;
+		if (o->ino->last_seq > wait)
+			wait = o->ino->last_seq;
+	}
+	session_unlock();
+	if (wait)
+		session_wait(wait, 0, 0);
+}
+
+/* One descriptor leaves through SCM_RIGHTS. */
+void files_share_fd(int fd)
+{
+	struct ofd *o;
+	uint64_t wait = 0;
+
+	if (!fd_peek(fd) || session_lock() < 0)
+		return;
+	o = fd_peek(fd);
+	if (o && o->ino && o->writable) {
+		o->ino->shared = 1;
+		wait = o->ino->last_seq;
+	}
+	session_unlock();
+	if (wait)
+		session_wait(wait, 0, 0);
+}
+
+/*
+ * In a vfork child (CPython's subprocess), which runs in our memory while
+ * the parent is suspended until exec: it may mark and wait, never lock or
+ * send.  fd < 0: every description the exec keeps open.
+ */
+void files_share_vfork(int fd)
+{
+	unsigned i, lo = fd < 0 ? 0 : (unsigned)fd, hi = fd < 0 ? FD_MAX : (unsigned)fd + 1;
+	uint64_t wait = 0;
+
+	if (S.state != SESS_ACTIVE)
+		return;
+	for (i = lo; i < hi && i < FD_MAX; i++) {
+		struct ofd *o = atomic_load_explicit(&fdtab[i], memory_order_acquire);
+
+		if (!o || !o->ino || !o->writable || (fd < 0 && !fd_inheritable((int)i)))
+			continue;
+		o->ino->shared = 1;
+		if (o->ino->last_seq > wait)
+			wait = o->ino->last_seq;
+	}
+	if (wait)
+		session_wait(wait, 0, 0);
+}
+
+/*
+ * A commit marker still open when the process exits would otherwise never
+ * be committed: release every descriptor of one, as the kernel's close at
+ * exit would, so its commit is queued before the exit drain.
+ */
+void files_release_markers(void)
+{
+	unsigned i;
+
+	if (S.state == SESS_NONE || S.state == SESS_FAILED || !S.ninodes || session_lock() < 0)
+		return;
+	for (i = 0; i < FD_MAX; i++) {
+		struct ofd *o = atomic_load_explicit(&fdtab[i], memory_order_acquire);
+
+		if (o && o->ino && o->ino->commit_final)
+			fd_release((int)i);
+	}
+	session_unlock();
 }
 
 /*

@@ -421,9 +421,12 @@ ACKPT_EXPORT DIR *fdopendir(int fd)
 	return real.fdopendir(fd);
 }
 
+/* A deferred rename into or out of the directory decides whether it is
+ * empty: wait for all of them, and for commits. */
 ACKPT_EXPORT int rmdir(const char *path)
 {
 	ENSURE_REAL();
+	wait_all_renames();
 	ns_wait_commits();
 	return real.rmdir(path);
 }

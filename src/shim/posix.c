@@ -440,6 +440,15 @@ static int dup23(int oldfd, int newfd, int flags, int three)
 
 	if (oldfd == newfd && !three)
 		return real.dup2(oldfd, newfd);
+	if (!session_is_owner()) {
+		/* a vfork child setting up a subprocess's stdio: the exec'd
+		 * image will write through this description */
+		r = three ? real.dup3(oldfd, newfd, flags) : real.dup2(oldfd, newfd);
+		if (r >= 0 && fd_peek(oldfd))
+			files_share_vfork(oldfd);
+		errno = r >= 0 ? saved : errno;
+		return r;
+	}
 	relocate_if_ours(newfd);
 	if (fd_peek(newfd) && session_lock() == 0) {
 		fd_release(newfd); /* dup2 closes newfd silently */

@@ -21,14 +21,38 @@ static void exec_prepare(void)
 		return;
 	if (!session_is_owner()) {
 		/* vfork child sharing our memory: it may only wait, never lock */
-		if (files_any_inherited_open())
-			session_wait(S.seq, 0, 0);
+		files_share_vfork(-1);
 		errno = saved;
 		return;
 	}
 	cookies_flush_all();
-	if (files_any_inherited_open())
+	if (files_any_inherited_open()) {
+		files_share(0);
 		session_sync_all(0, 0);
+	}
+	errno = saved;
+}
+
+/*
+ * posix_spawn's file actions run in the child inside glibc, where no
+ * wrapper sees them: one may dup any of our descriptors onto the child's
+ * stdout, or open a file we still have staged data for with O_TRUNC.  So
+ * with file actions every managed description becomes shared and all
+ * staged data is written out first.
+ */
+static void spawn_prepare(const posix_spawn_file_actions_t *fa)
+{
+	int saved = errno;
+
+	if (S.state != SESS_ACTIVE || !session_is_owner())
+		return;
+	if (!fa) {
+		exec_prepare();
+		return;
+	}
+	cookies_flush_all();
+	files_share(1);
+	session_wait(S.seq, 0, 0);
 	errno = saved;
 }
 
@@ -147,7 +171,7 @@ ACKPT_EXPORT int posix_spawn(pid_t *pid, const char *path, const posix_spawn_fil
 			     const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
 {
 	ENSURE_REAL();
-	exec_prepare();
+	spawn_prepare(fa);
 	return real.posix_spawn(pid, path, fa, attr, argv, envp);
 }
 
@@ -155,8 +179,38 @@ ACKPT_EXPORT int posix_spawnp(pid_t *pid, const char *file, const posix_spawn_fi
 			      const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
 {
 	ENSURE_REAL();
-	exec_prepare();
+	spawn_prepare(fa);
 	return real.posix_spawnp(pid, file, fa, attr, argv, envp);
+}
+
+/* A managed descriptor sent over SCM_RIGHTS becomes shared with the receiver. */
+ACKPT_EXPORT ssize_t sendmsg(int sock, const struct msghdr *msg, int flags)
+{
+	struct cmsghdr *c;
+
+	ENSURE_REAL();
+	if (LIKELY(!msg || !msg->msg_controllen) || !C.enabled || S.state != SESS_ACTIVE ||
+	    !session_is_owner())
+		return real.sendmsg(sock, msg, flags);
+	for (c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR((struct msghdr *)msg, c)) {
+		size_t i, n;
+
+		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+			continue;
+		n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+		for (i = 0; i < n; i++) {
+			int fd;
+
+			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+			if (fd_peek(fd)) {
+				int saved = errno;
+
+				files_share_fd(fd);
+				errno = saved;
+			}
+		}
+	}
+	return real.sendmsg(sock, msg, flags);
 }
 
 ACKPT_EXPORT long syscall(long nr, ...)

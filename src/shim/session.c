@@ -481,7 +481,7 @@ static int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 		memcpy(CMSG_DATA(c), &fd, sizeof(int));
 	}
 	do
-		n = sendmsg(S.sock, &m, MSG_NOSIGNAL);
+		n = real.sendmsg(S.sock, &m, MSG_NOSIGNAL);
 	while (n < 0 && errno == EINTR);
 	if (n < 0) {
 		session_helper_died();
@@ -507,6 +507,15 @@ int session_send_simple(uint32_t type, struct inode_state *ino, uint64_t offset)
 			       .offset = offset };
 
 	return send_op(&op, NULL, 0, -1, ino);
+}
+
+/* Not the inode's last op: readers need not wait for it, it only makes
+ * the helper's next fsync of the file real. */
+int session_send_dirty(struct inode_state *ino)
+{
+	struct ackpt_op op = { .type = ACKPT_OP_DIRTY, .file = ino->slot };
+
+	return send_op(&op, NULL, 0, -1, NULL);
 }
 
 int session_send_rename(struct inode_state *ino, const char *oldp, const char *newp)
@@ -900,6 +909,9 @@ void session_reap(void)
 
 static void atfork_prepare(void)
 {
+	/* the child inherits every descriptor: they all become shared */
+	if (!tls_busy && session_is_owner())
+		files_share(1);
 	if (!tls_busy)
 		pthread_mutex_lock(&S.lock);
 }
@@ -1011,6 +1023,7 @@ __attribute__((destructor)) static void session_fini(void)
 	if (S.state == SESS_NONE || S.state == SESS_FAILED || !session_is_owner())
 		return;
 	cookies_flush_all();
+	files_release_markers();
 	if (session_exit_drain()) {
 		cuda_exit();
 		fflush(NULL);
@@ -1027,6 +1040,7 @@ __attribute__((noreturn)) static void exit_now(int status, void (*real_exit)(int
 
 	/* a vfork child (exec failed) shares our memory: touch nothing */
 	if (session_is_owner() && S.state != SESS_NONE && S.state != SESS_FAILED) {
+		files_release_markers();
 		bad = session_exit_drain();
 		cuda_exit();
 		S.state = SESS_NONE; /* the destructor, if any runs, has nothing left */

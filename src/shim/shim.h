@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -31,6 +32,8 @@
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
 
 struct statx;
+struct utimbuf;
+struct timeval;
 
 /* ---- the real functions, resolved with dlsym(RTLD_NEXT) ---- */
 #define ACKPT_REAL_FUNCS(X) \
@@ -104,7 +107,28 @@ struct statx;
 			      const posix_spawnattr_t *, char *const[], char *const[])) \
 	X(void, _exit, (int)) \
 	X(void, _Exit, (int)) \
-	X(long, syscall, (long, ...))
+	X(long, syscall, (long, ...)) \
+	X(ssize_t, sendmsg, (int, const struct msghdr *, int)) \
+	X(int, access, (const char *, int)) \
+	X(int, faccessat, (int, const char *, int, int)) \
+	X(int, euidaccess, (const char *, int)) \
+	X(int, chmod, (const char *, mode_t)) \
+	X(int, fchmodat, (int, const char *, mode_t, int)) \
+	X(int, chown, (const char *, uid_t, gid_t)) \
+	X(int, lchown, (const char *, uid_t, gid_t)) \
+	X(int, fchownat, (int, const char *, uid_t, gid_t, int)) \
+	X(int, utime, (const char *, const struct utimbuf *)) \
+	X(int, utimes, (const char *, const struct timeval *)) \
+	X(int, lutimes, (const char *, const struct timeval *)) \
+	X(int, utimensat, (int, const char *, const struct timespec *, int)) \
+	X(ssize_t, getxattr, (const char *, const char *, void *, size_t)) \
+	X(ssize_t, lgetxattr, (const char *, const char *, void *, size_t)) \
+	X(int, setxattr, (const char *, const char *, const void *, size_t, int)) \
+	X(int, lsetxattr, (const char *, const char *, const void *, size_t, int)) \
+	X(ssize_t, listxattr, (const char *, char *, size_t)) \
+	X(ssize_t, llistxattr, (const char *, char *, size_t)) \
+	X(int, removexattr, (const char *, const char *)) \
+	X(int, lremovexattr, (const char *, const char *))
 
 struct ackpt_real {
 #define X(ret, name, args) ret(*name) args;
@@ -153,6 +177,8 @@ struct inode_state {
 	uint32_t reported_err_seq;
 	int reg_idx;
 	int closing;
+	int shared;              /* a description of it may be in another process: its
+				  * writes go through the kernel (files_share) */
 	uint64_t close_seq;
 	char *path;
 	char *commit_final;      /* metadata written under a hidden name: its final name */
@@ -211,6 +237,7 @@ void session_unlock(void);
 int session_ensure(void);      /* start arena+helper; -errno on failure */
 int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off, int device);
 int session_send_simple(uint32_t type, struct inode_state *ino, uint64_t offset);
+int session_send_dirty(struct inode_state *ino);
 int session_send_open(struct inode_state *ino, int fd);
 int session_send_rename(struct inode_state *ino, const char *oldp, const char *newp);
 int session_send_commit(struct inode_state *ino, const char *tmp, const char *final, int own_temp,
@@ -248,6 +275,10 @@ void managed_resync(int fd);
 int canon_path(int dirfd, const char *path, char *out, size_t outlen);
 void files_fork_child(void);
 int files_any_inherited_open(void);
+void files_share(int all);
+void files_share_fd(int fd);
+void files_share_vfork(int fd);
+void files_release_markers(void);
 void fd_protect(int fd, int on);
 int registry_wait(uint64_t dev, uint64_t ino);
 int registry_claim(uint64_t dev, uint64_t ino, pid_t owner);

@@ -11,30 +11,52 @@
 
 #include "shim.h"
 
-/* The logical size of (dev, ino) if this process has staged data for it. */
-static int logical_size(uint64_t dev, uint64_t ino, uint64_t *size)
+/*
+ * The size a synchronous run would show for (dev, ino): the logical size
+ * while this process has staged work for it, the kernel's once that is
+ * written (a child may have written through a shared description since).
+ */
+static void settle_size(uint64_t dev, uint64_t ino, uint64_t *size)
 {
 	struct inode_state *i;
-	int found = 0;
 
 	if (!S.ninodes || session_lock() < 0)
-		return 0;
+		return;
 	i = inode_find(dev, ino);
 	if (i) {
-		*size = i->size;
-		found = 1;
+		if (inode_pending(i))
+			*size = i->size;
+		else
+			i->size = *size;
 	}
 	session_unlock();
-	return found;
+}
+
+/* Another process on the node has staged work for the file: 1 once that
+ * is written, and the caller asks the kernel again. */
+static int other_pending(uint64_t dev, uint64_t ino, mode_t mode)
+{
+	return S_ISREG(mode) && registry_any() && registry_wait(dev, ino) > 0;
 }
 
 static void fix_stat(struct stat *st)
 {
-	uint64_t size;
+	uint64_t size = (uint64_t)st->st_size;
 
-	if (S_ISREG(st->st_mode) && logical_size(st->st_dev, st->st_ino, &size))
+	if (S_ISREG(st->st_mode)) {
+		settle_size(st->st_dev, st->st_ino, &size);
 		st->st_size = (off_t)size;
+	}
 }
+
+/* After a successful real call: wait for other processes' staged data
+ * (redo the call) or report our own logical size. */
+#define SETTLE(r, st, call) do { \
+	if ((r) == 0 && other_pending((st)->st_dev, (st)->st_ino, (st)->st_mode)) \
+		(r) = (call); \
+	if ((r) == 0 && S.ninodes) \
+		fix_stat(st); \
+} while (0)
 
 static void before_path(int dirfd, const char *path, int flags)
 {
@@ -52,8 +74,7 @@ ACKPT_EXPORT int stat(const char *path, struct stat *st)
 	ENSURE_REAL();
 	before_path(AT_FDCWD, path, 0);
 	r = real.stat(path, st);
-	if (r == 0 && S.ninodes)
-		fix_stat(st);
+	SETTLE(r, st, real.stat(path, st));
 	return r;
 }
 
@@ -69,8 +90,7 @@ ACKPT_EXPORT int lstat(const char *path, struct stat *st)
 	ENSURE_REAL();
 	before_path(AT_FDCWD, path, AT_SYMLINK_NOFOLLOW);
 	r = real.lstat(path, st);
-	if (r == 0 && S.ninodes)
-		fix_stat(st);
+	SETTLE(r, st, real.lstat(path, st));
 	return r;
 }
 
@@ -87,8 +107,7 @@ ACKPT_EXPORT int fstat(int fd, struct stat *st)
 	if (UNLIKELY(!real.fstat))
 		return (int)syscall(SYS_fstat, fd, st);
 	r = real.fstat(fd, st);
-	if (r == 0 && S.ninodes)
-		fix_stat(st);
+	SETTLE(r, st, real.fstat(fd, st));
 	return r;
 }
 
@@ -105,8 +124,7 @@ ACKPT_EXPORT int fstatat(int dirfd, const char *path, struct stat *st, int flags
 	if (!(flags & AT_EMPTY_PATH) || (path && *path))
 		before_path(dirfd, path, flags);
 	r = real.fstatat(dirfd, path, st, flags);
-	if (r == 0 && S.ninodes)
-		fix_stat(st);
+	SETTLE(r, st, real.fstatat(dirfd, path, st, flags));
 	return r;
 }
 
@@ -124,9 +142,14 @@ ACKPT_EXPORT int statx(int dirfd, const char *path, int flags, unsigned mask, st
 	if (!(flags & AT_EMPTY_PATH) || (path && *path))
 		before_path(dirfd, path, flags);
 	r = real.statx(dirfd, path, flags, mask, stx);
-	if (r == 0 && S.ninodes && S_ISREG(stx->stx_mode) &&
-	    logical_size(makedev(stx->stx_dev_major, stx->stx_dev_minor), stx->stx_ino, &size))
+	if (r == 0 && other_pending(makedev(stx->stx_dev_major, stx->stx_dev_minor), stx->stx_ino,
+				    stx->stx_mode))
+		r = real.statx(dirfd, path, flags, mask, stx);
+	if (r == 0 && S.ninodes && S_ISREG(stx->stx_mode)) {
+		size = stx->stx_size;
+		settle_size(makedev(stx->stx_dev_major, stx->stx_dev_minor), stx->stx_ino, &size);
 		stx->stx_size = size;
+	}
 	return r;
 }
 
@@ -138,8 +161,7 @@ ACKPT_EXPORT int __xstat(int ver, const char *path, struct stat *st)
 	ENSURE_REAL();
 	before_path(AT_FDCWD, path, 0);
 	r = real.__xstat ? real.__xstat(ver, path, st) : real.stat(path, st);
-	if (r == 0 && S.ninodes)
-		fix_stat(st);
+	SETTLE(r, st, real.__xstat ? real.__xstat(ver, path, st) : real.stat(path, st));
 	return r;
 }
 
@@ -155,8 +177,7 @@ ACKPT_EXPORT int __lxstat(int ver, const char *path, struct stat *st)
 	ENSURE_REAL();
 	before_path(AT_FDCWD, path, AT_SYMLINK_NOFOLLOW);
 	r = real.__lxstat ? real.__lxstat(ver, path, st) : real.lstat(path, st);
-	if (r == 0 && S.ninodes)
-		fix_stat(st);
+	SETTLE(r, st, real.__lxstat ? real.__lxstat(ver, path, st) : real.lstat(path, st));
 	return r;
 }
 
@@ -171,8 +192,7 @@ ACKPT_EXPORT int __fxstat(int ver, int fd, struct stat *st)
 
 	ENSURE_REAL();
 	r = real.__fxstat ? real.__fxstat(ver, fd, st) : real.fstat(fd, st);
-	if (r == 0 && S.ninodes)
-		fix_stat(st);
+	SETTLE(r, st, real.__fxstat ? real.__fxstat(ver, fd, st) : real.fstat(fd, st));
 	return r;
 }
 
@@ -189,8 +209,8 @@ ACKPT_EXPORT int __fxstatat(int ver, int dirfd, const char *path, struct stat *s
 	before_path(dirfd, path, flags);
 	r = real.__fxstatat ? real.__fxstatat(ver, dirfd, path, st, flags) :
 			      real.fstatat(dirfd, path, st, flags);
-	if (r == 0 && S.ninodes)
-		fix_stat(st);
+	SETTLE(r, st, real.__fxstatat ? real.__fxstatat(ver, dirfd, path, st, flags) :
+			      real.fstatat(dirfd, path, st, flags));
 	return r;
 }
 

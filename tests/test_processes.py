@@ -1,0 +1,254 @@
+"""Other processes looking at, or writing to, a managed file see what a
+synchronous run shows them (docs/DESIGN.md, "Shared descriptions" and
+"Markers handed across exec").
+
+Each case is a small program (shell, Python) run twice: without the shim and
+under it with the helper slowed down (ACKPT_TEST_DELAY_MS), so that staged
+data is still in flight when the second process acts.  The output trees must
+be identical byte for byte, and so must what the program printed.
+"""
+import os
+import sys
+import textwrap
+
+import pytest
+
+from conftest import VENV_PY
+from faultutil import assert_same_trees, need_shim, run_plain_and_shim
+
+
+@pytest.fixture(autouse=True)
+def _shim_required():
+    need_shim()
+
+
+DELAY = {"ACKPT_TEST_DELAY_MS": 150}
+
+
+def _differential(tmp_path, argv_builder, extra=None, timeout=60):
+    plain, shimmed, _, _, diffs = run_plain_and_shim(argv_builder, tmp_path,
+                                                     shim_extra=dict(DELAY, **(extra or {})),
+                                                     timeout=timeout)
+    assert_same_trees(diffs, shimmed)
+    assert shimmed.stdout == plain.stdout, "output differs:\nplain:\n%s\nshim:\n%s" % (
+        plain.stdout, shimmed.describe())
+    assert not shimmed.stderr.strip(), shimmed.describe()
+    return plain, shimmed
+
+
+def _sh(shell, script):
+    return lambda out: [shell, "-c", "cd %s && %s" % (out, script)]
+
+
+def _py(script):
+    src = textwrap.dedent(script)
+    return lambda out: [VENV_PY, "-c", src, str(out)]
+
+
+# ---- shared offsets -----------------------------------------------------
+
+SHELL_GROUP = "{ echo a; /bin/echo b; echo c; printf 'd\\n'; /bin/echo e; } > f; cat f"
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_shell_group_redirection(tmp_path, shell):
+    """Builtins and exec'd commands share the shell's description of f."""
+    _differential(tmp_path, _sh(shell, SHELL_GROUP))
+
+
+def test_fork_child_writes_between(tmp_path):
+    """AAAA, a forked child's BBBB through the inherited fd, then CCCC."""
+    _differential(tmp_path, _py("""
+        import os, sys
+        os.chdir(sys.argv[1])
+        fd = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b"A" * 70000)
+        pid = os.fork()
+        if pid == 0:
+            os.write(fd, b"B" * 5000)
+            print("child sees", os.lseek(fd, 0, os.SEEK_CUR), os.fstat(fd).st_size, flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("parent sees", os.lseek(fd, 0, os.SEEK_CUR), os.fstat(fd).st_size)
+        os.write(fd, b"C" * 3000)
+        os.close(fd)
+    """))
+
+
+def test_subprocess_stdout_between_writes(tmp_path):
+    """f.write, subprocess.run(stdout=f) (vfork + dup2 + exec), f.write."""
+    _differential(tmp_path, _py("""
+        import os, subprocess, sys
+        os.chdir(sys.argv[1])
+        with open("log", "w") as f:
+            f.write("first line\\n" * 5000)
+            f.flush()
+            subprocess.run(["echo", "from the child"], stdout=f, check=True)
+            f.write("last line\\n")
+    """))
+
+
+def test_posix_spawn_dup2(tmp_path):
+    """posix_spawn with a file action that dups a managed fd onto stdout."""
+    _differential(tmp_path, _py("""
+        import os, sys
+        os.chdir(sys.argv[1])
+        fd = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        os.write(fd, b"x" * 100000)
+        pid = os.posix_spawn("/bin/echo", ["echo", "spawned"], os.environ,
+                             file_actions=[(os.POSIX_SPAWN_DUP2, fd, 1)])
+        os.waitpid(pid, 0)
+        os.write(fd, b"tail\\n")
+        os.close(fd)
+    """))
+
+
+def test_scm_rights_receiver_writes(tmp_path):
+    """A descriptor passed over SCM_RIGHTS and written by the receiver."""
+    _differential(tmp_path, _py("""
+        import os, socket, sys
+        os.chdir(sys.argv[1])
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            a.close()
+            msg, fds, _, _ = socket.recv_fds(b, 16, 1)
+            os.write(fds[0], b"R" * 4096)
+            b.send(b"k")
+            os._exit(0)
+        b.close()
+        fd = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b"S" * 50000)
+        socket.send_fds(a, [b"x"], [fd])
+        a.recv(1)
+        os.waitpid(pid, 0)
+        os.write(fd, b"E" * 10)
+        os.close(fd)
+    """))
+
+
+def test_append_child(tmp_path):
+    """An O_APPEND description written by parent and child in turn."""
+    _differential(tmp_path, _py("""
+        import os, sys
+        os.chdir(sys.argv[1])
+        fd = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        for i in range(3):
+            os.write(fd, b"P%d" % i * 20000)
+            pid = os.fork()
+            if pid == 0:
+                os.write(fd, b"C%d\\n" % i)
+                os._exit(0)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    """))
+
+
+def test_two_opens_append_interleave(tmp_path):
+    """Two processes, two O_APPEND opens, taking turns through pipes."""
+    _differential(tmp_path, _py("""
+        import os, sys
+        os.chdir(sys.argv[1])
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            fd = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            for i in range(3):
+                os.read(r1, 1)
+                os.write(fd, b"C%d " % i)
+                os.write(w2, b"k")
+            os.close(fd)
+            os._exit(0)
+        fd = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        for i in range(3):
+            os.write(fd, b"P%d " % i + b"p" * 30000)
+            os.write(w1, b"k")
+            os.read(r2, 1)
+        os.close(fd)
+        os.waitpid(pid, 0)
+    """))
+
+
+def test_child_stat_and_read(tmp_path):
+    """A forked child and coreutils stat see the size a plain run shows."""
+    _differential(tmp_path, _py("""
+        import os, subprocess, sys
+        os.chdir(sys.argv[1])
+        with open("big.bin", "wb") as f:
+            f.write(b"z" * (1 << 20))
+            f.flush()
+            pid = os.fork()
+            if pid == 0:
+                print("child", os.stat("big.bin").st_size, flush=True)
+                with open("big.bin", "rb") as g:
+                    print("child read", len(g.read()), flush=True)
+                os._exit(0)
+            os.waitpid(pid, 0)
+            print(subprocess.run(["stat", "-c", "%s", "big.bin"], capture_output=True,
+                                 text=True).stdout.strip())
+    """))
+
+
+# ---- commit markers ------------------------------------------------------
+
+@pytest.mark.parametrize("script", [
+    "/bin/echo 7 > latest_checkpointed_iteration.txt",
+    "printf 'step 3\\n' > x && cat x > latest",
+    "date -u -d @0 > metadata.json",
+    "exec 3> latest && /bin/echo 9 >&3",
+])
+def test_marker_written_by_exec(tmp_path, script):
+    """A marker written by an exec'd command (shell redirection) is committed."""
+    _differential(tmp_path, _sh("/bin/sh", script + "; ls -a; cat latest* metadata.json 2>/dev/null; true"))
+
+
+def test_marker_left_open_at_exit(tmp_path):
+    """A marker descriptor still open at exit() is committed."""
+    _differential(tmp_path, _py("""
+        import os, sys
+        os.chdir(sys.argv[1])
+        with open("data.bin", "wb") as f:
+            f.write(b"d" * 200000)
+        fd = os.open("latest", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b"12\\n")
+        sys.exit(0)
+    """))
+
+
+# ---- names after a deferred rename ---------------------------------------
+
+@pytest.mark.parametrize("into", [False, True])
+def test_rmdir_after_deferred_rename(tmp_path, into):
+    """rmdir right after a file was renamed out of (succeeds) or into (ENOTEMPTY)
+    the directory answers as in a plain run, and no data is left behind."""
+    src, dst = ("model.tmp", "d/model.pt") if into else ("d/model.pt", "model.pt")
+    _differential(tmp_path, _py("""
+        import os, sys
+        os.chdir(sys.argv[1])
+        os.mkdir("d")
+        with open(%r, "wb") as f:
+            f.write(b"m" * 300000)
+        os.rename(%r, %r)
+        try:
+            os.rmdir("d")
+            print("rmdir ok")
+        except OSError as e:
+            print("rmdir", e.errno)
+        print(sorted(os.listdir(".")), sorted(os.listdir("d")) if os.path.isdir("d") else None)
+    """ % (src, src, dst)))
+
+
+def test_move_then_chmod(tmp_path):
+    """fsspec's local commit: move the temporary, then chmod the new name."""
+    _differential(tmp_path, _py("""
+        import os, shutil, sys
+        os.chdir(sys.argv[1])
+        with open("ck.tmp", "wb") as f:
+            f.write(b"c" * 300000)
+        shutil.move("ck.tmp", "ck.ckpt")
+        os.chmod("ck.ckpt", 0o640)
+        os.utime("ck.ckpt", (1000000, 1000000))
+        st = os.stat("ck.ckpt")
+        print(oct(st.st_mode), st.st_size, st.st_mtime, os.access("ck.ckpt", os.R_OK))
+    """))
