@@ -121,10 +121,10 @@ static inline uint64_t ackpt_shm_hdr_size(void)
  * under ackpt (cp, an upload script) that opens such a file waits for it.
  * One table per uid in /dev/shm; entries are claimed with a CAS on `pid`.
  */
-#define ACKPT_REGISTRY_PATH "/dev/shm/ackpt-registry-v2.%u" /* %u: uid */
+#define ACKPT_REGISTRY_PATH "/dev/shm/ackpt-registry-v3.%u" /* %u: uid */
 #define ACKPT_REGISTRY_ENTRIES 4096
 #define ACKPT_REGISTRY_HELPERS 1024
-#define ACKPT_REGISTRY_MAGIC   0x32746572706b6361ull
+#define ACKPT_REGISTRY_MAGIC   0x33746572706b6361ull
 
 /* One per live helper: how far its queue is durable. */
 struct ackpt_registry_helper {
@@ -134,13 +134,20 @@ struct ackpt_registry_helper {
 };
 
 /* One per file with a writer under ackpt.  A reader waits while
- * helpers[helper].durable_seq < last_seq (the file has pending work). */
+ * helpers[helper].durable_seq < last_seq (the file has pending work).
+ * Written by the claiming shim, except pid (cleared by the helper, or by
+ * anyone who finds the helper dead) and shared (set by any claimer). */
 struct ackpt_registry_entry {
 	int32_t pid;        /* owning helper; 0 = free */
 	uint32_t helper;    /* index into helpers[] */
 	uint64_t dev, ino;
 	uint64_t last_seq;  /* written by the shim on each op for the file */
+	uint32_t live;      /* dev and ino are valid (release-stored after them) */
+	uint32_t shared;    /* another process also writes this file: every
+			     * writer goes through the kernel, in kernel order */
 };
+
+_Static_assert(sizeof(struct ackpt_registry_entry) == 40, "registry entry layout");
 
 struct ackpt_registry {
 	uint64_t magic;

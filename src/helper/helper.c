@@ -195,6 +195,11 @@ static void registry_release(struct hfile *f)
 	e = &H.reg->e[f->reg_idx];
 	pid = H.pid;
 	if (e->dev == f->dev && e->ino == f->ino &&
+	    __atomic_load_n(&e->pid, __ATOMIC_ACQUIRE) == pid) {
+		__atomic_store_n(&e->live, 0, __ATOMIC_RELEASE);
+		__atomic_store_n(&e->shared, 0, __ATOMIC_RELAXED);
+	}
+	if (e->dev == f->dev && e->ino == f->ino &&
 	    __atomic_compare_exchange_n(&e->pid, &pid, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
 		__atomic_fetch_sub(&H.reg->used, 1, __ATOMIC_RELAXED);
 	f->reg_idx = -1;

@@ -104,6 +104,30 @@ int registry_any(void)
 	return r && __atomic_load_n(&r->used, __ATOMIC_RELAXED);
 }
 
+/*
+ * After publishing our entry mine: if another live process's entry names
+ * the same file, both become shared.  Each claimer publishes, then scans,
+ * with a full fence between, so of two racing claimers at least one sees
+ * the other.
+ */
+static void registry_mark_shared(struct ackpt_registry *r, struct ackpt_registry_entry *mine,
+				 uint64_t dev, uint64_t ino)
+{
+	unsigned i;
+
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	for (i = 0; i < ACKPT_REGISTRY_ENTRIES; i++) {
+		struct ackpt_registry_entry *e = &r->e[i];
+		int32_t pid = __atomic_load_n(&e->pid, __ATOMIC_ACQUIRE);
+
+		if (e == mine || !pid || pid == mine->pid ||
+		    !__atomic_load_n(&e->live, __ATOMIC_ACQUIRE) || e->dev != dev || e->ino != ino)
+			continue;
+		__atomic_store_n(&e->shared, 1, __ATOMIC_RELEASE);
+		__atomic_store_n(&mine->shared, 1, __ATOMIC_RELEASE);
+	}
+}
+
 int registry_claim(uint64_t dev, uint64_t ino, pid_t owner)
 {
 	struct ackpt_registry *r = registry_map(1);
@@ -124,12 +148,22 @@ int registry_claim(uint64_t dev, uint64_t ino, pid_t owner)
 			e->dev = dev;
 			e->ino = ino;
 			e->helper = (uint32_t)helper;
+			__atomic_store_n(&e->shared, 0, __ATOMIC_RELAXED);
 			__atomic_store_n(&e->last_seq, S.seq + 1, __ATOMIC_RELEASE);
+			__atomic_store_n(&e->live, 1, __ATOMIC_RELEASE);
 			__atomic_fetch_add(&r->used, 1, __ATOMIC_RELEASE);
+			registry_mark_shared(r, e, dev, ino);
 			return (int)((start + i) % ACKPT_REGISTRY_ENTRIES);
 		}
 	}
 	return -1;
+}
+
+/* Is another process under ackpt writing the file of our entry idx too? */
+int registry_shared(int idx)
+{
+	return reg && idx >= 0 && idx < ACKPT_REGISTRY_ENTRIES &&
+	       __atomic_load_n(&reg->e[idx].shared, __ATOMIC_ACQUIRE);
 }
 
 void registry_note_op(int idx, uint64_t seq)
@@ -543,6 +577,7 @@ static ssize_t shared_write(int fd, const struct iovec *iov, int iovcnt, off_t o
 
 	if (!o || !o->ino)
 		return -EBADF;
+	registry_wait(o->ino->dev, o->ino->ino); /* other writers' staged data first */
 	n = use_pos ? real.writev(fd, iov, iovcnt) : real.pwritev(fd, iov, iovcnt, off);
 	if (n < 0)
 		return -errno;
@@ -593,6 +628,8 @@ ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, in
 		session_unlock();
 		return -EINVAL;
 	}
+	if (UNLIKELY(!ino->shared) && registry_shared(ino->reg_idx))
+		ino->shared = 1;
 	if (ino->shared) {
 		ret = shared_write(fd, iov, iovcnt, off, use_pos);
 		S.stall_ns += now_ns() - t0;
@@ -658,8 +695,12 @@ off_t managed_lseek(int fd, off_t off, int whence)
 		session_unlock();
 		return -ENOTSUP;
 	}
+	if (UNLIKELY(!o->ino->shared) && registry_shared(o->ino->reg_idx))
+		o->ino->shared = 1;
 	if (o->ino->shared) {
 		o = drain_fd_locked(fd);
+		if (o)
+			registry_wait(o->ino->dev, o->ino->ino);
 		if (!o) {
 			session_unlock();
 			return -EBADF;

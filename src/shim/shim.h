@@ -283,6 +283,7 @@ void fd_protect(int fd, int on);
 int registry_wait(uint64_t dev, uint64_t ino);
 int registry_claim(uint64_t dev, uint64_t ino, pid_t owner);
 int registry_any(void);
+int registry_shared(int idx);
 void registry_note_op(int idx, uint64_t seq);
 void cookies_flush_all(void);
 uint64_t files_unreported_errors(void);
