@@ -211,8 +211,16 @@ def test_marker_written_by_exec(tmp_path, script):
                    "barrier and becomes visible to other processes when it completes; no "
                    "node-wide table of pending commits yet (docs/DESIGN.md)")
 def test_marker_visible_to_the_next_command(tmp_path):
-    """The next command of the script lists the marker under its final name."""
-    _differential(tmp_path, _sh("/bin/sh", MARKER_SCRIPTS[0] + "; ls -a"))
+    """After a save, the next command lists the marker under its final name."""
+    _differential(tmp_path, _py("""
+        import os, subprocess, sys
+        os.chdir(sys.argv[1])
+        with open("data.bin", "wb") as f:
+            f.write(b"d" * (4 << 20))
+        with open("latest", "w") as f:
+            f.write("1\\n")
+        print(subprocess.run(["ls", "-a"], capture_output=True, text=True).stdout)
+    """))
 
 
 def test_marker_left_open_at_exit(tmp_path):
