@@ -451,7 +451,9 @@ def test_failed_fsync_is_never_retried_and_trusted(tmp_path):
     to that file. The program's fsync reports EIO, and so does every retry:
     a second fsync returning 0 would claim durability for lost data (the
     kernel's own behaviour, which PostgreSQL's "fsyncgate" showed to be a
-    trap). The program was told, so the exit status is its own (0 here)."""
+    trap). Every later write fails too, rather than report success for bytes
+    that are dropped. The program was told, so the exit status is its own (0
+    here)."""
     need_shim()
     out = tmp_path / "ckpt"
     out.mkdir()
@@ -468,9 +470,13 @@ def test_failed_fsync_is_never_retried_and_trusted(tmp_path):
         "        res.append('ok')\n"
         "    except OSError as e:\n"
         "        res.append(errno.errorcode[e.errno])\n"
-        "    os.write(fd, b'y' * 4096)\n"
+        "    try:\n"
+        "        os.write(fd, b'y' * 4096)\n"
+        "        res.append('w-ok')\n"
+        "    except OSError as e:\n"
+        "        res.append('w-' + errno.errorcode[e.errno])\n"
         "print(' '.join(res), flush=True)\n")
     res = run([VENV_PY, prog, out / "data.bin"],
               shim_env(out, ACKPT_FAULT="op=write,nth=1,err=EIO,mode=once"))
-    assert res.stdout.split() == ["EIO", "EIO", "EIO"], res.describe()
+    assert res.stdout.split() == ["EIO", "w-EIO"] * 3, res.describe()
     assert res.returncode == 0, res.describe()

@@ -207,9 +207,6 @@ def test_marker_written_by_exec(tmp_path, script):
     _differential(tmp_path, _sh("/bin/sh", script))
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: a marker's commit waits for the "
-                   "barrier and becomes visible to other processes when it completes; no "
-                   "node-wide table of pending commits yet (docs/DESIGN.md)")
 def test_marker_visible_to_the_next_command(tmp_path):
     """After a save, the next command lists the marker under its final name."""
     _differential(tmp_path, _py("""
@@ -220,6 +217,24 @@ def test_marker_visible_to_the_next_command(tmp_path):
         with open("latest", "w") as f:
             f.write("1\\n")
         print(subprocess.run(["ls", "-a"], capture_output=True, text=True).stdout)
+        print(subprocess.run(["cat", "latest"], capture_output=True, text=True).stdout)
+    """))
+
+
+def test_rename_visible_to_other_processes(tmp_path):
+    """After a deferred rename, a child, ls and stat see the new name only."""
+    _differential(tmp_path, _py("""
+        import os, subprocess, sys
+        os.chdir(sys.argv[1])
+        os.mkdir("tmp")
+        with open("tmp/model.pt", "wb") as f:
+            f.write(b"w" * (4 << 20))
+        os.rename("tmp/model.pt", "model.pt")
+        for cmd in (["ls", "-a", ".", "tmp"], ["stat", "-c", "%n %s", "model.pt"],
+                    ["sh", "-c", "test -e tmp/model.pt && echo old-name-exists; "
+                     "chmod 600 model.pt && echo chmod-ok; rmdir tmp && echo rmdir-ok"]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            print(r.returncode, r.stdout, r.stderr)
     """))
 
 

@@ -121,17 +121,38 @@ static inline uint64_t ackpt_shm_hdr_size(void)
  * under ackpt (cp, an upload script) that opens such a file waits for it.
  * One table per uid in /dev/shm; entries are claimed with a CAS on `pid`.
  */
-#define ACKPT_REGISTRY_PATH "/dev/shm/ackpt-registry-v3.%u" /* %u: uid */
+#define ACKPT_REGISTRY_PATH "/dev/shm/ackpt-registry-v4.%u" /* %u: uid; bump with the layout */
 #define ACKPT_REGISTRY_ENTRIES 4096
 #define ACKPT_REGISTRY_HELPERS 1024
-#define ACKPT_REGISTRY_MAGIC   0x33746572706b6361ull
+#define ACKPT_REGISTRY_NAMES   1024
+#define ACKPT_REGISTRY_MAGIC   (0x34746572706b6361ull ^ (uint64_t)sizeof(struct ackpt_registry))
 
-/* One per live helper: how far its queue is durable. */
+/* One per live helper: how far its queue is durable.  Written by that
+ * helper only (pid cleared by it at exit). */
 struct ackpt_registry_helper {
 	int32_t pid;        /* 0 = free */
 	uint32_t pad;
 	uint64_t durable_seq;
+	uint64_t commits_done; /* as ackpt_shm.commits_done */
 };
+
+/* A deferred rename (commit_id 0) or metadata commit by some process on
+ * the node.  Path lookups in other processes that hit old_hash or new_hash
+ * (or, for opendir and rmdir, old_dir or new_dir) wait while it is
+ * pending: helpers[helper].durable_seq < seq, or commits_done < commit_id.
+ * Written by the claiming shim; anyone may reclaim it once it is done or
+ * its helper is dead. */
+struct ackpt_registry_name {
+	int32_t pid;        /* claiming process's helper; 0 = free */
+	uint32_t helper;    /* index into helpers[] */
+	uint64_t seq;
+	uint64_t commit_id;
+	uint64_t old_hash, new_hash; /* FNV-1a of the canonical paths, never 0 */
+	uint64_t old_dir, new_dir;   /* ... of their directories */
+	uint32_t live;      /* the fields above are valid */
+	uint32_t pad;
+};
+_Static_assert(sizeof(struct ackpt_registry_name) == 64, "registry name layout");
 
 /* One per file with a writer under ackpt.  A reader waits while
  * helpers[helper].durable_seq < last_seq (the file has pending work).
@@ -152,9 +173,10 @@ _Static_assert(sizeof(struct ackpt_registry_entry) == 40, "registry entry layout
 struct ackpt_registry {
 	uint64_t magic;
 	uint32_t used;      /* live entries, a cheap "anything pending?" test */
-	uint32_t pad;
+	uint32_t names_used; /* claimed names[] entries, the same for names */
 	struct ackpt_registry_helper helpers[ACKPT_REGISTRY_HELPERS];
 	struct ackpt_registry_entry e[ACKPT_REGISTRY_ENTRIES];
+	struct ackpt_registry_name names[ACKPT_REGISTRY_NAMES];
 };
 
 #endif

@@ -551,6 +551,9 @@ static void commit_enqueue(struct hop *h)
 		__atomic_fetch_add(&H.shm->commit_failures, 1, __ATOMIC_RELAXED);
 		__atomic_store_n(&H.shm->commit_last_err, ENOMEM, __ATOMIC_RELAXED);
 		__atomic_store_n(&H.shm->commits_done, h->op.offset, __ATOMIC_RELEASE);
+		if (H.reg && H.reg_helper >= 0)
+			__atomic_store_n(&H.reg->helpers[H.reg_helper].commits_done, h->op.offset,
+					 __ATOMIC_RELEASE);
 		return;
 	}
 	c->id = h->op.offset;
@@ -771,6 +774,9 @@ static void commit_pump(void)
 			__atomic_store_n(&H.shm->commit_last_err, c->status, __ATOMIC_RELAXED);
 		}
 		__atomic_store_n(&H.shm->commits_done, c->id, __ATOMIC_RELEASE);
+		if (H.reg && H.reg_helper >= 0)
+			__atomic_store_n(&H.reg->helpers[H.reg_helper].commits_done, c->id,
+					 __ATOMIC_RELEASE);
 		H.cq_head = c->next;
 		if (!H.cq_head)
 			H.cq_tail = NULL;
@@ -1147,6 +1153,7 @@ static void registry_map(void)
 		if (__atomic_compare_exchange_n(&h->pid, &old, H.pid, 0, __ATOMIC_ACQ_REL,
 						__ATOMIC_RELAXED)) {
 			h->durable_seq = 0;
+			h->commits_done = 0;
 			H.reg_helper = (int)i;
 			break;
 		}

@@ -4,9 +4,6 @@
  * (logical size, helper slot, last op).  Keeping state per description and
  * per inode is what makes dup, fdopen-of-a-dup (numpy) and two opens of one
  * file behave.  The untracked fast path is one atomic load of fdtab.
- *
- * Also here: the node-local registry that lets another process under ackpt
- * wait for a file this process is still writing.
  */
 #include <limits.h>
 #include <signal.h>
@@ -29,8 +26,6 @@ static uint8_t slot_used[ACKPT_MAX_FILES];
 static uint32_t slot_reported[ACKPT_MAX_FILES];
 static uint32_t slot_hint;
 static uint64_t unreported_lost;
-static struct ackpt_registry *reg;
-static uint64_t reg_tried;
 
 static uint64_t now_ns(void)
 {
@@ -44,178 +39,6 @@ void fd_protect(int fd, int on)
 {
 	if ((unsigned)fd < FD_MAX)
 		atomic_store(&fd_protected[fd], on);
-}
-
-/* ---- node-local registry ---- */
-
-static struct ackpt_registry *registry_map(int create)
-{
-	char p[64];
-	int fd;
-	struct ackpt_registry *r;
-
-	if (reg)
-		return reg;
-	if (!create) {
-		/* the registry appears when some writer starts: look again at
-		 * most once a second */
-		uint64_t t = now_ns();
-
-		if (reg_tried && t - reg_tried < 1000000000ull)
-			return NULL;
-		reg_tried = t;
-	}
-	snprintf(p, sizeof(p), ACKPT_REGISTRY_PATH, (unsigned)getuid());
-	fd = real.open(p, O_RDWR | O_CLOEXEC | O_NOFOLLOW | (create ? O_CREAT : 0), 0600);
-	if (fd < 0)
-		return NULL;
-	if (create) {
-		struct stat st;
-
-		if (real.fstat(fd, &st) < 0 ||
-		    (st.st_size < (off_t)sizeof(struct ackpt_registry) &&
-		     real.ftruncate(fd, sizeof(struct ackpt_registry)) < 0)) {
-			real.close(fd);
-			return NULL;
-		}
-	}
-	r = mmap(NULL, sizeof(*r), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	real.close(fd);
-	if (r == MAP_FAILED)
-		return NULL;
-	if (create) {
-		uint64_t zero = 0;
-
-		__atomic_compare_exchange_n(&r->magic, &zero, ACKPT_REGISTRY_MAGIC, 0,
-					    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
-	}
-	if (__atomic_load_n(&r->magic, __ATOMIC_ACQUIRE) != ACKPT_REGISTRY_MAGIC) {
-		munmap(r, sizeof(*r));
-		return NULL;
-	}
-	reg = r;
-	return reg;
-}
-
-int registry_any(void)
-{
-	struct ackpt_registry *r = registry_map(0);
-
-	return r && __atomic_load_n(&r->used, __ATOMIC_RELAXED);
-}
-
-/*
- * After publishing our entry mine: if another live process's entry names
- * the same file, both become shared.  Each claimer publishes, then scans,
- * with a full fence between, so of two racing claimers at least one sees
- * the other.
- */
-static void registry_mark_shared(struct ackpt_registry *r, struct ackpt_registry_entry *mine,
-				 uint64_t dev, uint64_t ino)
-{
-	unsigned i;
-
-	__atomic_thread_fence(__ATOMIC_SEQ_CST);
-	for (i = 0; i < ACKPT_REGISTRY_ENTRIES; i++) {
-		struct ackpt_registry_entry *e = &r->e[i];
-		int32_t pid = __atomic_load_n(&e->pid, __ATOMIC_ACQUIRE);
-
-		if (e == mine || !pid || pid == mine->pid ||
-		    !__atomic_load_n(&e->live, __ATOMIC_ACQUIRE) || e->dev != dev || e->ino != ino)
-			continue;
-		__atomic_store_n(&e->shared, 1, __ATOMIC_RELEASE);
-		__atomic_store_n(&mine->shared, 1, __ATOMIC_RELEASE);
-	}
-}
-
-int registry_claim(uint64_t dev, uint64_t ino, pid_t owner)
-{
-	struct ackpt_registry *r = registry_map(1);
-	unsigned i, start;
-	int helper = S.shm ? S.shm->reg_helper : -1;
-
-	if (!r || helper < 0 || helper >= ACKPT_REGISTRY_HELPERS)
-		return -1;
-	start = (unsigned)(ino * 2654435761u) % ACKPT_REGISTRY_ENTRIES;
-	for (i = 0; i < ACKPT_REGISTRY_ENTRIES; i++) {
-		struct ackpt_registry_entry *e = &r->e[(start + i) % ACKPT_REGISTRY_ENTRIES];
-		int32_t zero = 0;
-
-		if (__atomic_load_n(&e->pid, __ATOMIC_RELAXED))
-			continue;
-		if (__atomic_compare_exchange_n(&e->pid, &zero, owner, 0, __ATOMIC_ACQ_REL,
-						__ATOMIC_RELAXED)) {
-			e->dev = dev;
-			e->ino = ino;
-			e->helper = (uint32_t)helper;
-			__atomic_store_n(&e->shared, 0, __ATOMIC_RELAXED);
-			__atomic_store_n(&e->last_seq, S.seq + 1, __ATOMIC_RELEASE);
-			__atomic_store_n(&e->live, 1, __ATOMIC_RELEASE);
-			__atomic_fetch_add(&r->used, 1, __ATOMIC_RELEASE);
-			registry_mark_shared(r, e, dev, ino);
-			return (int)((start + i) % ACKPT_REGISTRY_ENTRIES);
-		}
-	}
-	return -1;
-}
-
-/* Is another process under ackpt writing the file of our entry idx too? */
-int registry_shared(int idx)
-{
-	return reg && idx >= 0 && idx < ACKPT_REGISTRY_ENTRIES &&
-	       __atomic_load_n(&reg->e[idx].shared, __ATOMIC_ACQUIRE);
-}
-
-void registry_note_op(int idx, uint64_t seq)
-{
-	if (reg && idx >= 0 && idx < ACKPT_REGISTRY_ENTRIES)
-		__atomic_store_n(&reg->e[idx].last_seq, seq, __ATOMIC_RELEASE);
-}
-
-/* Wait while another process's helper has pending work on (dev, ino).
- * Returns 1 if there was some, 0 if not. */
-int registry_wait(uint64_t dev, uint64_t ino)
-{
-	struct ackpt_registry *r = registry_map(0);
-	uint64_t t0 = now_ns(), warned = 0;
-	unsigned i;
-	int waited = 0;
-
-	if (!r || !__atomic_load_n(&r->used, __ATOMIC_RELAXED))
-		return 0;
-	for (i = 0; i < ACKPT_REGISTRY_ENTRIES; i++) {
-		struct ackpt_registry_entry *e = &r->e[i];
-
-		for (;;) {
-			int32_t pid = __atomic_load_n(&e->pid, __ATOMIC_ACQUIRE);
-			struct timespec ts = { 0, 2000000 };
-			struct ackpt_registry_helper *h;
-
-			if (!pid || e->dev != dev || e->ino != ino)
-				break;
-			if (pid == S.helper_pid && S.state == SESS_ACTIVE)
-				break; /* ours: the local table orders it */
-			h = &r->helpers[e->helper % ACKPT_REGISTRY_HELPERS];
-			if (__atomic_load_n(&h->pid, __ATOMIC_ACQUIRE) == pid &&
-			    __atomic_load_n(&h->durable_seq, __ATOMIC_ACQUIRE) >=
-				    __atomic_load_n(&e->last_seq, __ATOMIC_ACQUIRE))
-				break; /* nothing pending right now */
-			if (kill(pid, 0) < 0 && errno == ESRCH) {
-				/* owner died without releasing: reclaim */
-				if (__atomic_compare_exchange_n(&e->pid, &pid, 0, 0, __ATOMIC_ACQ_REL,
-								__ATOMIC_RELAXED))
-					__atomic_fetch_sub(&r->used, 1, __ATOMIC_RELAXED);
-				break;
-			}
-			if (!warned && now_ns() - t0 > 2000000000ull) {
-				alog(L_INFO, "waiting for ackpt-helper %d to finish a file", (int)pid);
-				warned = 1;
-			}
-			waited = 1;
-			nanosleep(&ts, NULL);
-		}
-	}
-	return waited;
 }
 
 /* ---- inodes ---- */
@@ -435,7 +258,7 @@ int fd_release(int fd)
 		return 0;
 	atomic_store_explicit(&fdtab[fd], NULL, memory_order_release);
 	if (o->ino && o->refs == 1 && o->writable)
-		err = session_check_error(o->ino);
+		err = session_check_error_sticky(o->ino);
 	ofd_put(o);
 	return err;
 }
@@ -595,7 +418,7 @@ static ssize_t shared_write(int fd, const struct iovec *iov, int iovcnt, off_t o
 }
 
 /* Stage a write.  off < 0 with use_pos: at the logical position. */
-ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos)
+static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos)
 {
 	struct ofd *o;
 	struct inode_state *ino;
@@ -618,7 +441,9 @@ ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, in
 		}
 		total += iov[i].iov_len;
 	}
-	ret = session_check_error(ino);
+	/* after a write error the helper drops the file's later data: fail
+	 * every later write rather than report success without it */
+	ret = session_check_error_sticky(ino);
 	if (ret < 0) {
 		session_unlock();
 		return ret;
@@ -681,6 +506,30 @@ ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, in
 	S.stall_ns += now_ns() - t0;
 	session_unlock();
 	return (ssize_t)total;
+}
+
+/*
+ * A write to a regular file is one system call to a signal handler: it
+ * runs before the write or after all of it, never in the middle (where it
+ * would find the lock held, a half-staged write, or exit() with part of
+ * the data).  So asynchronous signals wait until the write is staged.
+ * Faults raised by the copy itself stay deliverable.
+ */
+ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos)
+{
+	sigset_t all, old;
+	ssize_t r;
+
+	sigfillset(&all);
+	sigdelset(&all, SIGSEGV);
+	sigdelset(&all, SIGBUS);
+	sigdelset(&all, SIGFPE);
+	sigdelset(&all, SIGILL);
+	sigdelset(&all, SIGTRAP);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	r = stage_write(fd, iov, iovcnt, off, use_pos);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return r;
 }
 
 off_t managed_lseek(int fd, off_t off, int whence)

@@ -17,15 +17,17 @@ struct ns_entry {
 	char *oldp, *newp;
 	uint64_t seq;
 	uint64_t commit_id;      /* a metadata commit: wait for the commit itself */
+	int reg_idx;             /* its entry in the node registry, or -1 */
 	struct ns_entry *next;
 };
 
 static struct ns_entry *ns_list;
 static atomic_int ns_count;
 
+/* A deferred rename or commit anywhere on the node (cheap when none). */
 int ns_pending_any(void)
 {
-	return atomic_load_explicit(&ns_count, memory_order_relaxed) > 0;
+	return atomic_load_explicit(&ns_count, memory_order_relaxed) > 0 || registry_names_any();
 }
 
 void ns_prune(uint64_t durable)
@@ -38,6 +40,7 @@ void ns_prune(uint64_t durable)
 
 		if (e->commit_id ? e->commit_id <= commits : e->seq <= durable) {
 			*pp = e->next;
+			registry_name_del(e->reg_idx);
 			free(e->oldp);
 			free(e->newp);
 			free(e);
@@ -48,8 +51,10 @@ void ns_prune(uint64_t durable)
 	}
 }
 
+/* A forked child: the parent's pending names stay the parent's. */
 void ns_reset(void)
 {
+	registry_fork_child();
 	while (ns_list) {
 		struct ns_entry *e = ns_list;
 
@@ -72,12 +77,14 @@ void ns_add(const char *oldp, const char *newp, uint64_t seq, uint64_t commit_id
 	e->newp = strdup(newp);
 	e->seq = seq;
 	e->commit_id = commit_id;
+	e->reg_idx = -1;
 	if (!e->oldp || !e->newp) {
 		free(e->oldp);
 		free(e->newp);
 		free(e);
 		return;
 	}
+	e->reg_idx = registry_name_add(oldp, newp, seq, commit_id);
 	e->next = ns_list;
 	ns_list = e;
 	atomic_fetch_add(&ns_count, 1);
@@ -122,6 +129,7 @@ static void ns_wait_matching(const char *canon)
 
 int ns_wait_path(const char *canon)
 {
+	registry_names_wait(canon, 0);
 	ns_wait_matching(canon);
 	if (session_lock() == 0) {
 		session_reap();
@@ -209,7 +217,6 @@ static int try_defer_rename(int olddir, const char *oldp, int newdir, const char
 	char co[PATH_MAX], cn[PATH_MAX];
 	struct stat so;
 	struct inode_state *ino, *rename_ino;
-	struct ns_entry *e;
 	int ret;
 
 	if (canon_path(olddir, oldp, co, sizeof(co)) < 0 ||
@@ -239,29 +246,12 @@ static int try_defer_rename(int olddir, const char *oldp, int newdir, const char
 	ret = rename_checks(co, cn, &so);
 	if (ret < 0)
 		goto out;
-	e = calloc(1, sizeof(*e));
-	if (!e) {
-		ret = 0;
-		goto out;
-	}
 	ret = session_send_rename(rename_ino, co, cn);
 	if (ret < 0) {
-		free(e);
 		ret = 0; /* helper gone: it was replayed or we pass through */
 		goto out;
 	}
-	e->oldp = strdup(co);
-	e->newp = strdup(cn);
-	e->seq = S.seq;
-	if (!e->oldp || !e->newp) {
-		free(e->oldp);
-		free(e->newp);
-		free(e);
-	} else {
-		e->next = ns_list;
-		ns_list = e;
-		atomic_fetch_add(&ns_count, 1);
-	}
+	ns_add(co, cn, S.seq, 0);
 	if (rename_ino) {
 		free(rename_ino->path);
 		rename_ino->path = strdup(cn);
@@ -396,37 +386,56 @@ ACKPT_EXPORT int remove(const char *path)
 	return real.remove(path);
 }
 
-/* A listing must not show a name that a deferred rename is about to change. */
-static void wait_all_renames(void)
+/*
+ * A listing must not show a name that a deferred rename or commit is about
+ * to change, and whether a directory is empty depends on them too: wait
+ * for all of ours, and for other processes' into or out of dir (a path,
+ * or dirfd >= 0).
+ */
+static void wait_dir_renames(const char *path, int dirfd)
 {
+	char canon[PATH_MAX];
 	int saved = errno;
 
 	if (!C.enabled || !ns_pending_any())
 		return;
 	ns_wait_matching(NULL);
+	if (registry_names_any()) {
+		if (dirfd >= 0) {
+			char link[64];
+			ssize_t n;
+
+			snprintf(link, sizeof(link), "/proc/self/fd/%d", dirfd);
+			n = readlink(link, canon, sizeof(canon) - 1);
+			if (n > 0) {
+				canon[n] = 0;
+				registry_names_wait(canon, 1);
+			}
+		} else if (path && realpath(path, canon)) {
+			registry_names_wait(canon, 1);
+		}
+	}
 	errno = saved;
 }
 
 ACKPT_EXPORT DIR *opendir(const char *path)
 {
 	ENSURE_REAL();
-	wait_all_renames();
+	wait_dir_renames(path, -1);
 	return real.opendir(path);
 }
 
 ACKPT_EXPORT DIR *fdopendir(int fd)
 {
 	ENSURE_REAL();
-	wait_all_renames();
+	wait_dir_renames(NULL, fd);
 	return real.fdopendir(fd);
 }
 
-/* A deferred rename into or out of the directory decides whether it is
- * empty: wait for all of them, and for commits. */
 ACKPT_EXPORT int rmdir(const char *path)
 {
 	ENSURE_REAL();
-	wait_all_renames();
+	wait_dir_renames(path, -1);
 	ns_wait_commits();
 	return real.rmdir(path);
 }

@@ -280,7 +280,13 @@ void files_share_fd(int fd);
 void files_share_vfork(int fd);
 void files_release_markers(void);
 void fd_protect(int fd, int on);
+/* registry.c */
 int registry_wait(uint64_t dev, uint64_t ino);
+int registry_name_add(const char *oldp, const char *newp, uint64_t seq, uint64_t commit_id);
+void registry_name_del(int idx);
+int registry_names_any(void);
+void registry_names_wait(const char *canon, int as_dir);
+void registry_fork_child(void);
 int registry_claim(uint64_t dev, uint64_t ino, pid_t owner);
 int registry_any(void);
 int registry_shared(int idx);

@@ -1,0 +1,54 @@
+"""Every rank reads back what the job just saved, as real training code does.
+
+  read_your_writes.py DIR dcp|torchsave
+
+dcp: every rank dcp.save()s its shard, dist.barrier(), every rank
+dcp.load()s.  torchsave (the DDP tutorial): rank 0 torch.save()s, barrier,
+every rank torch.load()s.  Each rank prints one line with what it loaded.
+"""
+import os
+import sys
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+
+
+def state(rank):
+    g = torch.Generator().manual_seed(1234 + rank)
+    return {"w%d" % rank: torch.randn(256, 1024, generator=g), "step": torch.tensor(7)}
+
+
+def digest(sd):
+    return " ".join("%s=%.6f" % (k, float(v.double().sum())) for k, v in sorted(sd.items()))
+
+
+def main():
+    out, mode = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if mode == "dcp":
+        for it in range(2):
+            d = os.path.join(out, "step%d" % it)
+            sd = state(rank)
+            dcp.save(sd, checkpoint_id=d)
+            dist.barrier()
+            back = {k: torch.zeros_like(v) for k, v in sd.items()}
+            dcp.load(back, checkpoint_id=d)
+            print("rank %d step %d loaded %s" % (rank, it, digest(back)), flush=True)
+    else:
+        path = os.path.join(out, "model.pt")
+        if rank == 0:
+            torch.save(state(0), path)
+        dist.barrier()
+        back = torch.load(path)
+        print("rank %d loaded %s" % (rank, digest(back)), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
