@@ -2,6 +2,8 @@
 after a dist.barrier(), what another rank has just saved under ackpt.  The
 output and the files must be those of a plain run (docs/DESIGN.md, "Names
 and markers on the node")."""
+import re
+
 import pytest
 
 from barrierutil import free_master_port, job_env, run_job, shimmed, torchrun_argv
@@ -31,9 +33,12 @@ def test_every_rank_reads_what_the_job_saved(tmp_path, mode):
         outs[label] = out
         lines[label] = sorted(ln for ln in job.stdout().splitlines() if ln.startswith("rank "))
     assert lines["plain"] and lines["shim_"] == lines["plain"], (lines["plain"], lines["shim_"])
+    uuid = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
     def same_but_path(a, b):
-        if a.read_bytes().replace(b"plain", b"shim_") != b.read_bytes():
-            return "differs beyond the recorded checkpoint path"
+        """DCP's .metadata also holds a random save_id."""
+        if uuid.sub(b"U", a.read_bytes().replace(b"plain", b"shim_")) != uuid.sub(b"U", b.read_bytes()):
+            return "differs beyond the checkpoint path and save_id"
         return None
 
     diffs = compare_trees(outs["plain"], outs["shim_"], {"*.metadata": same_but_path})

@@ -197,6 +197,8 @@ MARKER_SCRIPTS = [
     "printf 'step 3\\n' > x && cat x > latest",
     "date -u -d @0 > metadata.json",
     "exec 3> latest && /bin/echo 9 >&3",
+    "exec > latest && exec /bin/echo 11",
+    "exec > latest && echo 12 && exec /bin/echo 13",
 ]
 
 

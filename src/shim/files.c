@@ -197,6 +197,23 @@ int fd_install(int fd, struct ofd *o)
 	return 0;
 }
 
+/* Queue the commit of ino's marker now (called with the lock held).
+ * Returns the commit id, or 0 if it was committed here or not at all. */
+static uint64_t marker_commit(struct inode_state *ino)
+{
+	uint64_t id = 0;
+
+	if (S.state == SESS_ACTIVE &&
+	    session_send_commit(ino, ino->path, ino->commit_final, 1, &id) == 0)
+		ns_add(ino->path, ino->commit_final, S.seq, id);
+	else
+		session_commit_now(ino->path, ino->commit_final, 1);
+	free(ino->path);
+	ino->path = ino->commit_final; /* the name it has from now on */
+	ino->commit_final = NULL;
+	return id;
+}
+
 static void ofd_put(struct ofd *o)
 {
 	struct inode_state *ino = o->ino;
@@ -215,19 +232,11 @@ static void ofd_put(struct ofd *o)
 			 * fsyncs the temporary itself, so order is safe.
 			 */
 			if (ino->commit_final) {
-				uint64_t id;
-
 				/* the metadata is complete: commit it behind the barrier */
-				if (S.state == SESS_ACTIVE &&
-				    session_send_commit(ino, ino->path, ino->commit_final, 1, &id) == 0) {
-					ns_add(ino->path, ino->commit_final, S.seq, id);
-					if (C.commit_sync)
-						tls_commit_wait = id;
-				} else if (S.state != SESS_ACTIVE && ino->commit_final) {
-					session_commit_now(ino->path, ino->commit_final, 1);
-				}
-				free(ino->commit_final);
-				ino->commit_final = NULL;
+				uint64_t id = marker_commit(ino);
+
+				if (id && C.commit_sync)
+					tls_commit_wait = id;
 			}
 			if (S.state == SESS_ACTIVE) {
 				ino->closing = 1;
@@ -815,6 +824,34 @@ void files_share_vfork(int fd)
 	}
 	if (wait)
 		session_wait(wait, 0, 0);
+}
+
+/*
+ * An exec that keeps a marker's descriptor open hands the marker to a new
+ * image that knows nothing of it (`exec > latest; exec /bin/echo 7`): no
+ * close of ours would ever commit it.  Commit it now, behind the barrier
+ * as always, and wait, so the new image writes its bytes into the final
+ * name, as in a plain run where the marker exists (empty) before they
+ * arrive.  Returns the last commit id to wait for, or 0.
+ */
+uint64_t files_commit_inherited_markers(void)
+{
+	uint64_t id = 0, r;
+	unsigned i;
+
+	if (S.state == SESS_NONE || S.state == SESS_FAILED || !S.ninodes || session_lock() < 0)
+		return 0;
+	for (i = 0; i < FD_MAX; i++) {
+		struct ofd *o = atomic_load_explicit(&fdtab[i], memory_order_acquire);
+
+		if (o && o->ino && o->ino->commit_final && fd_inheritable((int)i)) {
+			r = marker_commit(o->ino);
+			if (r > id)
+				id = r;
+		}
+	}
+	session_unlock();
+	return id;
 }
 
 /*

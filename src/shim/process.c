@@ -27,8 +27,12 @@ static void exec_prepare(void)
 	}
 	cookies_flush_all();
 	if (files_any_inherited_open()) {
+		uint64_t commit = files_commit_inherited_markers();
+
 		files_share(0);
 		session_sync_all(0, 0);
+		if (commit)
+			session_wait_commit(commit, 0);
 	}
 	errno = saved;
 }

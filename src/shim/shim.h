@@ -279,6 +279,7 @@ void files_share(int all);
 void files_share_fd(int fd);
 void files_share_vfork(int fd);
 void files_release_markers(void);
+uint64_t files_commit_inherited_markers(void);
 void fd_protect(int fd, int on);
 /* registry.c */
 int registry_wait(uint64_t dev, uint64_t ino);
