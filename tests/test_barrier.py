@@ -1,5 +1,5 @@
 """The metadata commit behind the global durability barrier (issue 3;
-DESIGN.md section 3.5 and section 4), with real torchrun + gloo on CPU.
+docs/DESIGN.md sections 3.7 and 4), with real torchrun + gloo on CPU.
 
   - DCP save, 2 and 4 ranks, thread_count 2: data byte-identical to a
     synchronous run, .metadata loads (in a process without the shim)
@@ -622,7 +622,7 @@ def test_participant_lost_between_barriers_aborts_next_commit(tmp_path):
     """A participant whose connection drops without a BYE while no barrier is
     running (its helper died, its node was lost) may have had undurable
     data: the next commit must not go ahead as if it had never been part of
-    the job (DESIGN.md section 4: a participant lost -> abort).  Small
+    the job (docs/DESIGN.md section 4: a participant lost -> abort).  Small
     world: 4 (1 real + 3 simulated)."""
     com, s, d, _ = _scale_setup(tmp_path, "lost-between", 4)
     try:

@@ -2,7 +2,7 @@
 disk fills up, when the program or the helper is SIGKILLed, without io_uring,
 without privileges, with injected helper errors, disabled, or misconfigured.
 
-DESIGN.md section 3 items 6-8 and section 5.  The programs live in
+docs/DESIGN.md section 3 items 6, 9 and 10, and section 5.  The programs live in
 tests/fault_progs/; helpers in tests/faultutil.py.
 """
 import json
@@ -141,7 +141,7 @@ def test_enospc_ignored_exit_status(errcheck, small_tmpfs):
 
 def test_sigkill_program_after_save(tmp_path):
     """The program is SIGKILLed right after its save returned, while the data
-    is still in flight: the helper must still finish it (DESIGN 3.6)."""
+    is still in flight: the helper must still finish it (docs/DESIGN.md 3.6)."""
     out = tmp_path / "out"
     out.mkdir()
     target = out / "model.pt"
@@ -174,7 +174,7 @@ def test_sigkill_program_after_save(tmp_path):
 
 def test_sigkill_helper_mid_save(tmp_path):
     """The helper is SIGKILLed while writes are in flight: the program must
-    rewrite the unconfirmed data itself, warn once, exit 0 (DESIGN 3.8)."""
+    rewrite the unconfirmed data itself, warn once, exit 0 (docs/DESIGN.md 3.10)."""
     out = tmp_path / "out"
     out.mkdir()
     target = out / "big.distcp"

@@ -1,7 +1,6 @@
 """Read-your-writes across the job: ranks of one torchrun job read, right
 after a dist.barrier(), what another rank has just saved under ackpt.  The
-output and the files must be those of a plain run (docs/DESIGN.md, "Names
-and markers on the node")."""
+output and the files must be those of a plain run (docs/DESIGN.md 3.7)."""
 import re
 
 import pytest

@@ -1,5 +1,5 @@
 """The strace oracle: under the shim, the program itself never writes or
-fsyncs a managed file -- only the helper does (DESIGN.md sections 2-3).
+fsyncs a managed file -- only the helper does (docs/DESIGN.md sections 2-3).
 
 Each corpus program runs under
   strace -f -qq -y -e trace=write,pwrite64,writev,pwritev,pwritev2,fsync,fdatasync,

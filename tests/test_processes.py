@@ -1,6 +1,6 @@
 """Other processes looking at, or writing to, a managed file see what a
-synchronous run shows them (docs/DESIGN.md, "Shared descriptions" and
-"Markers handed across exec").
+synchronous run shows them (docs/DESIGN.md, 3.4 shared descriptions, 3.5
+deferred renames, 3.6 exit and 3.7 markers).
 
 Each case is a small program (shell, Python) run twice: without the shim and
 under it with the helper slowed down (ACKPT_TEST_DELAY_MS), so that staged

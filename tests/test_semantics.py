@@ -1,4 +1,4 @@
-"""What a program can observe under the shim (DESIGN.md section 3), checked
+"""What a program can observe under the shim (docs/DESIGN.md section 3), checked
 with data deliberately kept in flight (ACKPT_TEST_DELAY_MS: the helper sleeps
 that long before each write chunk of up to 16 MiB).
 """
@@ -102,7 +102,7 @@ def test_no_idle_stall_after_fsync_close(build_c, tmp_path):
 
 
 def test_exit_progress(tmp_path):
-    """Exit waits for durability and says so after ~1 s (DESIGN 3.6)."""
+    """Exit waits for durability and says so after ~1 s (docs/DESIGN.md 3.6)."""
     out = tmp_path / "out"
     out.mkdir()
     mib, seed = 64, 4

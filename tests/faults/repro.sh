@@ -63,7 +63,7 @@ case ${1:-all} in F|all)
 # H: the helper is SIGKILLed while a single-process tracker commit waits for the local drain: the
 # shim aborts the commit ("the helper died before the barrier") although it has just rewritten all
 # unconfirmed data synchronously; the save that returned is not committed and the exit status is 1
-# (DESIGN 3.8 says: rewrite, continue synchronously, one warning).
+# (docs/DESIGN.md 3.10 says: rewrite, continue synchronously, one warning).
 case ${1:-all} in H|all)
     d=$w/H; mkdir -p $d
     cat >$w/h.py <<'PY'
