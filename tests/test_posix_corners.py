@@ -113,3 +113,53 @@ def test_no_write_succeeds_after_a_dropped_one(tmp_path):
             "write %d reported %d bytes at %d that are not in the file\n%s"
             % (i, n, off, res.describe()))
     assert lines.count("write EIO") == 4 and "close EIO" in lines, res.describe()
+
+
+FORK_FLUSH_PROG = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static FILE *f;
+
+static void *writer(void *arg)
+{
+	(void)arg;
+	for (int i = 0; i < 3000; i++) {
+		fprintf(f, "line %d\n", i);
+		fflush(NULL);
+	}
+	return NULL;
+}
+
+int main(int argc, char **argv)
+{
+	pthread_t t;
+
+	f = fopen(argv[1], "w");
+	pthread_create(&t, NULL, writer, NULL);
+	for (int i = 0; i < 300; i++) {
+		pid_t p = fork();
+
+		if (p == 0)
+			_exit(0);
+		waitpid(p, NULL, 0);
+	}
+	pthread_join(t, NULL);
+	return fclose(f) ? 1 : 0;
+}
+"""
+
+
+def test_fork_while_another_thread_flushes(tmp_path):
+    """fork() concurrent with fflush(NULL) on a managed stream never deadlocks
+    (the atfork handler and glibc's stream-list lock in opposite orders)."""
+    src = tmp_path / "forkflush.c"
+    src.write_text(FORK_FLUSH_PROG)
+    exe = tmp_path / "forkflush"
+    subprocess.run(["cc", "-O1", "-pthread", "-o", str(exe), str(src)], check=True)
+    _, shimmed, _, _, diffs = run_plain_and_shim(lambda out: [exe, out / "log.txt"], tmp_path,
+                                                 timeout=60)
+    assert_same_trees(diffs, shimmed)

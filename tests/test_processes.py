@@ -289,3 +289,125 @@ def test_move_then_chmod(tmp_path):
         st = os.stat("ck.ckpt")
         print(oct(st.st_mode), st.st_size, st.st_mtime, os.access("ck.ckpt", os.R_OK))
     """))
+
+
+# ---- exec -------------------------------------------------------------
+
+def test_exec_after_cloexec_writes(tmp_path):
+    """Every managed fd was O_CLOEXEC; the exec'd image reads complete data."""
+    _differential(tmp_path, _py("""
+        import os, sys
+        os.chdir(sys.argv[1])
+        with open("big.bin", "wb") as f:          # Python's fds are O_CLOEXEC
+            f.write(bytes(range(256)) * 8192)
+        sys.stdout.flush()
+        os.execv("/usr/bin/sha256sum", ["sha256sum", "big.bin"])
+    """))
+
+
+def test_posix_spawn_truncating_open(tmp_path):
+    """A posix_spawn file action opens a file with staged data with O_TRUNC:
+    the older staged bytes must not land on top of the child's output."""
+    _differential(tmp_path, _py("""
+        import os, sys
+        os.chdir(sys.argv[1])
+        with open("f", "wb") as f:
+            f.write(b"old" * 300000)
+        pid = os.posix_spawn("/bin/echo", ["echo", "new"], os.environ,
+                             file_actions=[(os.POSIX_SPAWN_OPEN, 1, "f",
+                                            os.O_WRONLY | os.O_TRUNC, 0o644)])
+        os.waitpid(pid, 0)
+        print(open("f").read())
+    """))
+
+
+# ---- the shim's own processes and descriptors ------------------------------
+
+def test_no_sigchld_from_the_helper(tmp_path):
+    """Starting the helper sends the program no SIGCHLD, and its wait() finds
+    no child of ours."""
+    _differential(tmp_path, _py("""
+        import os, signal, sys, time
+        os.chdir(sys.argv[1])
+        got = []
+        signal.signal(signal.SIGCHLD, lambda s, f: got.append(s))
+        with open("f.bin", "wb") as f:
+            f.write(b"x" * 100000)
+        time.sleep(0.3)
+        try:
+            print("wait", os.waitpid(-1, os.WNOHANG))
+        except ChildProcessError as e:
+            print("wait", e.errno)
+        print("sigchld", len(got))
+    """))
+
+
+def test_descriptor_count(tmp_path):
+    """A program that lists /proc/self/fd sees what it opened, during and after writes."""
+    _differential(tmp_path, _py("""
+        import os, sys
+        os.chdir(sys.argv[1])
+        before = sorted(os.listdir("/proc/self/fd"))
+        f = open("f.bin", "wb")
+        f.write(b"x" * 100000)
+        f.flush()
+        during = sorted(os.listdir("/proc/self/fd"))
+        f.close()
+        after = sorted(os.listdir("/proc/self/fd"))
+        print(len(during) - len(before), len(after) - len(before), before == after)
+    """))
+
+
+def test_dup2_onto_high_numbers(tmp_path):
+    """dup2 onto the numbers the shim uses for itself (1000 and up): the
+    program's writes go where it says, the managed file keeps its data."""
+    _differential(tmp_path, _py("""
+        import os, sys
+        os.chdir(sys.argv[1])
+        fd = os.open("managed.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b"m" * 200000)
+        other = os.open("other.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        for n in range(1000, 1006):
+            os.dup2(other, n)
+            os.write(n, b"%d\\n" % n)
+            os.close(n)
+        os.write(fd, b"M" * 1000)
+        os.close(fd)
+        os.close(other)
+    """), extra={"ACKPT_TEST_DELAY_MS": 20})  # each small write is one delayed chunk
+
+
+def test_failed_dup2_keeps_the_target(tmp_path):
+    """A dup2 that fails (EBADF) leaves the managed target descriptor as it was."""
+    _differential(tmp_path, _py("""
+        import os, sys
+        os.chdir(sys.argv[1])
+        fd = os.open("f.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b"a" * 100000)
+        try:
+            os.dup2(987, fd)
+        except OSError as e:
+            print("dup2", e.errno)
+        os.write(fd, b"b" * 1000)
+        os.close(fd)
+    """))
+
+
+def test_raw_close_then_reuse(tmp_path):
+    """syscall(SYS_close) on a managed fd, then a pipe gets that number: the
+    pipe's writes must reach the pipe, not the old file's staging."""
+    _differential(tmp_path, _py("""
+        import ctypes, os, sys
+        os.chdir(sys.argv[1])
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open("old.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b"o" * 100000)
+        r, w0 = os.pipe()
+        print("close", libc.syscall(3, fd))
+        w = os.dup(w0)                        # takes the number back
+        print("same number", w == fd)
+        os.write(w, b"through the pipe")
+        print(os.read(r, 100))
+        os.close(r)
+        os.close(w)
+    """), timeout=30)

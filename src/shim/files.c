@@ -186,6 +186,37 @@ static struct inode_state *inode_create(int fd, const struct stat *st, const cha
 	return ino;
 }
 
+/*
+ * The program is about to dup2/dup3 onto fd, which is one of ours (a
+ * shadow descriptor, the helper socket or the memfd).  The program gets
+ * its way, as it would without us: ours moves to another number first, so
+ * it never ends up naming the program's new file (a replay after the
+ * helper's death would write the old file's data into it, and our close
+ * would close it).  Called with the lock held.
+ */
+void files_relocate_protected(int fd)
+{
+	int nfd = real.fcntl(fd, F_DUPFD_CLOEXEC, 1000);
+	unsigned b;
+
+	if (nfd < 0)
+		return; /* no number left: the dup2 will fail with EMFILE too */
+	for (b = 0; b < HASH_BUCKETS; b++) {
+		struct inode_state *i;
+
+		for (i = inode_hash[b]; i; i = i->next)
+			if (i->shadow_fd == fd)
+				i->shadow_fd = nfd;
+	}
+	if (S.sock == fd)
+		S.sock = nfd;
+	if (S.memfd == fd)
+		S.memfd = nfd;
+	fd_protect(nfd, 1);
+	fd_protect(fd, 0);
+	real.close(fd);
+}
+
 /* ---- descriptors ---- */
 
 int fd_install(int fd, struct ofd *o)
@@ -287,7 +318,15 @@ int files_post_open(int fd, int flags, const char *how)
 	int acc = flags & O_ACCMODE, writable = acc == O_WRONLY || acc == O_RDWR;
 	ssize_t n;
 
-	if (fd < 0 || (unsigned)fd >= FD_MAX || !C.enabled || (flags & O_PATH))
+	if (fd < 0 || (unsigned)fd >= FD_MAX || !C.enabled)
+		return fd;
+	if (UNLIKELY(fd_peek(fd)) && session_lock() == 0) {
+		/* the kernel reused a number we still track: it was closed behind
+		 * our back (a raw close), so the old description is gone */
+		fd_release(fd);
+		session_unlock();
+	}
+	if (flags & O_PATH)
 		return fd;
 	if (!writable) {
 		/* a reader of a file with pending work waits for it */

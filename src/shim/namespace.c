@@ -51,18 +51,12 @@ void ns_prune(uint64_t durable)
 	}
 }
 
-/* A forked child: the parent's pending names stay the parent's. */
+/* A forked child: the parent's pending names stay the parent's.  Another
+ * thread may have been mid-update at the fork: forget the list, never free. */
 void ns_reset(void)
 {
 	registry_fork_child();
-	while (ns_list) {
-		struct ns_entry *e = ns_list;
-
-		ns_list = e->next;
-		free(e->oldp);
-		free(e->newp);
-		free(e);
-	}
+	ns_list = NULL;
 	atomic_store(&ns_count, 0);
 }
 
@@ -418,18 +412,132 @@ static void wait_dir_renames(const char *path, int dirfd)
 	errno = saved;
 }
 
+/*
+ * Listings of this process's own descriptor directory (/proc/self/fd,
+ * /dev/fd) leave out our descriptors, so a program that counts what it
+ * has open sees what it opened.  The streams are kept in a small table;
+ * readdir of any other stream costs one relaxed load.
+ */
+#define FD_DIRS 16
+static _Atomic(DIR *) fd_dirs[FD_DIRS];
+static atomic_int nfd_dirs;
+
+static int is_own_fd_dir(const char *resolved)
+{
+	char own[64];
+
+	snprintf(own, sizeof(own), "/proc/%d/fd", (int)getpid());
+	return !strcmp(resolved, own);
+}
+
+static DIR *note_fd_dir(DIR *d, const char *path, int fd)
+{
+	char canon[PATH_MAX];
+	unsigned i;
+
+	if (!d || S.state == SESS_NONE || !C.enabled)
+		return d;
+	if (fd >= 0) {
+		char link[64];
+		ssize_t n;
+
+		snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+		n = readlink(link, canon, sizeof(canon) - 1);
+		if (n <= 0)
+			return d;
+		canon[n] = 0;
+	} else if (!path || !realpath(path, canon)) {
+		return d;
+	}
+	if (!is_own_fd_dir(canon))
+		return d;
+	for (i = 0; i < FD_DIRS; i++) {
+		DIR *none = NULL;
+
+		if (atomic_compare_exchange_strong(&fd_dirs[i], &none, d)) {
+			atomic_fetch_add(&nfd_dirs, 1);
+			break;
+		}
+	}
+	return d;
+}
+
+static int hides_ours(DIR *d)
+{
+	unsigned i;
+
+	if (LIKELY(!atomic_load_explicit(&nfd_dirs, memory_order_relaxed)))
+		return 0;
+	for (i = 0; i < FD_DIRS; i++)
+		if (atomic_load(&fd_dirs[i]) == d)
+			return 1;
+	return 0;
+}
+
+static int protected_name(const char *name)
+{
+	char *end;
+	long fd = strtol(name, &end, 10);
+
+	return *name && !*end && fd >= 0 && fd < FD_MAX &&
+	       atomic_load_explicit(&fd_protected[fd], memory_order_relaxed);
+}
+
+ACKPT_EXPORT struct dirent *readdir(DIR *d)
+{
+	struct dirent *e;
+
+	ENSURE_REAL();
+	if (LIKELY(!hides_ours(d)))
+		return real.readdir(d);
+	do
+		e = real.readdir(d);
+	while (e && protected_name(e->d_name));
+	return e;
+}
+
+ACKPT_EXPORT struct dirent64 *readdir64(DIR *d)
+{
+	struct dirent64 *e;
+
+	ENSURE_REAL();
+	if (LIKELY(!hides_ours(d)))
+		return real.readdir64(d);
+	do
+		e = real.readdir64(d);
+	while (e && protected_name(e->d_name));
+	return e;
+}
+
+ACKPT_EXPORT int closedir(DIR *d)
+{
+	unsigned i;
+
+	ENSURE_REAL();
+	if (UNLIKELY(hides_ours(d)))
+		for (i = 0; i < FD_DIRS; i++) {
+			DIR *mine = d;
+
+			if (atomic_compare_exchange_strong(&fd_dirs[i], &mine, NULL)) {
+				atomic_fetch_sub(&nfd_dirs, 1);
+				break;
+			}
+		}
+	return real.closedir(d);
+}
+
 ACKPT_EXPORT DIR *opendir(const char *path)
 {
 	ENSURE_REAL();
 	wait_dir_renames(path, -1);
-	return real.opendir(path);
+	return note_fd_dir(real.opendir(path), path, -1);
 }
 
 ACKPT_EXPORT DIR *fdopendir(int fd)
 {
 	ENSURE_REAL();
 	wait_dir_renames(NULL, fd);
-	return real.fdopendir(fd);
+	return note_fd_dir(real.fdopendir(fd), NULL, fd);
 }
 
 ACKPT_EXPORT int rmdir(const char *path)

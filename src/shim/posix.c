@@ -314,6 +314,11 @@ static int is_protected(int fd)
 	return (unsigned)fd < FD_MAX && atomic_load_explicit(&fd_protected[fd], memory_order_relaxed);
 }
 
+static int fcntl_valid(int fd)
+{
+	return real.fcntl(fd, F_GETFD) >= 0;
+}
+
 ACKPT_EXPORT int close(int fd)
 {
 	int saved = errno, r, err = 0;
@@ -395,6 +400,11 @@ ACKPT_EXPORT void closefrom(int lo)
 	close_range((unsigned)lo, ~0u, 0);
 }
 
+/*
+ * newfd is a fresh copy of oldfd.  If we still tracked a description under
+ * newfd's number, it was closed behind our back (a raw close): drop it, or
+ * the copy's writes would go into that old file.
+ */
 static int dup_track(int oldfd, int newfd)
 {
 	struct ofd *o;
@@ -402,21 +412,13 @@ static int dup_track(int oldfd, int newfd)
 	if (newfd < 0 || session_lock() < 0)
 		return newfd;
 	o = fd_peek(oldfd);
-	if (o && fd_peek(newfd) != o)
-		fd_install(newfd, o);
+	if (fd_peek(newfd) != o) {
+		fd_release(newfd);
+		if (o)
+			fd_install(newfd, o);
+	}
 	session_unlock();
 	return newfd;
-}
-
-/* dup2/dup3 onto one of our descriptors: move ours out of the way first. */
-static void relocate_if_ours(int fd)
-{
-	(void)fd;
-	/* Our descriptors live at >= 1000 and are CLOEXEC; a program that
-	 * dup2s onto such a number gets its way and we lose that descriptor's
-	 * protection only.  Shadow descriptors are re-created on demand. */
-	if (is_protected(fd))
-		fd_protect(fd, 0);
 }
 
 ACKPT_EXPORT int dup(int fd)
@@ -425,7 +427,7 @@ ACKPT_EXPORT int dup(int fd)
 
 	ENSURE_REAL();
 	nfd = real.dup(fd);
-	if (nfd >= 0 && fd_peek(fd)) {
+	if (nfd >= 0 && (fd_peek(fd) || fd_peek(nfd))) {
 		int saved = errno;
 
 		dup_track(fd, nfd);
@@ -434,9 +436,15 @@ ACKPT_EXPORT int dup(int fd)
 	return nfd;
 }
 
+/*
+ * dup2/dup3 onto a managed or protected descriptor.  Under the lock, so
+ * the table never names a file the kernel's newfd no longer is: ours is
+ * moved out of the way first, and newfd's old state is dropped only if the
+ * kernel's call succeeded (a failed dup2 leaves newfd as it was).
+ */
 static int dup23(int oldfd, int newfd, int flags, int three)
 {
-	int r, saved = errno;
+	int r, saved = errno, err;
 
 	if (oldfd == newfd && !three)
 		return real.dup2(oldfd, newfd);
@@ -449,16 +457,23 @@ static int dup23(int oldfd, int newfd, int flags, int three)
 		errno = r >= 0 ? saved : errno;
 		return r;
 	}
-	relocate_if_ours(newfd);
-	if (fd_peek(newfd) && session_lock() == 0) {
-		fd_release(newfd); /* dup2 closes newfd silently */
-		session_unlock();
-	}
+	if (session_lock() < 0)
+		return three ? real.dup3(oldfd, newfd, flags) : real.dup2(oldfd, newfd);
+	if (is_protected(newfd) && fcntl_valid(oldfd))
+		files_relocate_protected(newfd);
 	r = three ? real.dup3(oldfd, newfd, flags) : real.dup2(oldfd, newfd);
-	if (r >= 0 && fd_peek(oldfd)) {
-		dup_track(oldfd, r);
-		errno = saved;
+	err = errno;
+	if (r >= 0) {
+		struct ofd *o = fd_peek(oldfd);
+
+		if (fd_peek(newfd) != o) {
+			fd_release(newfd); /* dup2 closed newfd silently */
+			if (o)
+				fd_install(newfd, o);
+		}
 	}
+	session_unlock();
+	errno = r >= 0 ? saved : err;
 	return r;
 }
 
@@ -483,8 +498,16 @@ static int fcntl_common(int (*fn)(int, int, ...), int fd, int cmd, va_list ap)
 	long arg = va_arg(ap, long);
 	int r;
 
-	if (!fd_peek(fd))
-		return fn(fd, cmd, arg);
+	if (!fd_peek(fd)) {
+		r = fn(fd, cmd, arg);
+		if ((cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) && r >= 0 && UNLIKELY(fd_peek(r))) {
+			int saved = errno;
+
+			dup_track(fd, r);
+			errno = saved;
+		}
+		return r;
+	}
 	switch (cmd) {
 	case F_DUPFD:
 	case F_DUPFD_CLOEXEC:

@@ -247,6 +247,30 @@ ACKPT_EXPORT long syscall(long nr, ...)
 				       (size_t)a[4], (unsigned)a[5]);
 	case SYS_close_range:
 		return close_range((unsigned)a[0], (unsigned)a[1], (int)a[2]);
+	/* descriptor changes we must see, or a reused number would route a new
+	 * file's writes into an old managed file */
+	case SYS_close:
+		return close((int)a[0]);
+	case SYS_dup:
+		return dup((int)a[0]);
+	case SYS_dup2:
+		return dup2((int)a[0], (int)a[1]);
+	case SYS_dup3:
+		return dup3((int)a[0], (int)a[1], (int)a[2]);
+	case SYS_fcntl:
+		return fcntl((int)a[0], (int)a[1], a[2]);
+	case SYS_writev:
+		return writev((int)a[0], (const struct iovec *)a[1], (int)a[2]);
+	case SYS_pwritev:
+		return pwritev((int)a[0], (const struct iovec *)a[1], (int)a[2], (off_t)a[3]);
+	case SYS_lseek:
+		return lseek((int)a[0], (off_t)a[1], (int)a[2]);
+	case SYS_fsync:
+		return fsync((int)a[0]);
+	case SYS_fdatasync:
+		return fdatasync((int)a[0]);
+	case SYS_ftruncate:
+		return ftruncate((int)a[0], (off_t)a[1]);
 	default:
 		break;
 	}

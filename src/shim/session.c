@@ -12,6 +12,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -163,15 +164,88 @@ static void *prefault_main(void *arg)
 	return NULL;
 }
 
+struct spawn_args {
+	const char *path;
+	char **argv, **envp;
+	int sock, memfd;
+	sigset_t mask;          /* the program's mask, restored before exec */
+	char *stack2;           /* top of the second child's stack */
+};
+
+/*
+ * The child of spawn_helper, in our memory until it execs (CLONE_VM |
+ * CLONE_VFORK): raw system calls only, no wrapper, no lock, no allocation.
+ * Its signal handlers are its own copy: reset the program's to default
+ * first, so no handler of the program's ever runs in it.
+ */
+static int spawn_child(void *arg)
+{
+	struct spawn_args *a = arg;
+	struct kernel_sigaction { void *handler; unsigned long flags; void *restorer;
+				  uint64_t mask; } sa, dfl = { 0 };
+	long sock, memfd;
+	int sig;
+
+	for (sig = 1; sig < 65; sig++) {
+		if (sig == SIGKILL || sig == SIGSTOP)
+			continue;
+		if (real.syscall(SYS_rt_sigaction, sig, NULL, &sa, 8) == 0 &&
+		    sa.handler != SIG_DFL && sa.handler != SIG_IGN)
+			real.syscall(SYS_rt_sigaction, sig, &dfl, NULL, 8);
+	}
+	/* via fresh numbers, so neither can clobber the other */
+	sock = real.syscall(SYS_fcntl, a->sock, F_DUPFD, 10);
+	memfd = real.syscall(SYS_fcntl, a->memfd, F_DUPFD, 10);
+	if (sock < 0 || memfd < 0 ||
+	    real.syscall(SYS_dup2, sock, ACKPT_HELPER_SOCK_FD) < 0 ||
+	    real.syscall(SYS_dup2, memfd, ACKPT_HELPER_SHM_FD) < 0)
+		real.syscall(SYS_exit, 127);
+	real.syscall(SYS_close, sock);
+	real.syscall(SYS_close, memfd);
+	real.syscall(SYS_rt_sigprocmask, SIG_SETMASK, &a->mask, NULL, 8);
+	real.syscall(SYS_execve, a->path, a->argv, a->envp);
+	real.syscall(SYS_exit, 127);
+	return 127;
+}
+
+/*
+ * Our direct child: starts the one that execs (an exec gives a process
+ * SIGCHLD as its exit signal again, so that one must not be ours), and
+ * exits with no exit signal.  Both share our memory until the exec, so the
+ * program's page tables are never copied.
+ */
+static int spawn_middle(void *arg)
+{
+	struct spawn_args *a = arg;
+	long pid = clone(spawn_child, a->stack2, CLONE_VM | CLONE_VFORK | SIGCHLD, a);
+	int st = 0;
+
+	if (pid < 0)
+		real.syscall(SYS_exit, 126);
+	/* it has exec'd or died: if it died, say how */
+	if (real.syscall(SYS_wait4, pid, &st, WNOHANG, NULL) == pid)
+		real.syscall(SYS_exit, WIFEXITED(st) ? WEXITSTATUS(st) : 125);
+	real.syscall(SYS_exit, 0);
+	return 0;
+}
+
+/*
+ * Start the helper.  Our child has no exit signal (clone, not posix_spawn)
+ * and exits at once, and the helper's process is its orphan: a program with
+ * a SIGCHLD handler never sees either, and its waitpid(-1) cannot reap
+ * them.  We reap our child here with __WCLONE.
+ */
 static int spawn_helper(int helper_sock)
 {
-	posix_spawn_file_actions_t fa;
+	struct spawn_args a = { .sock = helper_sock, .memfd = S.memfd };
+	const size_t stack_size = 128 * 1024;
 	char path[PATH_MAX];
 	char *argv[] = { path, NULL };
-	char **envp;
+	sigset_t all;
+	char **envp, *stack;
 	size_t n = 0, i, j = 0;
 	pid_t pid;
-	int ret, st;
+	int ret, st, saved;
 
 	ret = find_helper(path, sizeof(path));
 	if (ret < 0) {
@@ -181,26 +255,42 @@ static int spawn_helper(int helper_sock)
 	while (environ && environ[n])
 		n++;
 	envp = calloc(n + 2, sizeof(*envp));
-	if (!envp)
+	stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK,
+		     -1, 0);
+	if (!envp || stack == MAP_FAILED) {
+		free(envp);
+		if (stack != MAP_FAILED)
+			munmap(stack, stack_size);
 		return -ENOMEM;
+	}
 	for (i = 0; i < n; i++)
 		if (strncmp(environ[i], "LD_PRELOAD=", 11) && strncmp(environ[i], "ACKPT_COORD_HOST=", 17))
 			envp[j++] = environ[i];
 	if (C.coord_host)
 		envp[j++] = (char *)"ACKPT_COORD_HOST=1";
-	posix_spawn_file_actions_init(&fa);
-	posix_spawn_file_actions_adddup2(&fa, helper_sock, ACKPT_HELPER_SOCK_FD);
-	posix_spawn_file_actions_adddup2(&fa, S.memfd, ACKPT_HELPER_SHM_FD);
-	ret = real.posix_spawn(&pid, path, &fa, NULL, argv, envp);
-	posix_spawn_file_actions_destroy(&fa);
+	a.path = path;
+	a.argv = argv;
+	a.envp = envp;
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &a.mask);
+	saved = errno;
+	a.stack2 = stack + stack_size / 2;
+	pid = clone(spawn_middle, stack + stack_size, CLONE_VM | CLONE_VFORK, &a);
+	ret = pid < 0 ? errno : 0;
+	errno = saved;
+	pthread_sigmask(SIG_SETMASK, &a.mask, NULL);
+	munmap(stack, stack_size);
 	free(envp);
 	if (ret) {
 		alog(L_WARN, "cannot start %s: %s; writes stay synchronous", path, strerror(ret));
 		return -ret;
 	}
-	/* the helper forks away at once; reap the intermediate process */
-	while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+	while (waitpid(pid, &st, __WCLONE) < 0 && errno == EINTR)
 		;
+	if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+		alog(L_WARN, "cannot start %s (status %d); writes stay synchronous", path, st);
+		return -ECHILD;
+	}
 	return 0;
 }
 
@@ -907,19 +997,18 @@ void session_reap(void)
 
 /* ---- fork and exit ---- */
 
+/*
+ * The lock is not held across fork: glibc's fork takes the stdio list lock
+ * after the prepare handlers, and a thread in fflush(NULL) holds that lock
+ * while it flushes one of our streams, which takes ours.  The child throws
+ * all our state away instead of reading it (atfork_child), so it needs no
+ * consistent snapshot.
+ */
 static void atfork_prepare(void)
 {
 	/* the child inherits every descriptor: they all become shared */
 	if (!tls_busy && session_is_owner())
 		files_share(1);
-	if (!tls_busy)
-		pthread_mutex_lock(&S.lock);
-}
-
-static void atfork_parent(void)
-{
-	if (!tls_busy)
-		pthread_mutex_unlock(&S.lock);
 }
 
 static void atfork_child(void)
@@ -935,10 +1024,9 @@ static void atfork_child(void)
 		return;
 	/* The parent's helper and arena stay the parent's; this child starts
 	 * its own session on its first managed open. */
-	for (s = log_first; s <= S.seq; s++) {
-		free(oplog[s % LOGCAP].paths);
+	/* another thread may have been mid-update: forget, never free */
+	for (s = log_first; s <= S.seq; s++)
 		memset(&oplog[s % LOGCAP], 0, sizeof(oplog[0]));
-	}
 	log_first = 1;
 	files_fork_child();
 	ns_reset();
@@ -964,7 +1052,7 @@ static void atfork_child(void)
 void session_init_once(void)
 {
 	S.owner = getpid();
-	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+	pthread_atfork(atfork_prepare, NULL, atfork_child);
 	/* rank 0 hosts the coordinator from program start, so that other
 	 * ranks can register before their first managed open returns */
 	if (C.enabled && C.coord_host && session_lock() == 0) {

@@ -92,6 +92,9 @@ struct timeval;
 	X(DIR *, opendir, (const char *)) \
 	X(int, rmdir, (const char *)) \
 	X(DIR *, fdopendir, (int)) \
+	X(struct dirent *, readdir, (DIR *)) \
+	X(struct dirent64 *, readdir64, (DIR *)) \
+	X(int, closedir, (DIR *)) \
 	X(FILE *, fopen, (const char *, const char *)) \
 	X(FILE *, fdopen, (int, const char *)) \
 	X(FILE *, freopen, (const char *, const char *, FILE *)) \
@@ -281,6 +284,7 @@ void files_share_vfork(int fd);
 void files_release_markers(void);
 uint64_t files_commit_inherited_markers(void);
 void fd_protect(int fd, int on);
+void files_relocate_protected(int fd); /* lock held */
 /* registry.c */
 int registry_wait(uint64_t dev, uint64_t ino);
 int registry_name_add(const char *oldp, const char *newp, uint64_t seq, uint64_t commit_id);
