@@ -245,6 +245,7 @@ def _regrtest(module, base, shimmed, match=None, timeout=MODULE_TIMEOUT):
     for k in list(_PY_ENV_DROP) + ["TEMP", "TMP"]:
         env.pop(k, None)
     env["TMPDIR"] = str(work)
+    env["LC_ALL"] = "C.UTF-8"   # not _base_env's C: some test_io tests skip without a UTF-8 locale
     argv = [CPYTHON, "-m", "test", "-v", "--junit-xml", str(xml), "--tempdir", str(work),
             "--timeout", str(int(timeout))]
     if match:

@@ -163,3 +163,143 @@ def test_fork_while_another_thread_flushes(tmp_path):
     _, shimmed, _, _, diffs = run_plain_and_shim(lambda out: [exe, out / "log.txt"], tmp_path,
                                                  timeout=60)
     assert_same_trees(diffs, shimmed)
+
+
+MODES_PROG = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#ifndef RWF_APPEND
+#define RWF_APPEND 0x10
+#endif
+#ifndef RWF_NOAPPEND
+#define RWF_NOAPPEND 0x20
+#endif
+
+static void say(const char *what, long r)
+{
+	printf("%s: %ld%s%s\n", what, r, r < 0 ? " " : "", r < 0 ? strerror(errno) : "");
+}
+
+int main(int argc, char **argv)
+{
+	char buf[64];
+	FILE *f;
+	int fd;
+
+	if (chdir(argv[1]))
+		return 2;
+
+	/* a fresh O_APPEND descriptor starts at 0; a write moves it to the end */
+	fd = open("append.bin", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	write(fd, "0123456789", 10);
+	close(fd);
+	fd = open("append.bin", O_WRONLY | O_APPEND);
+	say("fresh O_APPEND offset", lseek(fd, 0, SEEK_CUR));
+	say("append write", write(fd, "ab", 2));
+	say("offset after", lseek(fd, 0, SEEK_CUR));
+	say("pwrite on O_APPEND appends", pwrite(fd, "PW", 2, 0));
+	close(fd);
+
+	/* pwritev2 flags */
+	fd = open("rwf.bin", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	write(fd, "aaaaaaaaaa", 10);
+	{
+		struct iovec v = { "XY", 2 };
+
+		say("RWF_APPEND", pwritev2(fd, &v, 1, 0, RWF_APPEND));
+		say("offset after RWF_APPEND at 0", lseek(fd, 0, SEEK_CUR));
+		say("RWF_APPEND at -1", pwritev2(fd, &v, 1, -1, RWF_APPEND));
+		say("offset after RWF_APPEND at -1", lseek(fd, 0, SEEK_CUR));
+		say("unknown flag", pwritev2(fd, &v, 1, 0, 0x40000000));
+	}
+	close(fd);
+	fd = open("rwf.bin", O_WRONLY | O_APPEND);
+	{
+		struct iovec v = { "NA", 2 };
+		long r = pwritev2(fd, &v, 1, 1, RWF_NOAPPEND);
+
+		/* EOPNOTSUPP before Linux 6.9: either way, the same as plain */
+		say("RWF_NOAPPEND", r);
+	}
+	close(fd);
+
+	/* fdopen(fd, "a") sets O_APPEND on the description */
+	fd = open("fdopen.bin", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	write(fd, "123", 3);
+	lseek(fd, 0, SEEK_SET);
+	f = fdopen(fd, "a");
+	say("fdopen a: O_APPEND set", !!(fcntl(fd, F_GETFL) & O_APPEND));
+	say("fdopen a: ftell", ftell(f));
+	fputs("45", f);
+	fclose(f);
+
+	/* "a+" does not seek; "a" does */
+	f = fopen("aplus.bin", "w");
+	fputs("hello", f);
+	fclose(f);
+	f = fopen("aplus.bin", "a+");
+	say("a+ ftell", ftell(f));
+	fputs("!", f);
+	say("a+ ftell after write", ftell(f));
+	fclose(f);
+	f = fopen("aplus.bin", "a");
+	say("a ftell", ftell(f));
+	fclose(f);
+
+	/* one write moves at most 0x7ffff000 bytes */
+	{
+		size_t big = 0x80000000ul;
+		char *p = mmap(NULL, big, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+
+		fd = open("cap.bin", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+		say("2 GiB write", write(fd, p, big));
+		close(fd);
+		truncate("cap.bin", 16); /* keep the output tree small */
+		munmap(p, big);
+	}
+
+	/* RLIMIT_FSIZE: EFBIG at the call (SIGXFSZ ignored) */
+	{
+		struct rlimit rl = { 1 << 20, 1 << 20 };
+
+		signal(SIGXFSZ, SIG_IGN);
+		setrlimit(RLIMIT_FSIZE, &rl);
+		fd = open("fsize.bin", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+		say("write within the limit", write(fd, "x", 1));
+		say("pwrite past RLIMIT_FSIZE", pwrite(fd, "y", 1, 2 << 20));
+		say("pwrite straddling it", pwrite(fd, buf, 64, (1 << 20) - 16));
+		say("pwrite at LLONG_MAX", pwrite(fd, "z", 1, LLONG_MAX));
+		close(fd);
+	}
+	return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def modes_prog(tmp_path_factory):
+    d = tmp_path_factory.mktemp("modes")
+    (d / "modes.c").write_text(MODES_PROG)
+    subprocess.run(["cc", "-O1", "-o", str(d / "modes"), str(d / "modes.c")], check=True)
+    return d / "modes"
+
+
+def test_flags_and_modes(tmp_path, modes_prog):
+    """O_APPEND offsets, pwritev2 RWF_APPEND/RWF_NOAPPEND, fdopen "a", "a"
+    and "a+" streams, the one-call write cap and EFBIG at the call."""
+    plain, shimmed, _, _, diffs = run_plain_and_shim(lambda out: [modes_prog, out], tmp_path,
+                                                     shim_extra={"ACKPT_TEST_DELAY_MS": 50})
+    assert_same_trees(diffs, shimmed)
+    assert shimmed.stdout == plain.stdout, "plain:\n%s\nshim:\n%s" % (plain.stdout, shimmed.stdout)

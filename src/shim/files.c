@@ -408,7 +408,7 @@ int files_post_open(int fd, int flags, const char *how)
 	o->ino = ino;
 	o->writable = 1;
 	o->append = !!(flags & O_APPEND);
-	o->pos = o->append ? ino->size : 0;
+	o->pos = 0; /* a fresh O_APPEND description too: only a write moves it to the end */
 	ino->nofd++;
 	ino->writers++;
 	fd_install(fd, o);
@@ -440,7 +440,8 @@ static struct ofd *drain_fd_locked(int fd)
  * once the inode's staged data is in the file.  The helper is told the
  * file is dirty so the next fsync, close or barrier covers these bytes.
  */
-static ssize_t shared_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos)
+static ssize_t shared_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos,
+			    int rwf)
 {
 	struct ofd *o = drain_fd_locked(fd);
 	struct stat st;
@@ -449,7 +450,7 @@ static ssize_t shared_write(int fd, const struct iovec *iov, int iovcnt, off_t o
 	if (!o || !o->ino)
 		return -EBADF;
 	registry_wait(o->ino->dev, o->ino->ino); /* other writers' staged data first */
-	n = use_pos ? real.writev(fd, iov, iovcnt) : real.pwritev(fd, iov, iovcnt, off);
+	n = real.pwritev2(fd, iov, iovcnt, use_pos ? -1 : off, rwf);
 	if (n < 0)
 		return -errno;
 	if (real.fstat(fd, &st) == 0)
@@ -466,13 +467,69 @@ static ssize_t shared_write(int fd, const struct iovec *iov, int iovcnt, off_t o
 }
 
 /* Stage a write.  off < 0 with use_pos: at the logical position. */
-static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos)
+/*
+ * The kernel's limits on one write at `at`, applied at the call as the
+ * kernel would: a request is cut to MAX_RW_COUNT; an end past LLONG_MAX is
+ * EINVAL; past RLIMIT_FSIZE it is cut there, or SIGXFSZ and EFBIG at it;
+ * past the filesystem's largest offset (probed only beyond 1 TiB, with
+ * lseek, which refuses offsets the file cannot have) the same.  Returns
+ * the count to write, or -errno.
+ */
+static ssize_t write_limits(int fd, uint64_t at, size_t total)
+{
+	const uint64_t max_rw = 0x7ffff000;
+	uint64_t lim = rlimit_fsize();
+
+	if (total > max_rw)
+		total = max_rw;
+	if (at > (uint64_t)INT64_MAX || total > (uint64_t)INT64_MAX - at)
+		return -EINVAL;
+	if (total && at + total > lim) {
+		if (at >= lim) {
+			raise(SIGXFSZ);
+			return -EFBIG;
+		}
+		total = lim - at;
+	}
+	if (total && at + total > (1ull << 40)) {
+		off_t cur = real.lseek(fd, 0, SEEK_CUR);
+		uint64_t lo = at, hi = at + total; /* lo is a valid end, hi is probed */
+
+		if (real.lseek(fd, (off_t)at, SEEK_SET) < 0) {
+			total = 0;
+			lo = hi = 0;
+		}
+		while (hi > lo && real.lseek(fd, (off_t)hi, SEEK_SET) < 0) {
+			uint64_t mid = lo + (hi - lo + 1) / 2;
+
+			if (real.lseek(fd, (off_t)mid, SEEK_SET) < 0)
+				hi = mid - 1;
+			else
+				lo = mid;
+		}
+		if (cur >= 0)
+			real.lseek(fd, cur, SEEK_SET);
+		if (hi == 0 && lo == 0)
+			return -EFBIG;
+		if (hi < at + total)
+			total = hi - at;
+		if (!total)
+			return -EFBIG;
+	}
+	return (ssize_t)total;
+}
+
+#define RWF_KNOWN 0xff /* RWF_HIPRI .. RWF_DONTCACHE */
+
+static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos,
+			   int rwf)
 {
 	struct ofd *o;
 	struct inode_state *ino;
-	uint64_t t0 = now_ns(), at;
-	size_t total = 0;
-	int i, ret;
+	uint64_t t0 = now_ns(), at, pos;
+	size_t total = 0, left;
+	ssize_t lim;
+	int i, ret, append;
 
 	if (session_lock() < 0)
 		return -ENOTSUP;
@@ -489,6 +546,10 @@ static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t of
 		}
 		total += iov[i].iov_len;
 	}
+	if (rwf & ~RWF_KNOWN) {
+		session_unlock();
+		return -EOPNOTSUPP;
+	}
 	/* after a write error the helper drops the file's later data: fail
 	 * every later write rather than report success without it */
 	ret = session_check_error_sticky(ino);
@@ -504,20 +565,30 @@ static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t of
 	if (UNLIKELY(!ino->shared) && registry_shared(ino->reg_idx))
 		ino->shared = 1;
 	if (ino->shared) {
-		ret = shared_write(fd, iov, iovcnt, off, use_pos);
+		ret = shared_write(fd, iov, iovcnt, off, use_pos, rwf);
 		S.stall_ns += now_ns() - t0;
 		session_unlock();
 		return ret;
 	}
-	/* Linux appends even for pwrite on an O_APPEND description */
-	at = o->append ? ino->size : use_pos ? o->pos : (uint64_t)off;
+	/* Linux appends even for pwrite on an O_APPEND description, unless
+	 * RWF_NOAPPEND; RWF_APPEND appends for this call */
+	append = (o->append && !(rwf & RWF_NOAPPEND)) || (rwf & RWF_APPEND);
+	at = append ? ino->size : use_pos ? o->pos : (uint64_t)off;
+	lim = write_limits(fd, at, total);
+	if (lim < 0) {
+		session_unlock();
+		return lim;
+	}
+	total = (size_t)lim;
+	pos = at;
+	left = total;
 	if (S.state == SESS_ACTIVE) {
-		uint64_t pos = at;
+		for (i = 0; i < iovcnt && left; i++) {
+			size_t len = iov[i].iov_len < left ? iov[i].iov_len : left;
 
-		for (i = 0; i < iovcnt; i++) {
-			if (!iov[i].iov_len)
+			if (!len)
 				continue;
-			ret = session_stage(ino, iov[i].iov_base, iov[i].iov_len, pos,
+			ret = session_stage(ino, iov[i].iov_base, len, pos,
 					    cuda_is_device(iov[i].iov_base));
 			if (ret < 0 && S.state != SESS_DEAD) {
 				session_unlock();
@@ -525,19 +596,28 @@ static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t of
 			}
 			if (ret < 0) {
 				/* helper died mid-write: the rest goes straight to the file */
-				struct iovec rest = iov[i];
-				ssize_t n = real.pwrite(ino->shadow_fd, rest.iov_base, rest.iov_len,
-							(off_t)pos);
+				ssize_t n = real.pwrite(ino->shadow_fd, iov[i].iov_base, len, (off_t)pos);
+
 				if (n < 0) {
 					session_unlock();
 					return -errno;
 				}
 			}
-			pos += iov[i].iov_len;
+			pos += len;
+			left -= len;
 		}
 	} else {
-		ssize_t n = real.pwritev(ino->shadow_fd, iov, iovcnt, (off_t)at);
+		struct iovec cut[IOV_MAX];
+		ssize_t n;
+		int k = 0;
 
+		for (i = 0; i < iovcnt && left && k < IOV_MAX; i++) {
+			cut[k] = iov[i];
+			if (cut[k].iov_len > left)
+				cut[k].iov_len = left;
+			left -= cut[k++].iov_len;
+		}
+		n = real.pwritev(ino->shadow_fd, cut, k, (off_t)at);
 		if (n < 0) {
 			session_unlock();
 			return -errno;
@@ -563,7 +643,7 @@ static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t of
  * the data).  So asynchronous signals wait until the write is staged.
  * Faults raised by the copy itself stay deliverable.
  */
-ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos)
+ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos, int rwf)
 {
 	sigset_t all, old;
 	ssize_t r;
@@ -575,7 +655,7 @@ ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, in
 	sigdelset(&all, SIGILL);
 	sigdelset(&all, SIGTRAP);
 	pthread_sigmask(SIG_BLOCK, &all, &old);
-	r = stage_write(fd, iov, iovcnt, off, use_pos);
+	r = stage_write(fd, iov, iovcnt, off, use_pos, rwf);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	return r;
 }

@@ -180,10 +180,11 @@ int shim_openat2(int dirfd, const char *path, void *how, size_t size)
 
 /* ---- writes ---- */
 
-static ssize_t write_managed(int fd, const struct iovec *iov, int n, off_t off, int use_pos)
+static ssize_t write_managed(int fd, const struct iovec *iov, int n, off_t off, int use_pos,
+			     int rwf)
 {
 	int saved = errno;
-	ssize_t r = managed_write(fd, iov, n, off, use_pos);
+	ssize_t r = managed_write(fd, iov, n, off, use_pos, rwf);
 
 	if (r == -ENOTSUP)
 		return -ENOTSUP;
@@ -204,7 +205,7 @@ ACKPT_EXPORT ssize_t write(int fd, const void *buf, size_t len)
 		return syscall(SYS_write, fd, buf, len);
 	if (fd_peek(fd)) {
 		struct iovec v = { (void *)buf, len };
-		ssize_t r = write_managed(fd, &v, 1, -1, 1);
+		ssize_t r = write_managed(fd, &v, 1, -1, 1, 0);
 
 		if (r != -ENOTSUP)
 			return r;
@@ -216,7 +217,7 @@ ACKPT_EXPORT ssize_t writev(int fd, const struct iovec *iov, int n)
 {
 	ENSURE_REAL();
 	if (fd_peek(fd)) {
-		ssize_t r = n < 0 || n > IOV_MAX ? (errno = EINVAL, -1) : write_managed(fd, iov, n, -1, 1);
+		ssize_t r = n < 0 || n > IOV_MAX ? (errno = EINVAL, -1) : write_managed(fd, iov, n, -1, 1, 0);
 
 		if (r != -ENOTSUP)
 			return r;
@@ -229,7 +230,7 @@ ACKPT_EXPORT ssize_t pwrite(int fd, const void *buf, size_t len, off_t off)
 	ENSURE_REAL();
 	if (fd_peek(fd)) {
 		struct iovec v = { (void *)buf, len };
-		ssize_t r = write_managed(fd, &v, 1, off, 0);
+		ssize_t r = write_managed(fd, &v, 1, off, 0, 0);
 
 		if (r != -ENOTSUP)
 			return r;
@@ -246,7 +247,7 @@ ACKPT_EXPORT ssize_t pwritev(int fd, const struct iovec *iov, int n, off_t off)
 {
 	ENSURE_REAL();
 	if (fd_peek(fd)) {
-		ssize_t r = n < 0 || n > IOV_MAX ? (errno = EINVAL, -1) : write_managed(fd, iov, n, off, 0);
+		ssize_t r = n < 0 || n > IOV_MAX ? (errno = EINVAL, -1) : write_managed(fd, iov, n, off, 0, 0);
 
 		if (r != -ENOTSUP)
 			return r;
@@ -263,10 +264,11 @@ ACKPT_EXPORT ssize_t pwritev2(int fd, const struct iovec *iov, int n, off_t off,
 {
 	ENSURE_REAL();
 	if (fd_peek(fd)) {
-		/* -1 means "at the file position"; RWF_* durability flags are the
-		 * helper's job like fsync */
+		/* -1 means "at the file position"; RWF_APPEND/RWF_NOAPPEND
+		 * change where, the durability flags are the helper's job like
+		 * fsync */
 		ssize_t r = n < 0 || n > IOV_MAX ? (errno = EINVAL, -1) :
-			    write_managed(fd, iov, n, off, off == -1);
+			    write_managed(fd, iov, n, off, off == -1, flags);
 
 		if (r != -ENOTSUP)
 			return r;

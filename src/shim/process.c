@@ -7,6 +7,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 
 #include "shim.h"
@@ -185,6 +186,50 @@ ACKPT_EXPORT int posix_spawnp(pid_t *pid, const char *file, const posix_spawn_fi
 	ENSURE_REAL();
 	spawn_prepare(fa);
 	return real.posix_spawnp(pid, file, fa, attr, argv, envp);
+}
+
+/* RLIMIT_FSIZE plus one, cached for the write path; 0: read it again. */
+static _Atomic uint64_t fsize_limit;
+
+uint64_t rlimit_fsize(void)
+{
+	uint64_t v = atomic_load_explicit(&fsize_limit, memory_order_relaxed);
+	struct rlimit rl;
+
+	if (LIKELY(v))
+		return v - 1;
+	v = UINT64_MAX - 1;
+	if (getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+	    rl.rlim_cur < UINT64_MAX - 1)
+		v = (uint64_t)rl.rlim_cur;
+	atomic_store_explicit(&fsize_limit, v + 1, memory_order_relaxed);
+	return v;
+}
+
+ACKPT_EXPORT int setrlimit(__rlimit_resource_t res, const struct rlimit *rl)
+{
+	ENSURE_REAL();
+	atomic_store(&fsize_limit, 0);
+	return real.setrlimit(res, rl);
+}
+
+ACKPT_EXPORT int setrlimit64(__rlimit_resource_t res, const struct rlimit64 *rl)
+{
+	return setrlimit(res, (const struct rlimit *)rl);
+}
+
+ACKPT_EXPORT int prlimit(pid_t pid, __rlimit_resource_t res, const struct rlimit *nl,
+			 struct rlimit *ol)
+{
+	ENSURE_REAL();
+	atomic_store(&fsize_limit, 0);
+	return real.prlimit(pid, res, nl, ol);
+}
+
+ACKPT_EXPORT int prlimit64(pid_t pid, __rlimit_resource_t res, const struct rlimit64 *nl,
+			   struct rlimit64 *ol)
+{
+	return prlimit(pid, res, (const struct rlimit *)nl, (struct rlimit *)ol);
 }
 
 /* A managed descriptor sent over SCM_RIGHTS becomes shared with the receiver. */

@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -112,6 +113,8 @@ struct timeval;
 	X(void, _Exit, (int)) \
 	X(long, syscall, (long, ...)) \
 	X(ssize_t, sendmsg, (int, const struct msghdr *, int)) \
+	X(int, setrlimit, (__rlimit_resource_t, const struct rlimit *)) \
+	X(int, prlimit, (pid_t, __rlimit_resource_t, const struct rlimit *, struct rlimit *)) \
 	X(int, access, (const char *, int)) \
 	X(int, faccessat, (int, const char *, int, int)) \
 	X(int, euidaccess, (const char *, int)) \
@@ -271,7 +274,8 @@ int wait_path_pending(int dirfd, const char *path, int flags);
 int wait_stat_pending(const struct stat *st);
 int fd_install(int fd, struct ofd *o);
 int fd_release(int fd);        /* drop our state for fd; -errno from pending error */
-ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos);
+ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos, int rwf);
+uint64_t rlimit_fsize(void);
 off_t managed_lseek(int fd, off_t off, int whence);
 int managed_drain_fd(int fd);
 void managed_resync(int fd);

@@ -179,6 +179,9 @@ static FILE *do_fopen(const char *path, const char *mode, int is64)
 		errno = e;
 		return NULL;
 	}
+	/* glibc's fopen "a" starts at the end; "a+" at 0, as the descriptor */
+	if (mode[0] == 'a' && !strchr(mode, '+'))
+		lseek(fd, 0, SEEK_END);
 	errno = saved;
 	(void)is64;
 	return f;
@@ -198,17 +201,24 @@ ACKPT_EXPORT FILE *fdopen(int fd, const char *mode)
 {
 	struct ofd *o;
 	FILE *f;
+	int fl;
 
 	ENSURE_REAL();
 	o = fd_peek(fd);
 	if (!o || !o->writable)
 		return real.fdopen(fd, mode);
-	/* fdopen never changes the description, but validates the fd */
-	if (real.fcntl(fd, F_GETFL) < 0)
+	/* as glibc's: validate the fd, set O_APPEND for "a" and "a+", and
+	 * seek to the end for "a" only */
+	fl = real.fcntl(fd, F_GETFL);
+	if (fl < 0)
 		return NULL;
 	f = cookie_stream(fd, mode);
-	if (f && mode && mode[0] == 'a')
-		lseek(fd, 0, SEEK_END);
+	if (f && mode && mode[0] == 'a') {
+		if (!(fl & O_APPEND))
+			fcntl(fd, F_SETFL, fl | O_APPEND);
+		if (!strchr(mode, '+'))
+			lseek(fd, 0, SEEK_END);
+	}
 	return f;
 }
 
