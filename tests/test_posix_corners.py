@@ -303,3 +303,89 @@ def test_flags_and_modes(tmp_path, modes_prog):
                                                      shim_extra={"ACKPT_TEST_DELAY_MS": 50})
     assert_same_trees(diffs, shimmed)
     assert shimmed.stdout == plain.stdout, "plain:\n%s\nshim:\n%s" % (plain.stdout, shimmed.stdout)
+
+
+STREAMS_PROG = r"""
+#define _GNU_SOURCE
+#include <aio.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+int main(int argc, char **argv)
+{
+	FILE *f;
+	char *m;
+	int fd;
+
+	if (chdir(argv[1]))
+		return 2;
+
+	/* freopen of a stream opened on a managed path */
+	f = fopen("first.txt", "w");
+	fputs("to the first file\n", f);
+	f = freopen("second.txt", "w", f);
+	if (!f)
+		return 3;
+	fputs("to the second file\n", f);
+	f = freopen(NULL, "a", f);
+	fputs("appended\n", f);
+	fclose(f);
+
+	/* ftruncate that grows a mapped file, then a store into the new part */
+	fd = open("grow.bin", O_RDWR | O_CREAT | O_TRUNC, 0644);
+	write(fd, "0123456789", 10);
+	m = mmap(NULL, 8192, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (m == MAP_FAILED)
+		return 4;
+	ftruncate(fd, 8192);
+	m[5000] = 'S';
+	munmap(m, 8192);
+	close(fd);
+
+	/* a store through an existing shared map after a pwrite ends in program order */
+	fd = open("order.bin", O_RDWR | O_CREAT | O_TRUNC, 0644);
+	ftruncate(fd, 4096);
+	m = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	pwrite(fd, "written", 7, 100);
+	memcpy(m + 100, "STORED", 6);
+	munmap(m, 4096);
+	close(fd);
+
+	/* POSIX AIO after a write to the same range */
+	fd = open("aio.bin", O_RDWR | O_CREAT | O_TRUNC, 0644);
+	{
+		static char big[1 << 20];
+		struct aiocb cb = { 0 };
+		const struct aiocb *list[1] = { &cb };
+
+		memset(big, 'w', sizeof(big));
+		write(fd, big, sizeof(big));
+		cb.aio_fildes = fd;
+		cb.aio_buf = "AIO";
+		cb.aio_nbytes = 3;
+		cb.aio_offset = 10;
+		aio_write(&cb);
+		aio_suspend(list, 1, NULL);
+		printf("aio: %zd\n", aio_return(&cb));
+	}
+	close(fd);
+	return 0;
+}
+"""
+
+
+def test_streams_and_maps(tmp_path):
+    """freopen of a managed stream; ftruncate growing a mapped file; a store
+    through a shared map after a pwrite; aio_write after a write."""
+    src = tmp_path / "streams.c"
+    src.write_text(STREAMS_PROG)
+    exe = tmp_path / "streams"
+    subprocess.run(["cc", "-O1", "-o", str(exe), str(src)], check=True)
+    plain, shimmed, _, _, diffs = run_plain_and_shim(lambda out: [exe, out], tmp_path,
+                                                     shim_extra={"ACKPT_TEST_DELAY_MS": 50})
+    assert_same_trees(diffs, shimmed)
+    assert shimmed.stdout == plain.stdout

@@ -33,6 +33,8 @@
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
 
 struct statx;
+struct aiocb;
+struct sigevent;
 struct utimbuf;
 struct timeval;
 
@@ -113,6 +115,9 @@ struct timeval;
 	X(void, _Exit, (int)) \
 	X(long, syscall, (long, ...)) \
 	X(ssize_t, sendmsg, (int, const struct msghdr *, int)) \
+	X(int, aio_write, (struct aiocb *)) \
+	X(int, aio_read, (struct aiocb *)) \
+	X(int, lio_listio, (int, struct aiocb *const[], int, struct sigevent *)) \
 	X(int, setrlimit, (__rlimit_resource_t, const struct rlimit *)) \
 	X(int, prlimit, (pid_t, __rlimit_resource_t, const struct rlimit *, struct rlimit *)) \
 	X(int, access, (const char *, int)) \

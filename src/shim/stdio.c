@@ -223,19 +223,68 @@ ACKPT_EXPORT FILE *fdopen(int fd, const char *mode)
 }
 
 /*
- * freopen keeps the FILE object, so it cannot become a cookie stream: a
- * managed target is drained and then written synchronously (documented).
+ * freopen keeps the FILE object.  One of our cookie streams stays a cookie
+ * stream (glibc cannot reopen it: its file operations are ours) over the
+ * new file, on the old descriptor number as glibc keeps it; writes through
+ * it reach our wrappers whether or not the new file is managed.  Any other
+ * stream is glibc's to reopen, once the new path's pending work is done.
  */
+static struct cookie *cookie_of(FILE *f)
+{
+	struct cookie *c;
+
+	pthread_mutex_lock(&cookie_lock);
+	for (c = cookies; c && c->f != f; c = c->next)
+		;
+	pthread_mutex_unlock(&cookie_lock);
+	return c;
+}
+
+static FILE *cookie_reopen(struct cookie *ck, const char *path, const char *mode)
+{
+	char self[64];
+	int flags, fd, old = ck->fd;
+
+	if (!mode || mode_flags(mode, &flags) < 0) {
+		errno = EINVAL;
+		return NULL;
+	}
+	real.fflush(ck->f);
+	if (!path) {
+		/* the same file in a new mode */
+		snprintf(self, sizeof(self), "/proc/self/fd/%d", old);
+		path = self;
+		flags &= ~(O_CREAT | O_EXCL | O_TRUNC);
+	}
+	fd = open(path, flags, 0666);
+	if (fd < 0) {
+		int e = errno;
+
+		fclose(ck->f); /* as glibc: a failed freopen closes the stream */
+		errno = e;
+		return NULL;
+	}
+	if (fd != old) {
+		dup3(fd, old, flags & O_CLOEXEC);
+		close(fd);
+	}
+	clearerr(ck->f);
+	if (mode[0] == 'a' && !strchr(mode, '+'))
+		lseek(old, 0, SEEK_END);
+	return ck->f;
+}
+
 static FILE *do_freopen(const char *path, const char *mode, FILE *stream)
 {
+	struct cookie *ck;
 	int fd;
 
 	ENSURE_REAL();
+	if (stream && (ck = cookie_of(stream)) != NULL)
+		return cookie_reopen(ck, path, mode);
 	if (stream) {
-		if (is_cookie(stream))
-			real.fflush(stream);
 		fd = fileno(stream);
-		if (fd >= 0 && fd_peek(fd) && !is_cookie(stream) && session_lock() == 0) {
+		if (fd >= 0 && fd_peek(fd) && session_lock() == 0) {
 			fd_release(fd);
 			session_unlock();
 		}

@@ -5,6 +5,7 @@
  * copy_file_range, sendfile, splice) or change size outside the write
  * path (truncate, fallocate) first waits for the file's pending work.
  */
+#include <aio.h>
 #include <sys/mman.h>
 #include <sys/sendfile.h>
 #include <sys/syscall.h>
@@ -221,12 +222,80 @@ ACKPT_EXPORT ssize_t preadv64v2(int fd, const struct iovec *iov, int n, off_t of
 	return preadv2(fd, iov, n, off, flags);
 }
 
+/*
+ * A map sees the page cache: the file's staged data goes there first.  A
+ * shared map of a file we write makes the file shared: stores through the
+ * map and our later writes must land in program order, which only the
+ * kernel can give, so its writes go through the kernel from now on.
+ */
 ACKPT_EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
 	ENSURE_REAL();
-	if (!(flags & MAP_ANONYMOUS) && fd >= 0)
-		drain_if_tracked(fd);
+	if (!(flags & MAP_ANONYMOUS) && fd >= 0) {
+		int saved = errno;
+
+		if (fd_peek(fd)) {
+			if ((flags & MAP_SHARED) && session_lock() == 0) {
+				struct ofd *o = fd_peek(fd);
+
+				if (o && o->ino)
+					o->ino->shared = 1;
+				session_unlock();
+			}
+			managed_drain_fd(fd);
+		} else if (registry_any()) {
+			struct stat st;
+
+			if (real.fstat(fd, &st) == 0 && S_ISREG(st.st_mode))
+				registry_wait(st.st_dev, st.st_ino);
+		}
+		errno = saved;
+	}
 	return real.mmap(addr, len, prot, flags, fd, off);
+}
+
+/* glibc's POSIX AIO writes and reads in its own threads through internal
+ * calls: what we staged for the file must be in it before they run. */
+#define AIO_DRAIN(cb) do { if ((cb) && fd_peek((cb)->aio_fildes)) { \
+	int saved_ = errno; managed_drain_fd((cb)->aio_fildes); errno = saved_; } } while (0)
+
+ACKPT_EXPORT int aio_write(struct aiocb *cb)
+{
+	ENSURE_REAL();
+	AIO_DRAIN(cb);
+	return real.aio_write(cb);
+}
+
+ACKPT_EXPORT int aio_write64(struct aiocb64 *cb)
+{
+	return aio_write((struct aiocb *)cb);
+}
+
+ACKPT_EXPORT int aio_read(struct aiocb *cb)
+{
+	ENSURE_REAL();
+	AIO_DRAIN(cb);
+	return real.aio_read(cb);
+}
+
+ACKPT_EXPORT int aio_read64(struct aiocb64 *cb)
+{
+	return aio_read((struct aiocb *)cb);
+}
+
+ACKPT_EXPORT int lio_listio(int mode, struct aiocb *const list[], int n, struct sigevent *sev)
+{
+	int i;
+
+	ENSURE_REAL();
+	for (i = 0; list && i < n; i++)
+		AIO_DRAIN(list[i]);
+	return real.lio_listio(mode, list, n, sev);
+}
+
+ACKPT_EXPORT int lio_listio64(int mode, struct aiocb64 *const list[], int n, struct sigevent *sev)
+{
+	return lio_listio(mode, (struct aiocb *const *)list, n, sev);
 }
 
 ACKPT_EXPORT void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off)
@@ -288,6 +357,11 @@ ACKPT_EXPORT ssize_t splice(int in, off_t *in_off, int out, off_t *out_off, size
 
 /* ---- size changes ---- */
 
+/*
+ * Through the kernel, after the file's staged writes: a truncate that grows
+ * a mapped file must make the new pages valid at once (a store there would
+ * raise SIGBUS), and one that shrinks must land after the writes before it.
+ */
 static int managed_ftruncate(int fd, off_t len)
 {
 	struct ofd *o;
@@ -302,14 +376,22 @@ static int managed_ftruncate(int fd, off_t len)
 		session_unlock();
 		return -ENOTSUP;
 	}
-	ret = session_check_error(o->ino);
+	ret = session_check_error_sticky(o->ino);
 	if (!ret) {
-		if (S.state == SESS_ACTIVE)
-			ret = session_send_simple(ACKPT_OP_TRUNCATE, o->ino, (uint64_t)len);
-		if (S.state != SESS_ACTIVE)
-			ret = real.ftruncate(o->ino->shadow_fd, len) < 0 ? -errno : 0;
-		if (!ret)
+		while (o && o->ino && inode_pending(o->ino)) {
+			inode_drain(o->ino);
+			o = fd_peek(fd); /* looked up again: the lock was dropped */
+		}
+		if (!o || !o->ino) {
+			session_unlock();
+			return -EBADF;
+		}
+		ret = real.ftruncate(fd, len) < 0 ? -errno : 0;
+		if (!ret) {
 			o->ino->size = (uint64_t)len;
+			if (S.state == SESS_ACTIVE)
+				session_send_dirty(o->ino);
+		}
 	}
 	session_unlock();
 	return ret;
