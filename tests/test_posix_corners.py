@@ -3,6 +3,7 @@ write and writes after the helper failed a file.  Each program runs without
 and under the shim; files and output must match, or (for injected faults,
 which a plain run cannot have) no byte reported as written may be missing.
 """
+import os
 import subprocess
 
 import pytest
@@ -389,3 +390,69 @@ def test_streams_and_maps(tmp_path):
                                                      shim_extra={"ACKPT_TEST_DELAY_MS": 50})
     assert_same_trees(diffs, shimmed)
     assert shimmed.stdout == plain.stdout
+
+
+ATTRS_PROG = r"""
+import os, shutil, sys, time
+os.chdir(sys.argv[1])
+
+# stat while the data is in flight: mtime moved by the write, blocks allocated
+fd = os.open("f.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+time.sleep(0.05)
+t0 = time.time()
+time.sleep(0.05)
+os.write(fd, b"x" * (1 << 20))
+st = os.fstat(fd)
+print("mtime moved", st.st_mtime >= t0, "ctime moved", st.st_ctime >= t0,
+      "blocks cover size", st.st_blocks * 512 >= st.st_size)
+os.close(fd)
+
+# times set after the data survive (cp -p, shutil.copy2, tar, zip)
+with open("g.bin", "wb") as g:
+    g.write(b"y" * (1 << 20))
+    g.flush()
+    os.utime(g.fileno(), (1000000, 1000000))
+os.utime("f.bin", ns=(2000000000, 2000000000))
+shutil.copy2("f.bin", "copy.bin")
+os.chmod("copy.bin", 0o600)
+print("sizes", os.stat("copy.bin").st_size)
+
+# a marker rewritten with O_TRUNC keeps owner, group, mode and xattrs
+with open("latest", "w") as m:
+    m.write("1\n")
+os.chown("latest", 65534, 65534)
+os.chmod("latest", 0o640)
+try:
+    os.setxattr("latest", "user.ackpt_test", b"kept")
+except OSError:
+    pass
+with open("latest", "w") as m:
+    m.write("2\n")
+"""
+
+
+def test_attributes_after_data(tmp_path):
+    """stat's mtime, ctime and blocks while data is in flight; times and
+    modes set after the data survive the helper's writes; a rewritten
+    marker keeps owner, group, mode and xattrs."""
+    prog = tmp_path / "attrs.py"
+    prog.write_text(ATTRS_PROG)
+    plain, shimmed, _, _, diffs = run_plain_and_shim(lambda out: [VENV_PY, prog, out], tmp_path,
+                                                     shim_extra={"ACKPT_TEST_DELAY_MS": 100})
+    assert_same_trees(diffs, shimmed)
+    assert shimmed.stdout == plain.stdout, (plain.stdout, shimmed.stdout)
+
+    def attrs(out):
+        res = {}
+        for name in ("f.bin", "g.bin", "copy.bin", "latest"):
+            st = os.stat(out / name)
+            try:
+                x = os.getxattr(out / name, "user.ackpt_test")
+            except OSError:
+                x = None
+            res[name] = (st.st_mtime_ns, st.st_uid, st.st_gid, oct(st.st_mode), x)
+        return res
+    p, s = attrs(tmp_path / "plain" / "out"), attrs(tmp_path / "shim" / "out")
+    # the marker's mtime is its own write time in both runs
+    p["latest"], s["latest"] = p["latest"][1:], s["latest"][1:]
+    assert p == s, (p, s)

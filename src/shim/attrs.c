@@ -1,13 +1,18 @@
 /*
  * Calls that look a name up to read or change its attributes: access,
- * chmod, chown, utime(s), utimensat and the xattr family.  A deferred
- * rename in this process must look done to them, as it does to open and
+ * chmod, chown, utime(s), utimensat and the xattr family, and their fd
+ * forms.  A deferred rename must look done to them, as it does to open and
  * stat, so each waits for the renames and commits involving its path
- * first.  With nothing pending this is one relaxed load.
+ * first.  Those that change attributes also wait for the file's staged
+ * data: times set after the data (cp -p, tar, zip extraction) must not be
+ * moved by the helper's later writes, and a chmod or chown lands after the
+ * writes before it, as in a plain run.  With nothing pending this is one
+ * relaxed load.
  */
 #include <limits.h>
 #include <sys/stat.h>
 #include <sys/time.h>
+#include <sys/xattr.h>
 #include <utime.h>
 
 #include "shim.h"
@@ -24,7 +29,37 @@ static void before_name(int dirfd, const char *path)
 	errno = saved;
 }
 
+/* An attribute change: the name's renames, then the file's data. */
+static void before_change(int dirfd, const char *path, int flags)
+{
+	int saved = errno;
+
+	if (!C.enabled || !path)
+		return;
+	if (ns_pending_any() || S.ninodes || registry_any())
+		wait_path_pending(dirfd, path, flags & AT_SYMLINK_NOFOLLOW);
+	errno = saved;
+}
+
+static void before_fd_change(int fd)
+{
+	int saved = errno;
+
+	if (fd_peek(fd)) {
+		managed_drain_fd(fd);
+	} else if (C.enabled && registry_any()) {
+		struct stat st;
+
+		if (real.fstat(fd, &st) == 0)
+			wait_stat_pending(&st);
+	}
+	errno = saved;
+}
+
 #define NAME_CALL(dirfd, path, call) do { ENSURE_REAL(); before_name(dirfd, path); return call; } while (0)
+#define CHANGE_CALL(dirfd, path, flags, call) \
+	do { ENSURE_REAL(); before_change(dirfd, path, flags); return call; } while (0)
+#define FD_CHANGE_CALL(fd, call) do { ENSURE_REAL(); before_fd_change(fd); return call; } while (0)
 
 ACKPT_EXPORT int access(const char *path, int mode)
 {
@@ -48,47 +83,47 @@ ACKPT_EXPORT int eaccess(const char *path, int mode)
 
 ACKPT_EXPORT int chmod(const char *path, mode_t mode)
 {
-	NAME_CALL(AT_FDCWD, path, real.chmod(path, mode));
+	CHANGE_CALL(AT_FDCWD, path, 0, real.chmod(path, mode));
 }
 
 ACKPT_EXPORT int fchmodat(int dirfd, const char *path, mode_t mode, int flags)
 {
-	NAME_CALL(dirfd, path, real.fchmodat(dirfd, path, mode, flags));
+	CHANGE_CALL(dirfd, path, flags, real.fchmodat(dirfd, path, mode, flags));
 }
 
 ACKPT_EXPORT int chown(const char *path, uid_t uid, gid_t gid)
 {
-	NAME_CALL(AT_FDCWD, path, real.chown(path, uid, gid));
+	CHANGE_CALL(AT_FDCWD, path, 0, real.chown(path, uid, gid));
 }
 
 ACKPT_EXPORT int lchown(const char *path, uid_t uid, gid_t gid)
 {
-	NAME_CALL(AT_FDCWD, path, real.lchown(path, uid, gid));
+	CHANGE_CALL(AT_FDCWD, path, AT_SYMLINK_NOFOLLOW, real.lchown(path, uid, gid));
 }
 
 ACKPT_EXPORT int fchownat(int dirfd, const char *path, uid_t uid, gid_t gid, int flags)
 {
-	NAME_CALL(dirfd, path, real.fchownat(dirfd, path, uid, gid, flags));
+	CHANGE_CALL(dirfd, path, flags, real.fchownat(dirfd, path, uid, gid, flags));
 }
 
 ACKPT_EXPORT int utime(const char *path, const struct utimbuf *times)
 {
-	NAME_CALL(AT_FDCWD, path, real.utime(path, times));
+	CHANGE_CALL(AT_FDCWD, path, 0, real.utime(path, times));
 }
 
 ACKPT_EXPORT int utimes(const char *path, const struct timeval times[2])
 {
-	NAME_CALL(AT_FDCWD, path, real.utimes(path, times));
+	CHANGE_CALL(AT_FDCWD, path, 0, real.utimes(path, times));
 }
 
 ACKPT_EXPORT int lutimes(const char *path, const struct timeval times[2])
 {
-	NAME_CALL(AT_FDCWD, path, real.lutimes(path, times));
+	CHANGE_CALL(AT_FDCWD, path, AT_SYMLINK_NOFOLLOW, real.lutimes(path, times));
 }
 
 ACKPT_EXPORT int utimensat(int dirfd, const char *path, const struct timespec times[2], int flags)
 {
-	NAME_CALL(dirfd, path, real.utimensat(dirfd, path, times, flags));
+	CHANGE_CALL(dirfd, path, flags, real.utimensat(dirfd, path, times, flags));
 }
 
 ACKPT_EXPORT ssize_t getxattr(const char *path, const char *name, void *value, size_t size)
@@ -104,13 +139,13 @@ ACKPT_EXPORT ssize_t lgetxattr(const char *path, const char *name, void *value, 
 ACKPT_EXPORT int setxattr(const char *path, const char *name, const void *value, size_t size,
 			  int flags)
 {
-	NAME_CALL(AT_FDCWD, path, real.setxattr(path, name, value, size, flags));
+	CHANGE_CALL(AT_FDCWD, path, 0, real.setxattr(path, name, value, size, flags));
 }
 
 ACKPT_EXPORT int lsetxattr(const char *path, const char *name, const void *value, size_t size,
 			   int flags)
 {
-	NAME_CALL(AT_FDCWD, path, real.lsetxattr(path, name, value, size, flags));
+	CHANGE_CALL(AT_FDCWD, path, AT_SYMLINK_NOFOLLOW, real.lsetxattr(path, name, value, size, flags));
 }
 
 ACKPT_EXPORT ssize_t listxattr(const char *path, char *list, size_t size)
@@ -125,10 +160,40 @@ ACKPT_EXPORT ssize_t llistxattr(const char *path, char *list, size_t size)
 
 ACKPT_EXPORT int removexattr(const char *path, const char *name)
 {
-	NAME_CALL(AT_FDCWD, path, real.removexattr(path, name));
+	CHANGE_CALL(AT_FDCWD, path, 0, real.removexattr(path, name));
 }
 
 ACKPT_EXPORT int lremovexattr(const char *path, const char *name)
 {
-	NAME_CALL(AT_FDCWD, path, real.lremovexattr(path, name));
+	CHANGE_CALL(AT_FDCWD, path, AT_SYMLINK_NOFOLLOW, real.lremovexattr(path, name));
+}
+
+ACKPT_EXPORT int futimens(int fd, const struct timespec times[2])
+{
+	FD_CHANGE_CALL(fd, real.futimens(fd, times));
+}
+
+ACKPT_EXPORT int futimes(int fd, const struct timeval times[2])
+{
+	FD_CHANGE_CALL(fd, real.futimes(fd, times));
+}
+
+ACKPT_EXPORT int fchmod(int fd, mode_t mode)
+{
+	FD_CHANGE_CALL(fd, real.fchmod(fd, mode));
+}
+
+ACKPT_EXPORT int fchown(int fd, uid_t uid, gid_t gid)
+{
+	FD_CHANGE_CALL(fd, real.fchown(fd, uid, gid));
+}
+
+ACKPT_EXPORT int fsetxattr(int fd, const char *name, const void *value, size_t size, int flags)
+{
+	FD_CHANGE_CALL(fd, real.fsetxattr(fd, name, value, size, flags));
+}
+
+ACKPT_EXPORT int fremovexattr(int fd, const char *name)
+{
+	FD_CHANGE_CALL(fd, real.fremovexattr(fd, name));
 }

@@ -626,6 +626,7 @@ static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t of
 	}
 	if (at + total > ino->size)
 		ino->size = at + total;
+	clock_gettime(CLOCK_REALTIME, &ino->mtime);
 	if (use_pos) {
 		o->pos = at + total;
 		/* keep the kernel offset in step for inherited fds and exec */
@@ -993,6 +994,22 @@ void files_release_markers(void)
 	session_unlock();
 }
 
+/* Every extended attribute of path onto fd (ACLs and security labels
+ * included); best effort, as cp --preserve=xattr. */
+static void copy_xattrs(const char *path, int fd)
+{
+	char names[4096], value[4096];
+	ssize_t n = real.llistxattr(path, names, sizeof(names));
+	char *p;
+
+	for (p = names; n > 0 && p < names + n; p += strlen(p) + 1) {
+		ssize_t v = real.lgetxattr(path, p, value, sizeof(value));
+
+		if (v >= 0)
+			real.fsetxattr(fd, p, value, (size_t)v, 0);
+	}
+}
+
 /*
  * A metadata file opened for writing is created under a hidden name in the
  * same directory (O_EXCL, the program's mode and umask) and committed to its
@@ -1034,9 +1051,15 @@ int files_open_metadata(const char *canon, int flags, mode_t mode)
 			 mode);
 	if (fd < 0)
 		return -errno;
-	/* O_TRUNC on an existing file keeps its mode; so does the commit */
-	if (exists)
-		fchmod(fd, st.st_mode & 07777);
+	/* O_TRUNC on an existing file keeps its mode, owner, group and
+	 * extended attributes; so does the commit (only the inode changes:
+	 * the marker must appear whole, after the barrier) */
+	if (exists) {
+		real.fchmod(fd, st.st_mode & 07777);
+		if (real.fchown(fd, st.st_uid, st.st_gid) < 0 && st.st_gid != getegid())
+			real.fchown(fd, (uid_t)-1, st.st_gid); /* the group at least, if ours */
+		copy_xattrs(canon, fd);
+	}
 	saved = errno;
 	tls_force_manage = 1;
 	files_post_open(fd, flags, "open (metadata)");

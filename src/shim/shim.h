@@ -139,7 +139,13 @@ struct timeval;
 	X(ssize_t, listxattr, (const char *, char *, size_t)) \
 	X(ssize_t, llistxattr, (const char *, char *, size_t)) \
 	X(int, removexattr, (const char *, const char *)) \
-	X(int, lremovexattr, (const char *, const char *))
+	X(int, lremovexattr, (const char *, const char *)) \
+	X(int, futimens, (int, const struct timespec *)) \
+	X(int, futimes, (int, const struct timeval *)) \
+	X(int, fchmod, (int, mode_t)) \
+	X(int, fchown, (int, uid_t, gid_t)) \
+	X(int, fsetxattr, (int, const char *, const void *, size_t, int)) \
+	X(int, fremovexattr, (int, const char *))
 
 struct ackpt_real {
 #define X(ret, name, args) ret(*name) args;
@@ -182,6 +188,7 @@ struct inode_state {
 	uint32_t slot;
 	int shadow_fd;
 	uint64_t size;           /* logical size */
+	struct timespec mtime;   /* when the last write was staged */
 	uint64_t last_seq;       /* last op touching this inode */
 	int nofd;                /* open file descriptions referencing it */
 	int writers;             /* ... of which opened for writing */

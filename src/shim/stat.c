@@ -1,6 +1,6 @@
 /*
- * stat family: report logical sizes for files with staged data, so a
- * program sees what a synchronous run would.  Both generations are
+ * stat family: report sizes, times and blocks of files with staged data
+ * as a synchronous run would, and wait for other processes' staged data.  Both generations are
  * wrapped: stat/fstat/lstat/fstatat (glibc >= 2.33) and __xstat & co
  * (wheels built against older glibc), plus statx.
  */
@@ -11,12 +11,25 @@
 
 #include "shim.h"
 
+/* What stat reports that staged writes change. */
+struct settled {
+	uint64_t size, blocks, blksize;
+	struct timespec mtime, ctime;
+};
+
+static int ts_after(const struct timespec *a, const struct timespec *b)
+{
+	return a->tv_sec > b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec > b->tv_nsec);
+}
+
 /*
- * The size a synchronous run would show for (dev, ino): the logical size
- * while this process has staged work for it, the kernel's once that is
- * written (a child may have written through a shared description since).
+ * What a synchronous run would show for (dev, ino) while this process has
+ * staged work for it: the logical size, mtime and ctime no older than the
+ * last staged write, and the blocks the data will take.  Once the work is
+ * written, the kernel's answer stands (a child may have written through a
+ * shared description since).
  */
-static void settle_size(uint64_t dev, uint64_t ino, uint64_t *size)
+static void settle(uint64_t dev, uint64_t ino, struct settled *st)
 {
 	struct inode_state *i;
 
@@ -24,10 +37,20 @@ static void settle_size(uint64_t dev, uint64_t ino, uint64_t *size)
 		return;
 	i = inode_find(dev, ino);
 	if (i) {
-		if (inode_pending(i))
-			*size = i->size;
-		else
-			i->size = *size;
+		if (inode_pending(i)) {
+			uint64_t bs = st->blksize ? st->blksize : 4096;
+			uint64_t blocks = (i->size + bs - 1) / bs * (bs / 512);
+
+			st->size = i->size;
+			if (ts_after(&i->mtime, &st->mtime))
+				st->mtime = i->mtime;
+			if (ts_after(&i->mtime, &st->ctime))
+				st->ctime = i->mtime;
+			if (blocks > st->blocks)
+				st->blocks = blocks;
+		} else {
+			i->size = st->size;
+		}
 	}
 	session_unlock();
 }
@@ -41,11 +64,15 @@ static int other_pending(uint64_t dev, uint64_t ino, mode_t mode)
 
 static void fix_stat(struct stat *st)
 {
-	uint64_t size = (uint64_t)st->st_size;
+	struct settled v = { (uint64_t)st->st_size, (uint64_t)st->st_blocks,
+			     (uint64_t)st->st_blksize, st->st_mtim, st->st_ctim };
 
 	if (S_ISREG(st->st_mode)) {
-		settle_size(st->st_dev, st->st_ino, &size);
-		st->st_size = (off_t)size;
+		settle(st->st_dev, st->st_ino, &v);
+		st->st_size = (off_t)v.size;
+		st->st_blocks = (blkcnt_t)v.blocks;
+		st->st_mtim = v.mtime;
+		st->st_ctim = v.ctime;
 	}
 }
 
@@ -136,7 +163,6 @@ ACKPT_EXPORT int fstatat64(int dirfd, const char *path, struct stat64 *st, int f
 ACKPT_EXPORT int statx(int dirfd, const char *path, int flags, unsigned mask, struct statx *stx)
 {
 	int r;
-	uint64_t size;
 
 	ENSURE_REAL();
 	if (!(flags & AT_EMPTY_PATH) || (path && *path))
@@ -146,9 +172,17 @@ ACKPT_EXPORT int statx(int dirfd, const char *path, int flags, unsigned mask, st
 				    stx->stx_mode))
 		r = real.statx(dirfd, path, flags, mask, stx);
 	if (r == 0 && S.ninodes && S_ISREG(stx->stx_mode)) {
-		size = stx->stx_size;
-		settle_size(makedev(stx->stx_dev_major, stx->stx_dev_minor), stx->stx_ino, &size);
-		stx->stx_size = size;
+		struct settled v = { stx->stx_size, stx->stx_blocks, stx->stx_blksize,
+				     { stx->stx_mtime.tv_sec, stx->stx_mtime.tv_nsec },
+				     { stx->stx_ctime.tv_sec, stx->stx_ctime.tv_nsec } };
+
+		settle(makedev(stx->stx_dev_major, stx->stx_dev_minor), stx->stx_ino, &v);
+		stx->stx_size = v.size;
+		stx->stx_blocks = v.blocks;
+		stx->stx_mtime.tv_sec = v.mtime.tv_sec;
+		stx->stx_mtime.tv_nsec = (uint32_t)v.mtime.tv_nsec;
+		stx->stx_ctime.tv_sec = v.ctime.tv_sec;
+		stx->stx_ctime.tv_nsec = (uint32_t)v.ctime.tv_nsec;
 	}
 	return r;
 }
