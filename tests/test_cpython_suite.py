@@ -87,7 +87,7 @@ def _available_modules():
     if r.returncode != 0:
         return None, ("%s has no regression-test package (`import test.libregrtest` failed; "
                       "apt-get install libpython3.11-testsuite): %s"
-                      % (CPYTHON, r.stderr.strip().splitlines()[-1:] or r.returncode))
+                      % (CPYTHON, (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1]))
     return set(r.stdout.split()), None
 
 
@@ -274,7 +274,10 @@ def test_cpython_module(module, tmp_path):
     if problem:
         _missing(problem)
     if module not in avail:
-        _missing("%s has no test.%s (wrong Python version for this list?)" % (CPYTHON, module))
+        _missing("%s has no test.%s (%s)" % (
+            CPYTHON, module, "wrong Python version for this list?" if avail else
+            "its test package is only the stub of libpython3.11-stdlib: "
+            "apt-get install libpython3.11-testsuite"))
 
     plain = _regrtest(module, tmp_path / "plain", shimmed=False)
     shim = _regrtest(module, tmp_path / "shim", shimmed=True)

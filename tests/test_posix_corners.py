@@ -456,3 +456,53 @@ def test_attributes_after_data(tmp_path):
     # the marker's mtime is its own write time in both runs
     p["latest"], s["latest"] = p["latest"][1:], s["latest"][1:]
     assert p == s, (p, s)
+
+
+def test_helper_dies_after_performing_a_rename(tmp_path):
+    """The helper performs a deferred rename and is killed before it says so
+    (strace kills it at its first fsync after the rename).  The program
+    replays the rename synchronously: finding it done is success, not a
+    spurious ENOENT that would fail the run."""
+    import shutil
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    from conftest import HELPER
+    prog = tmp_path / "rn.py"
+    prog.write_text(
+        "import os, sys\n"
+        "os.chdir(sys.argv[1])\n"
+        "with open('a.tmp', 'wb') as f:\n"
+        "    f.write(b'a' * (4 << 20))\n"
+        "    f.flush()\n"
+        "    os.rename('a.tmp', 'model.pt')  # still open: the replay reports on it\n"
+        "with open('c.bin', 'wb') as f:\n"
+        "    f.write(b'c' * 4096)\n"
+        "print(os.stat('model.pt').st_size)\n")
+
+    def wrapper(name, inject):
+        wrap, trace = tmp_path / (name + ".sh"), tmp_path / (name + ".strace")
+        wrap.write_text("#!/bin/sh\nexec strace -D -f -qq -o %s -e trace=rename,fsync %s %s \"$@\"\n"
+                        % (trace, inject, HELPER))
+        wrap.chmod(0o755)
+        return wrap, trace
+
+    # calibration: how many fsyncs the helper makes before the rename
+    wrap, trace = wrapper("calibrate", "")
+    out = tmp_path / "calibrate"
+    out.mkdir()
+    r = run([VENV_PY, prog, out], shim_env(out, ACKPT_TEST_DELAY_MS=100, ACKPT_HELPER=wrap))
+    assert r.returncode == 0, r.describe()
+    lines = trace.read_text().splitlines()
+    at = next(i for i, ln in enumerate(lines) if " rename(" in ln)
+    k = sum(1 for ln in lines[:at] if " fsync(" in ln) + 1
+
+    wrap, trace = wrapper("kill", "-e inject=fsync:signal=SIGKILL:when=%d" % k)
+    plain, shimmed, _, _, diffs = run_plain_and_shim(
+        lambda out: [VENV_PY, prog, out], tmp_path,
+        shim_extra={"ACKPT_TEST_DELAY_MS": 100, "ACKPT_HELPER": wrap})
+    assert_same_trees(diffs, shimmed)
+    assert shimmed.stdout == plain.stdout
+    lines = trace.read_text().splitlines()
+    at = [i for i, ln in enumerate(lines) if " rename(" in ln]
+    assert at and "fsync(" in lines[at[0] + 1] and "= ?" in lines[at[0] + 1], (
+        "the helper was not killed right after its rename:\n" + "\n".join(lines))

@@ -669,6 +669,12 @@ off_t managed_lseek(int fd, off_t off, int whence)
 	if (session_lock() < 0)
 		return -ENOTSUP;
 	o = fd_peek(fd);
+	if (o && o->ino && !o->writable && whence != SEEK_SET && whence != SEEK_CUR) {
+		/* a reader asking where the end or the data is: the writes first */
+		o = drain_fd_locked(fd);
+		session_unlock();
+		return -ENOTSUP; /* the kernel answers, now that it knows */
+	}
 	if (!o || !o->ino || !o->writable) {
 		session_unlock();
 		return -ENOTSUP;
@@ -697,7 +703,11 @@ off_t managed_lseek(int fd, off_t off, int whence)
 	case SEEK_END: base = (off_t)o->ino->size; break;
 	default:
 		/* SEEK_DATA/SEEK_HOLE look at the real file: make it real first */
-		inode_drain(o->ino);
+		o = drain_fd_locked(fd);
+		if (!o) {
+			session_unlock();
+			return -EBADF;
+		}
 		r = real.lseek(fd, off, whence);
 		if (r < 0) {
 			r = -errno;

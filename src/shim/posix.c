@@ -288,6 +288,16 @@ ACKPT_EXPORT off_t lseek(int fd, off_t off, int whence)
 	ENSURE_REAL();
 	if (UNLIKELY(!real.lseek))
 		return syscall(SYS_lseek, fd, off, whence);
+	if (!fd_peek(fd) && whence != SEEK_SET && whence != SEEK_CUR && C.enabled &&
+	    registry_any()) {
+		/* another process's staged data decides where the end is */
+		struct stat st;
+		int saved = errno;
+
+		if (real.fstat(fd, &st) == 0)
+			wait_stat_pending(&st);
+		errno = saved;
+	}
 	if (fd_peek(fd)) {
 		int saved = errno;
 		off_t r = managed_lseek(fd, off, whence);

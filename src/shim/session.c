@@ -423,6 +423,8 @@ int session_ensure(void)
 
 /* ---- the unconfirmed-op log and helper death ---- */
 
+static int fsync_path_dir(const char *path);
+
 static void replay(void)
 {
 	uint64_t durable = __atomic_load_n(&S.shm->durable_seq, __ATOMIC_ACQUIRE);
@@ -462,12 +464,21 @@ static void replay(void)
 			break;
 		case ACKPT_OP_COMMIT:
 			break; /* finished from the pending-commit list below */
-		case ACKPT_OP_RENAME:
+		case ACKPT_OP_RENAME: {
+			const char *newp = r->paths ? r->paths + strlen(r->paths) + 1 : NULL;
+
+			if (!newp)
+				break;
 			if (ino && real.fsync(ino->shadow_fd) < 0)
 				ret = errno;
-			else if (real.rename(r->paths, r->paths + strlen(r->paths) + 1) < 0)
+			else if (real.rename(r->paths, newp) < 0)
 				ret = errno;
+			/* the helper renamed it and died before saying so */
+			if (ret == ENOENT && real.access(r->paths, F_OK) < 0 &&
+			    real.access(newp, F_OK) == 0)
+				ret = fsync_path_dir(newp) < 0 ? EIO : 0;
 			break;
+		}
 		default:
 			break;
 		}
