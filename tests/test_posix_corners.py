@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from faultutil import (assert_same_trees, need_shim, run, run_plain_and_shim, shim_env)
+from faultutil import (assert_same_trees, need_shim, plain_env, run, run_plain_and_shim,
+                       shim_env)
 from conftest import VENV_PY
 
 
@@ -506,3 +507,111 @@ def test_helper_dies_after_performing_a_rename(tmp_path):
     at = [i for i, ln in enumerate(lines) if " rename(" in ln]
     assert at and "fsync(" in lines[at[0] + 1] and "= ?" in lines[at[0] + 1], (
         "the helper was not killed right after its rename:\n" + "\n".join(lines))
+
+
+BAD_BUFFER_PROG = r"""
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+static void on_segv(int s)
+{
+	static const char m[] = "the program's handler ran\\n";
+
+	(void)s;
+	write(1, m, sizeof(m) - 1);
+	_exit(3);
+}
+
+static void say(const char *what, ssize_t r)
+{
+	printf("%s: %zd %s\\n", what, r, r < 0 ? strerror(errno) : "");
+}
+
+int main(int argc, char **argv)
+{
+	char *p = mmap(NULL, 3 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	volatile long bad = 8;
+	struct iovec v[2];
+	int fd;
+
+	if (chdir(argv[1]))
+		return 2;
+	memset(p, 'g', 3 * 4096);
+	mprotect(p + 4096, 4096, PROT_NONE);
+	fd = open("f.bin", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	write(fd, "start", 5);
+	say("unmapped", write(fd, (void *)bad, 100));
+	say("PROT_NONE", write(fd, p + 4096, 10));
+	say("straddling a bad page", write(fd, p, 3 * 4096));
+	say("pwrite", pwrite(fd, p + 4096, 10, 0));
+	v[0].iov_base = p;
+	v[0].iov_len = 100;
+	v[1].iov_base = p + 4096;
+	v[1].iov_len = 100;
+	say("writev, second bad", writev(fd, v, 2));
+	printf("offset %ld\\n", (long)lseek(fd, 0, SEEK_CUR));
+	fflush(stdout);
+	close(fd);
+	/* the program's own SIGSEGV handler still gets its own faults */
+	signal(SIGSEGV, on_segv);
+	printf("signal() returns the program's handler: %d\\n", signal(SIGSEGV, on_segv) == on_segv);
+	fflush(stdout);
+	*(volatile char *)(p + 4096) = 1;
+	return 0;
+}
+"""
+
+FAULTHANDLER_PROG = """
+import ctypes, faulthandler, os, signal, sys
+os.chdir(sys.argv[1])
+with open("f.bin", "wb") as f:
+    f.write(b"x" * 1000)
+signal.signal(signal.SIGSEGV, signal.SIG_IGN)
+os.kill(os.getpid(), signal.SIGSEGV)
+print("an ignored SIGSEGV sent by kill is ignored", flush=True)
+signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+faulthandler.enable()
+print("faulthandler on", flush=True)
+ctypes.string_at(0)
+"""
+
+
+def test_bad_buffers_give_efault(tmp_path):
+    """write, pwrite and writev from a bad pointer return EFAULT (or the bytes
+    before the bad page) as the kernel does, instead of SIGSEGV in the shim;
+    the program's own SIGSEGV handler still sees its own faults."""
+    src = tmp_path / "bad.c"
+    src.write_text(BAD_BUFFER_PROG)
+    exe = tmp_path / "bad"
+    subprocess.run(["cc", "-O1", "-w", "-o", str(exe), str(src)], check=True)
+    outs = {}
+    for label in ("plain", "shim"):
+        out = tmp_path / label
+        out.mkdir()
+        env = plain_env() if label == "plain" else shim_env(out)
+        r = run([exe, out], env)
+        outs[label] = (r.returncode, r.stdout)
+    assert outs["plain"][0] == 3 and outs["shim"] == outs["plain"], outs
+    assert (tmp_path / "plain" / "f.bin").read_bytes() == (tmp_path / "shim" / "f.bin").read_bytes()
+
+
+def test_signal_dispositions_are_the_programs(tmp_path):
+    """Python's faulthandler and an ignored SIGSEGV behave as without ackpt,
+    though ackpt handles SIGSEGV to turn bad buffers into EFAULT."""
+    prog = tmp_path / "fh.py"
+    prog.write_text(FAULTHANDLER_PROG)
+    outs = {}
+    for label in ("plain", "shim"):
+        out = tmp_path / label
+        out.mkdir()
+        env = plain_env() if label == "plain" else shim_env(out)
+        r = run([VENV_PY, prog, out], env)
+        outs[label] = (r.returncode, r.stdout, "Fatal Python error: Segmentation fault" in r.stderr)
+    assert outs["plain"][0] == -11 and outs["plain"][2], outs
+    assert outs["shim"] == outs["plain"], outs

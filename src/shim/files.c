@@ -584,12 +584,22 @@ static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t of
 	left = total;
 	if (S.state == SESS_ACTIVE) {
 		for (i = 0; i < iovcnt && left; i++) {
-			size_t len = iov[i].iov_len < left ? iov[i].iov_len : left;
+			size_t len = iov[i].iov_len < left ? iov[i].iov_len : left, staged;
 
 			if (!len)
 				continue;
 			ret = session_stage(ino, iov[i].iov_base, len, pos,
-					    cuda_is_device(iov[i].iov_base));
+					    cuda_is_device(iov[i].iov_base), &staged);
+			if (ret == -EFAULT) {
+				/* a bad buffer: the bytes before it, or EFAULT */
+				pos += staged;
+				total = (size_t)(pos - at);
+				if (!total) {
+					session_unlock();
+					return -EFAULT;
+				}
+				break;
+			}
 			if (ret < 0 && S.state != SESS_DEAD) {
 				session_unlock();
 				return ret;

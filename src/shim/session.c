@@ -380,6 +380,7 @@ static int session_start(void)
 	S.seq = 0;
 	log_first = 1;
 	S.state = SESS_ACTIVE;
+	efault_init(); /* from now on we copy from the program's buffers */
 
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
@@ -838,15 +839,23 @@ static int arena_reserve(uint64_t len, uint64_t *pos, uint64_t *end)
 	return 0;
 }
 
-int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off, int device)
+/*
+ * Copy len bytes at buf into the arena, in chunks, and queue a WRITE for
+ * each.  *staged: bytes queued.  A bad source pointer stops at the page it
+ * faulted on, as the kernel's copy does: the chunk's good prefix is queued
+ * and -EFAULT returned.
+ */
+int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off, int device,
+		  size_t *staged)
 {
 	const char *src = buf;
 
+	*staged = 0;
 	while (len) {
 		uint64_t chunk = len < S.max_chunk ? len : S.max_chunk;
 		struct ackpt_op op = { .type = ACKPT_OP_WRITE, .file = ino->slot };
-		uint64_t pos, end;
-		int ret;
+		uint64_t pos, end, head = S.head;
+		int ret, bad = 0;
 
 		ret = arena_reserve(chunk, &pos, &end);
 		if (ret < 0)
@@ -857,7 +866,16 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 			if (ret < 0)
 				return ret;
 		} else {
-			memcpy(S.arena + pos % S.arena_size, src, chunk);
+			size_t done;
+
+			if (efault_copy(S.arena + pos % S.arena_size, src, chunk, &done) < 0) {
+				bad = 1;
+				chunk = done;
+				if (!chunk) {
+					S.head = head; /* nothing of it was used */
+					return -EFAULT;
+				}
+			}
 		}
 		op.offset = off;
 		op.len = chunk;
@@ -867,6 +885,9 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 		if (ret < 0)
 			return ret;
 		S.bytes_staged += chunk;
+		*staged += chunk;
+		if (bad)
+			return -EFAULT;
 		src += chunk;
 		off += chunk;
 		len -= chunk;

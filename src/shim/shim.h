@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <spawn.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -115,6 +116,8 @@ struct timeval;
 	X(void, _Exit, (int)) \
 	X(long, syscall, (long, ...)) \
 	X(ssize_t, sendmsg, (int, const struct msghdr *, int)) \
+	X(int, sigaction, (int, const struct sigaction *, struct sigaction *)) \
+	X(sighandler_t, signal, (int, sighandler_t)) \
 	X(int, aio_write, (struct aiocb *)) \
 	X(int, aio_read, (struct aiocb *)) \
 	X(int, lio_listio, (int, struct aiocb *const[], int, struct sigevent *)) \
@@ -253,7 +256,8 @@ extern __thread uint64_t tls_commit_wait;
 int session_lock(void);        /* returns 0 if we may use managed state */
 void session_unlock(void);
 int session_ensure(void);      /* start arena+helper; -errno on failure */
-int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off, int device);
+int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off, int device,
+		  size_t *staged);
 int session_send_simple(uint32_t type, struct inode_state *ino, uint64_t offset);
 int session_send_dirty(struct inode_state *ino);
 int session_send_open(struct inode_state *ino, int fd);
@@ -324,6 +328,10 @@ int cuda_is_device(const void *p);
 int cuda_copy_to_host(void *dst, const void *src, size_t n);
 void cuda_exit(void);
 int cuda_state(void);
+
+/* copies from the program's buffers (efault.c) */
+void efault_init(void);
+int efault_copy(void *dst, const void *src, size_t n, size_t *done);
 
 /* namespace (namespace.c) */
 int ns_pending_any(void);
