@@ -615,3 +615,52 @@ def test_signal_dispositions_are_the_programs(tmp_path):
         outs[label] = (r.returncode, r.stdout, "Fatal Python error: Segmentation fault" in r.stderr)
     assert outs["plain"][0] == -11 and outs["plain"][2], outs
     assert outs["shim"] == outs["plain"], outs
+
+
+APPEND_0444_PROG = """
+import fcntl, os, sys, time
+os.chdir(sys.argv[1])
+fd = os.open("ro.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o444)
+for i in range(5):
+    os.write(fd, b"line %d\\n" % i * 3000)
+os.pwrite(fd, b"pwrite appends\\n", 0)
+time.sleep(0.5)  # the helper has had the file for a while
+print("O_APPEND kept", bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND))
+print("offset", os.lseek(fd, 0, os.SEEK_CUR))
+pid = os.fork()
+if pid == 0:
+    os.pwrite(fd, b"the child's pwrite appends too\\n", 0)
+    os._exit(0)
+os.waitpid(pid, 0)
+os.close(fd)
+"""
+
+
+def test_append_to_a_0444_file_unprivileged(tmp_path):
+    """A non-root program's O_APPEND on a file it created 0444: the helper
+    cannot open the file again, and must neither strip O_APPEND from the
+    program's description nor lose append semantics."""
+    import shutil
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) not installed")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged uid")
+    nobody = 65534
+    prog = tmp_path / "ro.py"
+    prog.write_text(APPEND_0444_PROG)
+    os.chmod(tmp_path, 0o755)
+    for p in tmp_path.parents:
+        if str(p).startswith("/tmp/"):
+            os.chmod(p, 0o755)
+    setpriv = ["setpriv", "--reuid=%d" % nobody, "--regid=%d" % nobody, "--clear-groups",
+               "--inh-caps=-all", "--bounding-set=-all"]
+
+    def wrap(label, argv, base):
+        for d in (base, base / "out"):
+            os.chown(d, nobody, nobody)
+        return setpriv + argv
+    plain, shimmed, _, _, diffs = run_plain_and_shim(lambda out: [VENV_PY, prog, out], tmp_path,
+                                                     shim_extra={"ACKPT_TEST_DELAY_MS": 50},
+                                                     wrap=wrap)
+    assert_same_trees(diffs, shimmed)
+    assert shimmed.stdout == plain.stdout, (plain.stdout, shimmed.stdout)

@@ -1009,12 +1009,11 @@ static int receive_one(void)
 			if (own >= 0) {
 				close(fd);
 			} else {
-				int fl = fcntl(fd, F_GETFL);
-
-				/* mode 0444 or similar: keep the program's OFD, minus O_APPEND */
+				/* mode 0444 or similar: keep the program's OFD.  Never
+				 * change its flags, which the program shares: one with
+				 * O_APPEND the shim writes through the kernel itself, so
+				 * no WRITE comes here for it */
 				own = fd;
-				if (fl >= 0 && (fl & O_APPEND))
-					fcntl(fd, F_SETFL, fl & ~O_APPEND);
 			}
 			free(f->path);
 			memset(f, 0, sizeof(*f));

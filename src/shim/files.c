@@ -303,6 +303,20 @@ int fd_release(int fd)
 	return err;
 }
 
+/* Can the file be opened for writing again, as the helper does? */
+static int reopenable(int fd)
+{
+	char p[64];
+	int own;
+
+	snprintf(p, sizeof(p), "/proc/self/fd/%d", fd);
+	own = real.open(p, O_WRONLY | O_CLOEXEC);
+	if (own < 0)
+		return 0;
+	real.close(own);
+	return 1;
+}
+
 /*
  * After the program's own open succeeded: decide whether the file is
  * managed (regular, opened for writing, its canonical path under a root)
@@ -400,6 +414,12 @@ int files_post_open(int fd, int flags, const char *how)
 		ino->size = 0;
 	}
 	cuda_session_ready();
+	if ((flags & O_APPEND) && !ino->shared && !reopenable(fd)) {
+		/* the helper could only write through this very description,
+		 * and its pwrite would append (a 0444 file a non-root program
+		 * created): the kernel writes it, in program order */
+		ino->shared = 1;
+	}
 	o = calloc(1, sizeof(*o));
 	if (!o) {
 		session_unlock();
