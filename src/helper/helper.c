@@ -38,6 +38,7 @@
 #include "barrier.h"
 #include "engine.h"
 #include "fault.h"
+#include "order.h"
 #include "path.h"
 #include "proto.h"
 
@@ -362,14 +363,6 @@ static void mark_done(struct hop *h)
 }
 
 
-static int pages_overlap(uint64_t a_off, uint64_t a_len, uint64_t b_off, uint64_t b_len)
-{
-	uint64_t a0 = a_off & ~(PAGE - 1), a1 = (a_off + a_len + PAGE - 1) & ~(PAGE - 1);
-	uint64_t b0 = b_off & ~(PAGE - 1), b1 = (b_off + b_len + PAGE - 1) & ~(PAGE - 1);
-
-	return a0 < b1 && b0 < a1;
-}
-
 /* May op h (the first not-yet-issued op of its file) start now? */
 static int file_op_ready(struct hfile *f, struct hop *h)
 {
@@ -378,9 +371,8 @@ static int file_op_ready(struct hfile *f, struct hop *h)
 	for (p = f->head; p && p != h; p = p->fnext) {
 		if (p->state == HOP_DONE)
 			continue;
-		if (h->op.type != ACKPT_OP_WRITE || p->op.type != ACKPT_OP_WRITE)
-			return 0;
-		if (pages_overlap(p->op.offset, p->op.len, h->op.offset, h->op.len))
+		if (!ackpt_may_pass(p->op.type, p->op.offset, p->op.len, h->op.type, h->op.offset,
+				    h->op.len))
 			return 0;
 	}
 	return 1;

@@ -15,18 +15,6 @@
 
 struct ackpt_config C;
 
-/* Basenames that mark checkpoint files when no root is configured. */
-static const char *const default_names[] = {
-	"*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.distcp", "*.bin", "*.npy", "*.npz",
-	".metadata", "*.metadata", ".metadata.tmp", "metadata.json", "latest",
-	"latest_checkpointed_iteration.txt", "*.index.json", "commit_success.txt", NULL,
-};
-/* Directory components that mark checkpoint directories (temp-then-rename
- * savers open random names, so the directory is what identifies them). */
-static const char *const default_dirs[] = {
-	"checkpoint*", "ckpt*", "iter_*", "global_step*", NULL,
-};
-
 static const char *const default_metadata[] = {
 	".metadata", "*.metadata", "metadata.json", "latest_checkpointed_iteration.txt", "latest",
 	"*.index.json", "commit_success.txt", NULL,
@@ -49,34 +37,6 @@ void alog(int level, const char *fmt, ...)
 		n = sizeof(buf) - 2;
 	buf[n++] = '\n';
 	syscall(SYS_write, 2, buf, n);
-}
-
-static int parse_size(const char *s, uint64_t *out)
-{
-	char *end;
-	unsigned long long v;
-	uint64_t mul = 1;
-
-	if (!s || !*s || *s == '-')
-		return -EINVAL;
-	errno = 0;
-	v = strtoull(s, &end, 10);
-	if (errno || end == s)
-		return -EINVAL;
-	switch (*end) {
-	case 0: break;
-	case 'k': case 'K': mul = 1ull << 10; end++; break;
-	case 'm': case 'M': mul = 1ull << 20; end++; break;
-	case 'g': case 'G': mul = 1ull << 30; end++; break;
-	case 't': case 'T': mul = 1ull << 40; end++; break;
-	default: return -EINVAL;
-	}
-	if (*end == 'i' || *end == 'B')
-		end += (*end == 'i' && end[1] == 'B') ? 2 : 1;
-	if (*end || v > UINT64_MAX / mul)
-		return -EINVAL;
-	*out = v * mul;
-	return 0;
 }
 
 static int bad(const char *var, const char *val, const char *expect)
@@ -147,7 +107,7 @@ void config_load(void)
 		C.staging = total / 8;
 	v = getenv("ACKPT_STAGING");
 	if (v && *v) {
-		if (parse_size(v, &C.staging) < 0) {
+		if (ackpt_parse_size(v, &C.staging) < 0) {
 			bad("ACKPT_STAGING", v, "expected a size such as 512M or 4G");
 			return;
 		}
@@ -284,18 +244,8 @@ void config_load(void)
 	}
 }
 
-static int under_root(const char *path, const char *root)
-{
-	size_t n = strlen(root);
-
-	if (n == 1 && root[0] == '/')
-		return 1;
-	return !strncmp(path, root, n) && (path[n] == '/' || path[n] == 0);
-}
-
 int path_is_managed(const char *canon)
 {
-	const char *base, *p;
 	int i;
 
 	if (!C.enabled || canon[0] != '/')
@@ -303,44 +253,11 @@ int path_is_managed(const char *canon)
 	if (!strncmp(canon, "/proc/", 6) || !strncmp(canon, "/sys/", 5) ||
 	    !strncmp(canon, "/dev/", 5))
 		return 0;
-	if (C.nroots) {
-		for (i = 0; i < C.nroots; i++) {
-			if (C.root_is_glob[i] == 1) {
-				char pat[PATH_MAX + 4];
-
-				snprintf(pat, sizeof(pat), "%s/*", C.roots[i]);
-				if (!fnmatch(C.roots[i], canon, 0) || !fnmatch(pat, canon, 0))
-					return 1;
-			} else if (under_root(canon, C.roots[i])) {
-				return 1;
-			} else if (C.root_is_glob[i] == 2) {
-				/* a root that did not exist at start may exist now */
-				char now[PATH_MAX];
-
-				if (realpath(C.roots[i], now) && strcmp(now, C.roots[i]) &&
-				    under_root(canon, now))
-					return 1;
-			}
-		}
-		return 0;
-	}
-	base = strrchr(canon, '/') + 1;
-	for (i = 0; default_names[i]; i++)
-		if (!fnmatch(default_names[i], base, FNM_PERIOD & 0))
+	if (!C.nroots)
+		return path_default_managed(canon);
+	for (i = 0; i < C.nroots; i++)
+		if (path_matches_root(canon, C.roots[i], C.root_is_glob[i]))
 			return 1;
-	for (p = canon; p < base; p = strchr(p, '/') + 1) {
-		char comp[NAME_MAX + 1];
-		const char *e = strchr(p, '/');
-		size_t n = e - p;
-
-		if (!n || n > NAME_MAX)
-			continue;
-		memcpy(comp, p, n);
-		comp[n] = 0;
-		for (i = 0; default_dirs[i]; i++)
-			if (!fnmatch(default_dirs[i], comp, 0))
-				return 1;
-	}
 	return 0;
 }
 

@@ -791,52 +791,6 @@ void managed_resync(int fd)
 	session_unlock();
 }
 
-/* Canonical absolute path: the directory resolved, the last component kept. */
-int canon_path(int dirfd, const char *path, char *out, size_t outlen)
-{
-	char full[PATH_MAX], dir[PATH_MAX], rdir[PATH_MAX];
-	const char *base;
-	char *slash;
-
-	if (!path || !*path)
-		return -ENOENT;
-	if (path[0] == '/') {
-		snprintf(full, sizeof(full), "%s", path);
-	} else if (dirfd == AT_FDCWD) {
-		if (!getcwd(dir, sizeof(dir)))
-			return -errno;
-		snprintf(full, sizeof(full), "%s/%s", dir, path);
-	} else {
-		char link[64];
-		ssize_t n;
-
-		snprintf(link, sizeof(link), "/proc/self/fd/%d", dirfd);
-		n = readlink(link, dir, sizeof(dir) - 1);
-		if (n < 0)
-			return -EBADF;
-		dir[n] = 0;
-		snprintf(full, sizeof(full), "%s/%s", dir, path);
-	}
-	{
-		size_t n = strlen(full);
-
-		while (n > 1 && full[n - 1] == '/')
-			full[--n] = 0;
-	}
-	slash = strrchr(full, '/');
-	base = slash + 1;
-	if (slash == full)
-		snprintf(dir, sizeof(dir), "/");
-	else {
-		*slash = 0;
-		snprintf(dir, sizeof(dir), "%s", full);
-	}
-	if (!realpath(dir, rdir))
-		return -errno;
-	snprintf(out, outlen, "%s%s%s", rdir, strcmp(rdir, "/") ? "/" : "", base);
-	return 0;
-}
-
 /* Before touching a path: wait for a deferred rename involving it, and for
  * pending data of the file it names (flags: AT_SYMLINK_NOFOLLOW honoured). */
 int wait_path_pending(int dirfd, const char *path, int flags)

@@ -19,6 +19,7 @@
 #include <sys/wait.h>
 #include <time.h>
 
+#include "arena.h"
 #include "config.h"
 #include "shim.h"
 
@@ -810,24 +811,17 @@ int session_wait_commit(uint64_t id, double timeout_s)
 /* Reserve arena space for len bytes, blocking while the arena is full. */
 static int arena_reserve(uint64_t len, uint64_t *pos, uint64_t *end)
 {
-	uint64_t start = (S.head + ACKPT_ARENA_ALIGN - 1) & ~(uint64_t)(ACKPT_ARENA_ALIGN - 1);
-	uint64_t in = start % S.arena_size;
-	uint64_t piece_left = ACKPT_REG_BUF_MAX - in % ACKPT_REG_BUF_MAX;
 	uint64_t stall0 = 0;
 
-	/* a chunk never wraps the arena nor crosses a 1 GiB registered buffer */
-	if (S.arena_size - in < len)
-		start += S.arena_size - in;
-	else if (piece_left < len)
-		start += piece_left;
-	*pos = start;
-	*end = (start + len + ACKPT_ARENA_ALIGN - 1) & ~(uint64_t)(ACKPT_ARENA_ALIGN - 1);
-	while (*end - __atomic_load_n(&S.shm->arena_tail, __ATOMIC_ACQUIRE) > S.arena_size) {
+	ackpt_arena_place(S.head, len, S.arena_size, pos, end);
+	while (!ackpt_arena_fits(*end, __atomic_load_n(&S.shm->arena_tail, __ATOMIC_ACQUIRE),
+				 S.arena_size)) {
 		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
 
 		if (!stall0)
 			stall0 = now_ns();
-		if (*end - __atomic_load_n(&S.shm->arena_tail, __ATOMIC_ACQUIRE) <= S.arena_size)
+		if (ackpt_arena_fits(*end, __atomic_load_n(&S.shm->arena_tail, __ATOMIC_ACQUIRE),
+				     S.arena_size))
 			break;
 		if (!helper_alive()) {
 			session_helper_died();

@@ -27,6 +27,7 @@
 
 #include "path.h"
 #include "proto.h"
+#include "util.h"
 
 #define ACKPT_EXPORT __attribute__((visibility("default")))
 #define FD_MAX 65536
@@ -295,7 +296,6 @@ uint64_t rlimit_fsize(void);
 off_t managed_lseek(int fd, off_t off, int whence);
 int managed_drain_fd(int fd);
 void managed_resync(int fd);
-int canon_path(int dirfd, const char *path, char *out, size_t outlen);
 void files_fork_child(void);
 int files_any_inherited_open(void);
 void files_share(int all);
