@@ -3,8 +3,8 @@
  * take effect in the order the shim sent them, except that a WRITE may
  * start before an earlier, unfinished WRITE of the same file when the two
  * touch no common page (page-granular, so a buffered write and an O_DIRECT
- * write never share a page).  Everything else (FSYNC, CLOSE, TRUNCATE,
- * DIRTY, RENAME, COMMIT) waits for all earlier ops of its file.
+ * write never share a page).  Everything else (FSYNC, CLOSE, DIRTY,
+ * RENAME, SYNC_ALL, COMMIT) waits for all earlier ops of its file.
  */
 #ifndef ACKPT_ORDER_H
 #define ACKPT_ORDER_H

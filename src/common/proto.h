@@ -18,7 +18,8 @@
 #include <stdint.h>
 
 #define ACKPT_PROTO_MAGIC   0x74706b63614b4341ull /* "ACKackpt" */
-#define ACKPT_PROTO_VERSION 1
+#define ACKPT_PROTO_VERSION 2 /* 2: one payload struct per op; no TRUNCATE (ftruncate
+				* goes through the kernel); DIRTY */
 
 /* Descriptor numbers the helper finds its channels on after exec. */
 #define ACKPT_HELPER_SOCK_FD 3
@@ -28,83 +29,145 @@
 #define ACKPT_ARENA_ALIGN    4096  /* every staged chunk starts page-aligned */
 #define ACKPT_REG_BUF_MAX    (1ull << 30) /* io_uring fixed-buffer size cap */
 
+/* shim -> helper: what each record asks.  Ops of one file take effect in
+ * the order sent, as order.h states; RENAME, SYNC_ALL and COMMIT wait for
+ * every earlier op of the session. */
 enum ackpt_op_type {
-	ACKPT_OP_OPEN = 1,   /* SCM_RIGHTS fd attached; slot := file */
-	ACKPT_OP_WRITE,      /* len bytes from arena at arena_pos -> offset */
-	ACKPT_OP_FSYNC,      /* program asked; helper syncs in order */
-	ACKPT_OP_TRUNCATE,   /* ftruncate(offset) */
-	ACKPT_OP_CLOSE,      /* last program reference gone: fsync + close */
-	ACKPT_OP_RENAME,     /* global barrier; paths follow the record */
-	ACKPT_OP_SYNC_ALL,   /* global barrier: fsync every open file */
-	ACKPT_OP_COMMIT,     /* metadata commit: barrier, then rename paths[0] -> paths[1];
-			      * offset = commit id; flags & ACKPT_COMMIT_OWN_TEMP: on abort
-			      * remove paths[0] (our hidden temporary) */
+	ACKPT_OP_OPEN = 1,   /* a file the shim will stage for: u.open; the file's
+			      * descriptor comes as SCM_RIGHTS; slot `file` := it */
+	ACKPT_OP_WRITE,      /* u.write: bytes from the arena into the file */
+	ACKPT_OP_FSYNC,      /* the program asked for an fsync: done in order */
+	ACKPT_OP_CLOSE,      /* the program's last reference is gone: fsync, close */
+	ACKPT_OP_RENAME,     /* u.rename: fsync the file, rename, fsync the directories */
+	ACKPT_OP_SYNC_ALL,   /* fsync every open file */
+	ACKPT_OP_COMMIT,     /* u.commit: barrier, then rename the metadata into place */
 	ACKPT_OP_DIRTY,      /* the program wrote the file through the kernel itself (a
 			      * description shared with another process): fsync it at
 			      * the next FSYNC, CLOSE or barrier */
 };
 
+/* OPEN */
+struct ackpt_op_open {
+	uint64_t dev, ino;  /* the file's identity */
+	int32_t reg_idx;    /* its entry in the node registry, or -1 */
+	uint32_t pad;
+};
+
+/* WRITE */
+struct ackpt_op_write {
+	uint64_t offset;    /* where in the file */
+	uint64_t len;       /* bytes */
+	uint64_t arena_pos; /* monotonic arena position of the data (arena.h) */
+	uint64_t arena_end; /* arena position the shim may reuse once this is done */
+};
+
+/* RENAME: "old\0new\0" (canonical paths) follow the record */
+struct ackpt_op_rename {
+	uint32_t path_len;  /* bytes of the paths */
+	uint32_t pad;
+};
+
+/* COMMIT: "temporary\0final\0" follow the record */
+struct ackpt_op_commit {
+	uint64_t id;        /* 1, 2, ... per session; commits_done reports them */
+	uint32_t path_len;  /* bytes of the paths */
+	uint32_t flags;     /* ACKPT_COMMIT_OWN_TEMP: the temporary is ours: on abort,
+			     * remove it */
+};
+
 #define ACKPT_COMMIT_OWN_TEMP 0x1
 
+/* One record, one SOCK_SEQPACKET message.  Exactly one member of u is
+ * meaningful: the one named after type (none for FSYNC, CLOSE, SYNC_ALL and
+ * DIRTY). */
 struct ackpt_op {
-	uint32_t type;
+	uint32_t type;      /* enum ackpt_op_type */
 	uint32_t file;      /* slot index, or ACKPT_NO_FILE */
 	uint64_t seq;       /* strictly increasing per session, starts at 1 */
-	uint64_t offset;    /* file offset (WRITE), new size (TRUNCATE) */
-	uint64_t len;       /* bytes (WRITE) */
-	uint64_t arena_pos; /* WRITE: monotonic arena position of the data */
-	uint64_t arena_end; /* monotonic arena position freed when this op is done */
-	uint32_t flags;
-	uint32_t path_len;  /* RENAME: bytes of "old\0new\0" after the record */
-	uint64_t dev, ino;  /* OPEN: identity, for the node-local registry */
+	union {
+		struct ackpt_op_open open;
+		struct ackpt_op_write write;
+		struct ackpt_op_rename rename;
+		struct ackpt_op_commit commit;
+	} u;
 };
+
+_Static_assert(sizeof(struct ackpt_op) == 48, "op record layout");
+_Static_assert(sizeof(struct ackpt_op_open) == 24 && sizeof(struct ackpt_op_write) == 32 &&
+	       sizeof(struct ackpt_op_commit) == 16, "op payload layouts");
+
+/* Bytes of paths following a record (RENAME, COMMIT), else 0. */
+static inline uint32_t ackpt_op_path_len(const struct ackpt_op *op)
+{
+	if (op->type == ACKPT_OP_RENAME)
+		return op->u.rename.path_len;
+	if (op->type == ACKPT_OP_COMMIT)
+		return op->u.commit.path_len;
+	return 0;
+}
+
+/* The arena position freed when op is done (WRITE), else 0. */
+static inline uint64_t ackpt_op_arena_end(const struct ackpt_op *op)
+{
+	return op->type == ACKPT_OP_WRITE ? op->u.write.arena_end : 0;
+}
 
 #define ACKPT_NO_FILE 0xffffffffu
 #define ACKPT_OP_MAX_MSG (sizeof(struct ackpt_op) + 2 * 4096 + 2)
 
+/* Per file slot, in the control block. */
 struct ackpt_file_slot {
-	int32_t err;        /* first error (positive errno) seen by the helper */
-	uint32_t err_seq;   /* bumps each time err is set */
-	uint64_t written;   /* bytes written for this slot */
+	int32_t err;        /* helper: first error (positive errno) on the file; the shim
+			     * too, replaying after the helper died; the shim clears it
+			     * when it frees the slot */
+	uint32_t err_seq;   /* bumped by whoever sets err */
+	uint64_t written;   /* helper: bytes written for this slot */
 };
 
 /*
- * Control block at offset 0 of the memfd.  Counters written by the helper
- * are only ever increased; the shim waits on the 32-bit *_gen words with
- * FUTEX_WAIT (shared futexes work across the two mappings).
+ * Control block at offset 0 of the memfd.  Each field is written by one
+ * process, named in its comment; "shim, after the helper died" marks what
+ * the shim takes over while it replays unconfirmed ops synchronously (the
+ * helper is gone then, so there is still one writer at a time).  Counters
+ * only ever increase; the shim waits on progress_gen with FUTEX_WAIT
+ * (shared futexes work across the two mappings).
  */
 struct ackpt_shm {
-	uint64_t magic;
-	uint32_t version;
-	uint32_t hdr_size;          /* offset of the arena in the memfd */
-	uint64_t arena_size;
-	int32_t helper_pid;
-	uint32_t helper_flags;      /* ACKPT_HF_* */
+	uint64_t magic;             /* shim, before the helper starts */
+	uint32_t version;           /* shim, before the helper starts */
+	uint32_t hdr_size;          /* shim, before: offset of the arena in the memfd */
+	uint64_t arena_size;        /* shim, before the helper starts */
+	int32_t helper_pid;         /* helper, at start */
+	uint32_t helper_flags;      /* helper, at start: ACKPT_HF_* */
 
-	/* helper -> shim */
-	uint64_t durable_seq;       /* every op with seq <= this is complete */
-	uint64_t arena_tail;        /* arena bytes freed (monotonic) */
-	uint32_t progress_gen;      /* futex word: bumped on any progress */
+	/* progress */
+	uint64_t durable_seq;       /* helper; shim after the helper died: every op with
+				     * seq <= this is complete */
+	uint64_t arena_tail;        /* helper: arena positions below this are free */
+	uint32_t progress_gen;      /* helper: futex word, bumped on any progress */
 	uint32_t pad0;
-	uint64_t bytes_written;
-	uint64_t errors;
-	uint64_t ops_done;
-	uint64_t helper_cpu_ns;
-	uint64_t prefault_done;     /* bytes of the arena populated by the helper */
-	int32_t reg_helper;         /* our index in the node registry, or -1 */
+	uint64_t bytes_written;     /* helper */
+	uint64_t errors;            /* helper; shim after the helper died */
+	uint64_t ops_done;          /* helper */
+	uint64_t helper_cpu_ns;     /* helper */
+	uint64_t prefault_done;     /* helper: bytes of the arena it has populated */
+	int32_t reg_helper;         /* helper, at start: its index in the node registry, or -1 */
 	uint32_t pad1;
 
-	/* shim -> helper */
-	uint64_t staged_seq;        /* last op seq the shim has sent */
+	uint64_t staged_seq;        /* shim: last op seq it has sent */
 
-	/* helper -> shim: metadata commits, in request order */
-	uint64_t commits_done;      /* commit ids <= this are finished (ok or aborted) */
-	uint64_t commit_failures;   /* aborted commits */
-	int32_t commit_last_err;    /* errno of the last abort */
+	/* metadata commits, in request order */
+	uint64_t commits_done;      /* helper: commit ids <= this are finished (ok or aborted) */
+	uint64_t commit_failures;   /* helper: aborted commits */
+	int32_t commit_last_err;    /* helper: errno of the last abort */
 	uint32_t pad2;
 
 	struct ackpt_file_slot files[ACKPT_MAX_FILES];
 };
+
+_Static_assert(__builtin_offsetof(struct ackpt_shm, durable_seq) == 32 &&
+	       __builtin_offsetof(struct ackpt_shm, staged_seq) == 104 &&
+	       __builtin_offsetof(struct ackpt_shm, files) == 136, "control block layout");
 
 #define ACKPT_HF_URING      0x1  /* io_uring engine (else pwrite pool) */
 #define ACKPT_HF_FIXED_BUFS 0x2  /* arena registered as fixed buffers */

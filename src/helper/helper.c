@@ -10,7 +10,7 @@
  *  - within a file, ops are issued in order; a write may overtake earlier
  *    writes of the same file only if their page ranges do not overlap
  *    (page-granular so buffered and O_DIRECT writes never share a page);
- *  - fsync, truncate and close wait for every earlier op of their file;
+ *  - fsync, close and dirty wait for every earlier op of their file;
  *  - rename and sync-all wait for every earlier op of every file, and
  *    nothing after them starts until they finish.
  */
@@ -344,8 +344,8 @@ static void retire(void)
 		if (h->op.file != ACKPT_NO_FILE && h->op.file < ACKPT_MAX_FILES)
 			file_unlink_head(&H.files[h->op.file], h);
 		__atomic_store_n(&H.shm->durable_seq, h->op.seq, __ATOMIC_RELEASE);
-		if (h->op.arena_end > __atomic_load_n(&H.shm->arena_tail, __ATOMIC_RELAXED))
-			__atomic_store_n(&H.shm->arena_tail, h->op.arena_end, __ATOMIC_RELEASE);
+		if (ackpt_op_arena_end(&h->op) > __atomic_load_n(&H.shm->arena_tail, __ATOMIC_RELAXED))
+			__atomic_store_n(&H.shm->arena_tail, ackpt_op_arena_end(&h->op), __ATOMIC_RELEASE);
 		__atomic_fetch_add(&H.shm->ops_done, 1, __ATOMIC_RELAXED);
 		free(h->paths);
 		memset(h, 0, sizeof(*h));
@@ -371,8 +371,8 @@ static int file_op_ready(struct hfile *f, struct hop *h)
 	for (p = f->head; p && p != h; p = p->fnext) {
 		if (p->state == HOP_DONE)
 			continue;
-		if (!ackpt_may_pass(p->op.type, p->op.offset, p->op.len, h->op.type, h->op.offset,
-				    h->op.len))
+		if (!ackpt_may_pass(p->op.type, p->op.u.write.offset, p->op.u.write.len, h->op.type,
+				    h->op.u.write.offset, h->op.u.write.len))
 			return 0;
 	}
 	return 1;
@@ -380,9 +380,9 @@ static int file_op_ready(struct hfile *f, struct hop *h)
 
 static void issue_write(struct hfile *f, struct hop *h)
 {
-	uint64_t pos = h->op.arena_pos % H.arena_size;
-	uint64_t off = h->op.offset + h->done_bytes;
-	uint64_t len = h->op.len - h->done_bytes;
+	uint64_t pos = h->op.u.write.arena_pos % H.arena_size;
+	uint64_t off = h->op.u.write.offset + h->done_bytes;
+	uint64_t len = h->op.u.write.len - h->done_bytes;
 	const char *buf = H.arena + pos + h->done_bytes;
 	struct engine_req r = {
 		.kind = ENGINE_WRITE, .fd = f->fd, .buf = buf, .len = len, .off = (off_t)off,
@@ -542,16 +542,16 @@ static void commit_enqueue(struct hop *h)
 		free(c);
 		__atomic_fetch_add(&H.shm->commit_failures, 1, __ATOMIC_RELAXED);
 		__atomic_store_n(&H.shm->commit_last_err, ENOMEM, __ATOMIC_RELAXED);
-		__atomic_store_n(&H.shm->commits_done, h->op.offset, __ATOMIC_RELEASE);
+		__atomic_store_n(&H.shm->commits_done, h->op.u.commit.id, __ATOMIC_RELEASE);
 		if (H.reg && H.reg_helper >= 0)
-			__atomic_store_n(&H.reg->helpers[H.reg_helper].commits_done, h->op.offset,
+			__atomic_store_n(&H.reg->helpers[H.reg_helper].commits_done, h->op.u.commit.id,
 					 __ATOMIC_RELEASE);
 		return;
 	}
-	c->id = h->op.offset;
+	c->id = h->op.u.commit.id;
 	c->tmp = strdup(tmp);
 	c->final = strdup(tmp + strlen(tmp) + 1);
-	c->own_temp = !!(h->op.flags & ACKPT_COMMIT_OWN_TEMP);
+	c->own_temp = !!(h->op.u.commit.flags & ACKPT_COMMIT_OWN_TEMP);
 	c->slot = h->op.file;
 	if (c->slot < ACKPT_MAX_FILES) {
 		c->file_err = H.files[c->slot].err;
@@ -880,12 +880,6 @@ static void dispatch(void)
 			f->dirty = 1;
 			mark_done(h);
 			break;
-		case ACKPT_OP_TRUNCATE:
-			if (f->open && ftruncate(f->fd, (off_t)h->op.offset) < 0)
-				file_error(h->op.file, errno, "ftruncate");
-			f->dirty = 1;
-			mark_done(h);
-			break;
 		default:
 			mark_done(h);
 			break;
@@ -909,14 +903,14 @@ static void on_complete(void *tag, long res, void *arg)
 		}
 		if (res < 0) {
 			file_error(h->op.file, (int)-res, "write");
-		} else if (res == 0 && h->done_bytes < h->op.len) {
+		} else if (res == 0 && h->done_bytes < h->op.u.write.len) {
 			file_error(h->op.file, EIO, "write (no progress)");
 		} else {
 			h->done_bytes += res;
 			__atomic_fetch_add(&H.shm->bytes_written, (uint64_t)res, __ATOMIC_RELAXED);
 			__atomic_fetch_add(&H.shm->files[h->op.file].written, (uint64_t)res,
 					   __ATOMIC_RELAXED);
-			if (h->done_bytes < h->op.len) {
+			if (h->done_bytes < h->op.u.write.len) {
 				issue_write(f, h);
 				return;
 			}
@@ -972,17 +966,17 @@ static int receive_one(void)
 	H.next_seq = op.seq + 1;
 	if (H.npend == 0)
 		H.head_seq = op.seq;
-	if (op.arena_end > atomic_load(&H.max_end))
-		atomic_store(&H.max_end, op.arena_end);
+	if (ackpt_op_arena_end(&op) > atomic_load(&H.max_end))
+		atomic_store(&H.max_end, ackpt_op_arena_end(&op));
 	h = ring_at(op.seq);
 	memset(h, 0, sizeof(*h));
 	h->op = op;
 	h->state = HOP_QUEUED;
-	if (op.path_len && (size_t)n >= sizeof(op) + op.path_len) {
-		h->paths = malloc(op.path_len + 1);
+	if (ackpt_op_path_len(&op) && (size_t)n >= sizeof(op) + ackpt_op_path_len(&op)) {
+		h->paths = malloc(ackpt_op_path_len(&op) + 1);
 		if (h->paths) {
-			memcpy(h->paths, buf + sizeof(op), op.path_len);
-			h->paths[op.path_len] = 0;
+			memcpy(h->paths, buf + sizeof(op), ackpt_op_path_len(&op));
+			h->paths[ackpt_op_path_len(&op)] = 0;
 		}
 	}
 	H.npend++;
@@ -1024,16 +1018,16 @@ static int receive_one(void)
 			f->dfd = -1;
 			f->open = 1;
 			f->open_gen = ++H.open_gen;
-			f->reg_idx = (int)op.flags - 1;
-			f->dev = op.dev;
-			f->ino = op.ino;
+			f->reg_idx = op.u.open.reg_idx;
+			f->dev = op.u.open.dev;
+			f->ino = op.u.open.ino;
 		} else {
 			if (fd >= 0)
 				close(fd);
 			if (f) {
 				/* the error is this file's, not the slot's previous one's */
-				f->dev = op.dev;
-				f->ino = op.ino;
+				f->dev = op.u.open.dev;
+				f->ino = op.u.open.ino;
 			}
 			file_error(op.file, EBADF, "open (no descriptor received)");
 		}

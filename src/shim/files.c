@@ -271,7 +271,7 @@ static void ofd_put(struct ofd *o)
 			}
 			if (S.state == SESS_ACTIVE) {
 				ino->closing = 1;
-				if (session_send_simple(ACKPT_OP_CLOSE, ino, 0) == 0)
+				if (session_send_simple(ACKPT_OP_CLOSE, ino) == 0)
 					ino->close_seq = ino->last_seq;
 				else
 					ino->close_seq = 0;

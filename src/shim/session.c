@@ -455,10 +455,6 @@ static void replay(void)
 			}
 			break;
 		}
-		case ACKPT_OP_TRUNCATE:
-			if (real.ftruncate(ino->shadow_fd, (off_t)r->off) < 0)
-				ret = errno;
-			break;
 		case ACKPT_OP_FSYNC:
 		case ACKPT_OP_CLOSE:
 			if (real.fsync(ino->shadow_fd) < 0)
@@ -554,12 +550,15 @@ static int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 	if (log_wait_space() < 0)
 		return -EPIPE;
 	op->seq = ++S.seq;
-	op->path_len = (uint32_t)plen;
 	__atomic_store_n(&S.shm->staged_seq, op->seq, __ATOMIC_RELEASE);
 	r = &oplog[op->seq % LOGCAP];
 	free(r->paths);
-	*r = (struct logrec){ .seq = op->seq, .type = op->type, .ino = ino, .off = op->offset,
-			      .len = op->len, .arena_pos = op->arena_pos };
+	*r = (struct logrec){ .seq = op->seq, .type = op->type, .ino = ino };
+	if (op->type == ACKPT_OP_WRITE) {
+		r->off = op->u.write.offset;
+		r->len = op->u.write.len;
+		r->arena_pos = op->u.write.arena_pos;
+	}
 	if (plen) {
 		r->paths = malloc(plen);
 		if (r->paths)
@@ -598,16 +597,16 @@ static int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 
 int session_send_open(struct inode_state *ino, int fd)
 {
-	struct ackpt_op op = { .type = ACKPT_OP_OPEN, .file = ino->slot, .dev = ino->dev,
-			       .ino = ino->ino, .flags = (uint32_t)(ino->reg_idx + 1) };
+	struct ackpt_op op = { .type = ACKPT_OP_OPEN, .file = ino->slot,
+			       .u.open = { .dev = ino->dev, .ino = ino->ino, .reg_idx = ino->reg_idx } };
 
 	return send_op(&op, NULL, 0, fd, ino);
 }
 
-int session_send_simple(uint32_t type, struct inode_state *ino, uint64_t offset)
+/* FSYNC, CLOSE, SYNC_ALL: no payload. */
+int session_send_simple(uint32_t type, struct inode_state *ino)
 {
-	struct ackpt_op op = { .type = type, .file = ino ? ino->slot : ACKPT_NO_FILE,
-			       .offset = offset };
+	struct ackpt_op op = { .type = type, .file = ino ? ino->slot : ACKPT_NO_FILE };
 
 	return send_op(&op, NULL, 0, -1, ino);
 }
@@ -631,6 +630,7 @@ int session_send_rename(struct inode_state *ino, const char *oldp, const char *n
 		return -ENAMETOOLONG;
 	memcpy(paths, oldp, a);
 	memcpy(paths + a, newp, b);
+	op.u.rename.path_len = (uint32_t)(a + b);
 	return send_op(&op, paths, a + b, -1, ino);
 }
 
@@ -638,8 +638,7 @@ int session_send_commit(struct inode_state *ino, const char *tmp, const char *fi
 			uint64_t *commit_id)
 {
 	struct ackpt_op op = { .type = ACKPT_OP_COMMIT, .file = ino ? ino->slot : ACKPT_NO_FILE,
-			       .flags = own_temp ? ACKPT_COMMIT_OWN_TEMP : 0,
-			       .len = own_temp ? ACKPT_COMMIT_OWN_TEMP : 0 };
+			       .u.commit.flags = own_temp ? ACKPT_COMMIT_OWN_TEMP : 0 };
 	char paths[2 * PATH_MAX + 2];
 	size_t a = strlen(tmp) + 1, b = strlen(final) + 1;
 	int ret;
@@ -648,7 +647,8 @@ int session_send_commit(struct inode_state *ino, const char *tmp, const char *fi
 		return -ENAMETOOLONG;
 	memcpy(paths, tmp, a);
 	memcpy(paths + a, final, b);
-	op.offset = S.commits_requested + 1;
+	op.u.commit.id = S.commits_requested + 1;
+	op.u.commit.path_len = (uint32_t)(a + b);
 	ret = send_op(&op, paths, a + b, -1, ino);
 	if (ret < 0)
 		return ret;
@@ -871,10 +871,10 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 				}
 			}
 		}
-		op.offset = off;
-		op.len = chunk;
-		op.arena_pos = pos;
-		op.arena_end = end;
+		op.u.write.offset = off;
+		op.u.write.len = chunk;
+		op.u.write.arena_pos = pos;
+		op.u.write.arena_end = end;
 		ret = send_op(&op, NULL, 0, -1, ino);
 		if (ret < 0)
 			return ret;
@@ -975,7 +975,7 @@ int session_sync_all(double timeout_s, int progress)
 		session_unlock();
 		return 0;
 	}
-	ret = session_send_simple(ACKPT_OP_SYNC_ALL, NULL, 0);
+	ret = session_send_simple(ACKPT_OP_SYNC_ALL, NULL);
 	seq = S.seq;
 	commits = S.commits_requested;
 	session_unlock();

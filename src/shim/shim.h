@@ -259,7 +259,7 @@ void session_unlock(void);
 int session_ensure(void);      /* start arena+helper; -errno on failure */
 int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off, int device,
 		  size_t *staged);
-int session_send_simple(uint32_t type, struct inode_state *ino, uint64_t offset);
+int session_send_simple(uint32_t type, struct inode_state *ino);
 int session_send_dirty(struct inode_state *ino);
 int session_send_open(struct inode_state *ino, int fd);
 int session_send_rename(struct inode_state *ino, const char *oldp, const char *newp);

@@ -26,7 +26,7 @@ static int managed_fsync(int fd)
 	}
 	ret = session_check_error_sticky(o->ino);
 	if (!ret && S.state == SESS_ACTIVE && o->writable)
-		ret = session_send_simple(ACKPT_OP_FSYNC, o->ino, 0);
+		ret = session_send_simple(ACKPT_OP_FSYNC, o->ino);
 	else if (!ret && S.state != SESS_ACTIVE && real.fsync(o->ino->shadow_fd) < 0)
 		ret = -errno;
 	if (ret == -EPIPE)

@@ -17,7 +17,7 @@ int main(void)
 	CHECK(ackpt_may_pass(ACKPT_OP_WRITE, 0, 4096, ACKPT_OP_WRITE, 8192, 4096));
 	CHECK(!ackpt_may_pass(ACKPT_OP_WRITE, 0, 4096, ACKPT_OP_WRITE, 100, 1));
 	CHECK(!ackpt_may_pass(ACKPT_OP_WRITE, 0, 10, ACKPT_OP_WRITE, 10, 10));
-	CHECK(!ackpt_may_pass(ACKPT_OP_TRUNCATE, 0, 0, ACKPT_OP_WRITE, 1 << 30, 1));
+	CHECK(!ackpt_may_pass(ACKPT_OP_FSYNC, 0, 0, ACKPT_OP_WRITE, 1 << 30, 1));
 	CHECK(!ackpt_may_pass(ACKPT_OP_WRITE, 0, 1, ACKPT_OP_FSYNC, 0, 0));
 	CHECK(!ackpt_may_pass(ACKPT_OP_DIRTY, 0, 0, ACKPT_OP_WRITE, 1 << 20, 1));
 	CHECK(!ackpt_may_pass(ACKPT_OP_WRITE, 0, 1, ACKPT_OP_CLOSE, 0, 0));
