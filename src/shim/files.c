@@ -109,18 +109,12 @@ uint64_t files_unreported_errors(void)
 	return n;
 }
 
-/* Wait (dropping the lock) until the inode's ops are complete. */
-int inode_drain(struct inode_state *ino)
+/* Until the inode's ops are complete.  The inode may be freed meanwhile:
+ * the caller looks it up again. */
+DROPS int inode_drain(struct inode_state *ino)
 {
-	uint64_t seq = ino->last_seq;
-
-	if (seq <= session_durable())
-		return 0;
-	session_unlock();
-	session_wait(seq, 0, 0);
-	pthread_mutex_lock(&S.lock);
-	tls_busy = 1;
-	session_reap();
+	if (ino->last_seq > session_durable())
+		session_unlock_wait(ino->last_seq);
 	return 0;
 }
 

@@ -79,6 +79,18 @@ void session_unlock(void)
 	pthread_mutex_unlock(&S.lock);
 }
 
+/* The one way to wait with the lock held: drop it, wait until op seq is
+ * done, retake it, and free what completed.  Pointers into the tables from
+ * before are stale after this. */
+DROPS void session_unlock_wait(uint64_t seq)
+{
+	session_unlock();
+	session_wait(seq, 0, 0);
+	pthread_mutex_lock(&S.lock);
+	tls_busy = 1;
+	session_reap();
+}
+
 uint64_t session_durable(void)
 {
 	if (!S.shm)

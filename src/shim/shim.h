@@ -186,21 +186,35 @@ int name_is_metadata(const char *canon);
 void alog(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 enum { L_ERROR, L_WARN, L_INFO, L_DEBUG };
 
+/*
+ * Ownership.  Everything below is guarded by S.lock (session_lock), except
+ * what is marked:
+ *   [atomic]   read without the lock (fast paths, vfork children, waiters);
+ *   [fixed]    set once before the state is published, read-only after;
+ *   [vfork]    also stored by a vfork child while the parent is suspended.
+ * Functions marked LOCKED must be called with S.lock held; those marked
+ * DROPS may release and retake it (session_unlock_wait): every pointer into
+ * the tables (struct ofd, struct inode_state) looked up before the call is
+ * stale after it and must be looked up again.
+ */
+#define LOCKED /* caller holds S.lock */
+#define DROPS  /* caller holds S.lock; may drop and retake it */
+
 /* ---- file table (files.c) ---- */
 struct inode_state {
-	uint64_t dev, ino;
-	uint32_t slot;
-	int shadow_fd;
+	uint64_t dev, ino;       /* [fixed] */
+	uint32_t slot;           /* [fixed] the helper's file slot */
+	int shadow_fd;           /* our descriptor of it (moves on dup2 onto it) */
 	uint64_t size;           /* logical size */
 	struct timespec mtime;   /* when the last write was staged */
 	uint64_t last_seq;       /* last op touching this inode */
 	int nofd;                /* open file descriptions referencing it */
 	int writers;             /* ... of which opened for writing */
 	uint32_t reported_err_seq;
-	int reg_idx;
+	int reg_idx;             /* [fixed] its node registry entry, or -1 */
 	int closing;
-	int shared;              /* a description of it may be in another process: its
-				  * writes go through the kernel (files_share) */
+	int shared;              /* [vfork] a description of it may be in another
+				  * process: its writes go through the kernel */
 	uint64_t close_seq;
 	char *path;
 	char *commit_final;      /* metadata written under a hidden name: its final name */
@@ -209,13 +223,14 @@ struct inode_state {
 
 struct ofd {
 	int refs;                /* descriptors pointing at it */
-	struct inode_state *ino; /* NULL for a description the helper never saw */
+	struct inode_state *ino; /* [fixed] NULL for a description the helper never saw */
 	uint64_t pos;
 	int append;
-	int writable;
+	int writable;            /* [fixed] */
 	FILE *cookie;            /* our fopencookie stream over it, if any */
 };
 
+/* [atomic] stored under the lock, loaded anywhere */
 extern _Atomic(struct ofd *) fdtab[FD_MAX];
 extern atomic_uchar fd_protected[FD_MAX];
 
@@ -231,17 +246,17 @@ enum { SESS_NONE = 0, SESS_ACTIVE, SESS_DEAD, SESS_FAILED };
 
 struct session {
 	pthread_mutex_t lock;
-	int state;
-	pid_t owner;
-	int memfd, sock;
-	struct ackpt_shm *shm;
-	char *arena;
-	uint64_t arena_size;
-	uint64_t max_chunk;
+	int state;               /* [atomic] read unlocked as a hint, changed locked */
+	pid_t owner;             /* [fixed] per process (set again in a fork child) */
+	int memfd, sock;         /* [fixed] while ACTIVE (moved only on dup2 onto them) */
+	struct ackpt_shm *shm;   /* [fixed] while ACTIVE; its fields: see proto.h */
+	char *arena;             /* [fixed] while ACTIVE */
+	uint64_t arena_size;     /* [fixed] */
+	uint64_t max_chunk;      /* [fixed] */
 	uint64_t head;           /* arena allocation position (monotonic) */
 	uint64_t seq;            /* last assigned op seq */
-	pid_t helper_pid;
-	int ninodes;
+	pid_t helper_pid;        /* [fixed] while ACTIVE */
+	int ninodes;             /* [atomic] read unlocked as "anything tracked?" */
 	uint64_t commits_requested;
 	uint64_t commit_failures_seen; /* reported to the program */
 	uint64_t dead_commit_failures;
@@ -250,20 +265,21 @@ struct session {
 	uint64_t stall_ns;
 };
 extern struct session S;
-extern __thread int tls_busy;
+extern __thread int tls_busy;            /* this thread holds S.lock */
 extern __thread int tls_force_manage;
 extern __thread uint64_t tls_commit_wait;
 
 int session_lock(void);        /* returns 0 if we may use managed state */
 void session_unlock(void);
+DROPS void session_unlock_wait(uint64_t seq); /* until seq is done */
 int session_ensure(void);      /* start arena+helper; -errno on failure */
-int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off, int device,
+LOCKED int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off, int device,
 		  size_t *staged);
-int session_send_simple(uint32_t type, struct inode_state *ino);
-int session_send_dirty(struct inode_state *ino);
-int session_send_open(struct inode_state *ino, int fd);
-int session_send_rename(struct inode_state *ino, const char *oldp, const char *newp);
-int session_send_commit(struct inode_state *ino, const char *tmp, const char *final, int own_temp,
+LOCKED int session_send_simple(uint32_t type, struct inode_state *ino);
+LOCKED int session_send_dirty(struct inode_state *ino);
+LOCKED int session_send_open(struct inode_state *ino, int fd);
+LOCKED int session_send_rename(struct inode_state *ino, const char *oldp, const char *newp);
+LOCKED int session_send_commit(struct inode_state *ino, const char *tmp, const char *final, int own_temp,
 			uint64_t *commit_id);
 int session_wait_commit(uint64_t id, double timeout_s);
 uint64_t session_commits_done(void);
@@ -275,7 +291,7 @@ int session_wait(uint64_t seq, double timeout_s, int progress);
 uint64_t session_durable(void);
 int session_check_error(struct inode_state *ino);
 int session_check_error_sticky(struct inode_state *ino); /* fsync: at every call */
-void session_reap(void);
+LOCKED void session_reap(void);
 int session_sync_all(double timeout_s, int progress);
 void session_init_once(void);
 int session_is_owner(void);
@@ -283,14 +299,14 @@ int session_is_owner(void);
 /* files.c */
 int files_post_open(int fd, int flags, const char *how);
 int files_open_metadata(const char *canon, int flags, mode_t mode);
-struct inode_state *inode_find(uint64_t dev, uint64_t ino);
-int inode_drain(struct inode_state *ino);
+LOCKED struct inode_state *inode_find(uint64_t dev, uint64_t ino);
+DROPS int inode_drain(struct inode_state *ino);
 int inode_pending(struct inode_state *ino);
-void inode_free(struct inode_state *ino);
+LOCKED void inode_free(struct inode_state *ino);
 int wait_path_pending(int dirfd, const char *path, int flags);
 int wait_stat_pending(const struct stat *st);
-int fd_install(int fd, struct ofd *o);
-int fd_release(int fd);        /* drop our state for fd; -errno from pending error */
+LOCKED int fd_install(int fd, struct ofd *o);
+LOCKED int fd_release(int fd); /* drop our state for fd; -errno from pending error */
 ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos, int rwf);
 uint64_t rlimit_fsize(void);
 off_t managed_lseek(int fd, off_t off, int whence);
@@ -336,7 +352,7 @@ int efault_copy(void *dst, const void *src, size_t n, size_t *done);
 /* namespace (namespace.c) */
 int ns_pending_any(void);
 int ns_wait_path(const char *canon);
-void ns_add(const char *oldp, const char *newp, uint64_t seq, uint64_t commit_id);
+LOCKED void ns_add(const char *oldp, const char *newp, uint64_t seq, uint64_t commit_id);
 void ns_wait_commits(void);
 void ns_prune(uint64_t durable);
 void ns_reset(void);
