@@ -16,8 +16,6 @@
 #include "shim.h"
 
 _Atomic(struct ofd *) fdtab[FD_MAX];
-__thread int tls_force_manage;
-__thread uint64_t tls_commit_wait;
 atomic_uchar fd_protected[FD_MAX];
 
 #define HASH_BUCKETS 1024
@@ -239,12 +237,15 @@ static uint64_t marker_commit(struct inode_state *ino)
 	return id;
 }
 
-static void ofd_put(struct ofd *o)
+/* Drop one reference; the last queues the file's CLOSE, and its commit if
+ * it is a marker.  Returns that commit's id, or 0. */
+static uint64_t ofd_put(struct ofd *o)
 {
 	struct inode_state *ino = o->ino;
+	uint64_t commit = 0;
 
 	if (--o->refs > 0)
-		return;
+		return 0;
 	if (ino) {
 		ino->nofd--;
 		if (o->writable)
@@ -256,13 +257,8 @@ static void ofd_put(struct ofd *o)
 			 * this one could be among them.  The helper's commit
 			 * fsyncs the temporary itself, so order is safe.
 			 */
-			if (ino->commit_final) {
-				/* the metadata is complete: commit it behind the barrier */
-				uint64_t id = marker_commit(ino);
-
-				if (id && C.commit_sync)
-					tls_commit_wait = id;
-			}
+			if (ino->commit_final) /* complete: commit it behind the barrier */
+				commit = marker_commit(ino);
 			if (S.state == SESS_ACTIVE) {
 				ino->closing = 1;
 				if (session_send_simple(ACKPT_OP_CLOSE, ino) == 0)
@@ -280,21 +276,33 @@ static void ofd_put(struct ofd *o)
 		}
 	}
 	free(o);
+	return commit;
 }
 
-/* Called with the lock held.  Returns a pending error for the file, if any. */
-int fd_release(int fd)
+/* Returns a pending error for the file, if any; *commit (if given) the id
+ * of the metadata commit this last close queued, or 0. */
+LOCKED int fd_release_commit(int fd, uint64_t *commit)
 {
 	struct ofd *o = fd_peek(fd);
+	uint64_t id;
 	int err = 0;
 
+	if (commit)
+		*commit = 0;
 	if (!o)
 		return 0;
 	atomic_store_explicit(&fdtab[fd], NULL, memory_order_release);
 	if (o->ino && o->refs == 1 && o->writable)
 		err = session_check_error_sticky(o->ino);
-	ofd_put(o);
+	id = ofd_put(o);
+	if (commit)
+		*commit = id;
 	return err;
+}
+
+LOCKED int fd_release(int fd)
+{
+	return fd_release_commit(fd, NULL);
 }
 
 /* Can the file be opened for writing again, as the helper does? */
@@ -317,7 +325,7 @@ static int reopenable(int fd)
  * and if so attach it.  The kernel resolved every symlink and dirfd for
  * us: /proc/self/fd/N names the file the program actually opened.
  */
-int files_post_open(int fd, int flags, const char *how)
+int files_post_open(int fd, int flags, const char *how, int force)
 {
 	char link[64], canon[PATH_MAX];
 	struct inode_state *ino;
@@ -369,7 +377,7 @@ int files_post_open(int fd, int flags, const char *how)
 	if (n <= 0)
 		return fd;
 	canon[n] = 0;
-	if (!tls_force_manage && !path_is_managed(canon)) {
+	if (!force && !path_is_managed(canon)) {
 		if (S.ninodes || registry_any())
 			registry_wait(st.st_dev, st.st_ino);
 		return fd;
@@ -535,8 +543,8 @@ static ssize_t write_limits(int fd, uint64_t at, size_t total)
 
 #define RWF_KNOWN 0xff /* RWF_HIPRI .. RWF_DONTCACHE */
 
-static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos,
-			   int rwf)
+static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, off_t off,
+				  int use_pos, int rwf)
 {
 	struct ofd *o;
 	struct inode_state *ino;
@@ -546,35 +554,35 @@ static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t of
 	int i, ret, append;
 
 	if (session_lock() < 0)
-		return -ENOTSUP;
+		return NOT_OURS;
 	o = fd_peek(fd);
 	if (!o || !o->ino || !o->writable) {
 		session_unlock();
-		return -ENOTSUP;
+		return NOT_OURS;
 	}
 	ino = o->ino;
 	for (i = 0; i < iovcnt; i++) {
 		if (iov[i].iov_len > SSIZE_MAX - total) {
 			session_unlock();
-			return -EINVAL;
+			return done(-EINVAL);
 		}
 		total += iov[i].iov_len;
 	}
 	if (rwf & ~RWF_KNOWN) {
 		session_unlock();
-		return -EOPNOTSUPP;
+		return done(-EOPNOTSUPP);
 	}
 	/* after a write error the helper drops the file's later data: fail
 	 * every later write rather than report success without it */
 	ret = session_check_error_sticky(ino);
 	if (ret < 0) {
 		session_unlock();
-		return ret;
+		return done(ret);
 	}
 	cuda_probe_late(total);
 	if (!use_pos && off < 0) {
 		session_unlock();
-		return -EINVAL;
+		return done(-EINVAL);
 	}
 	if (UNLIKELY(!ino->shared) && registry_shared(ino->reg_idx))
 		ino->shared = 1;
@@ -582,7 +590,7 @@ static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t of
 		ret = shared_write(fd, iov, iovcnt, off, use_pos, rwf);
 		S.stall_ns += now_ns() - t0;
 		session_unlock();
-		return ret;
+		return done(ret);
 	}
 	/* Linux appends even for pwrite on an O_APPEND description, unless
 	 * RWF_NOAPPEND; RWF_APPEND appends for this call */
@@ -591,7 +599,7 @@ static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t of
 	lim = write_limits(fd, at, total);
 	if (lim < 0) {
 		session_unlock();
-		return lim;
+		return done(lim);
 	}
 	total = (size_t)lim;
 	pos = at;
@@ -610,13 +618,13 @@ static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t of
 				total = (size_t)(pos - at);
 				if (!total) {
 					session_unlock();
-					return -EFAULT;
+					return done(-EFAULT);
 				}
 				break;
 			}
 			if (ret < 0 && S.state != SESS_DEAD) {
 				session_unlock();
-				return ret;
+				return done(ret);
 			}
 			if (ret < 0) {
 				/* helper died mid-write: the rest goes straight to the file */
@@ -624,7 +632,7 @@ static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t of
 
 				if (n < 0) {
 					session_unlock();
-					return -errno;
+					return done(-errno);
 				}
 			}
 			pos += len;
@@ -644,7 +652,7 @@ static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t of
 		n = real.pwritev(ino->shadow_fd, cut, k, (off_t)at);
 		if (n < 0) {
 			session_unlock();
-			return -errno;
+			return done(-errno);
 		}
 		total = (size_t)n;
 	}
@@ -658,7 +666,7 @@ static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t of
 	}
 	S.stall_ns += now_ns() - t0;
 	session_unlock();
-	return (ssize_t)total;
+	return done((ssize_t)total);
 }
 
 /*
@@ -668,10 +676,11 @@ static ssize_t stage_write(int fd, const struct iovec *iov, int iovcnt, off_t of
  * the data).  So asynchronous signals wait until the write is staged.
  * Faults raised by the copy itself stay deliverable.
  */
-ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos, int rwf)
+struct outcome managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos,
+			     int rwf)
 {
 	sigset_t all, old;
-	ssize_t r;
+	struct outcome r;
 
 	sigfillset(&all);
 	sigdelset(&all, SIGSEGV);
@@ -685,23 +694,23 @@ ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, in
 	return r;
 }
 
-off_t managed_lseek(int fd, off_t off, int whence)
+struct outcome managed_lseek(int fd, off_t off, int whence)
 {
 	struct ofd *o;
 	off_t base, r;
 
 	if (session_lock() < 0)
-		return -ENOTSUP;
+		return NOT_OURS;
 	o = fd_peek(fd);
 	if (o && o->ino && !o->writable && whence != SEEK_SET && whence != SEEK_CUR) {
 		/* a reader asking where the end or the data is: the writes first */
 		o = drain_fd_locked(fd);
 		session_unlock();
-		return -ENOTSUP; /* the kernel answers, now that it knows */
+		return NOT_OURS; /* the kernel answers, now that it knows */
 	}
 	if (!o || !o->ino || !o->writable) {
 		session_unlock();
-		return -ENOTSUP;
+		return NOT_OURS;
 	}
 	if (UNLIKELY(!o->ino->shared) && registry_shared(o->ino->reg_idx))
 		o->ino->shared = 1;
@@ -711,7 +720,7 @@ off_t managed_lseek(int fd, off_t off, int whence)
 			registry_wait(o->ino->dev, o->ino->ino);
 		if (!o) {
 			session_unlock();
-			return -EBADF;
+			return done(-EBADF);
 		}
 		r = real.lseek(fd, off, whence);
 		if (r < 0)
@@ -719,7 +728,7 @@ off_t managed_lseek(int fd, off_t off, int whence)
 		else
 			o->pos = (uint64_t)r;
 		session_unlock();
-		return r;
+		return done(r);
 	}
 	switch (whence) {
 	case SEEK_SET: base = 0; break;
@@ -730,7 +739,7 @@ off_t managed_lseek(int fd, off_t off, int whence)
 		o = drain_fd_locked(fd);
 		if (!o) {
 			session_unlock();
-			return -EBADF;
+			return done(-EBADF);
 		}
 		r = real.lseek(fd, off, whence);
 		if (r < 0) {
@@ -739,16 +748,16 @@ off_t managed_lseek(int fd, off_t off, int whence)
 			o->pos = (uint64_t)r;
 		}
 		session_unlock();
-		return r;
+		return done(r);
 	}
 	if ((off > 0 && base > INT64_MAX - off) || base + off < 0) {
 		session_unlock();
-		return -EINVAL;
+		return done(-EINVAL);
 	}
 	o->pos = (uint64_t)(base + off);
 	real.lseek(fd, (off_t)o->pos, SEEK_SET);
 	session_unlock();
-	return (off_t)o->pos;
+	return done((off_t)o->pos);
 }
 
 /* Make everything written to fd's file real before a pass-through op. */
@@ -1001,11 +1010,11 @@ static void copy_xattrs(const char *path, int fd)
 /*
  * A metadata file opened for writing is created under a hidden name in the
  * same directory (O_EXCL, the program's mode and umask) and committed to its
- * final name after the barrier when the program closes it.  Returns the fd,
- * -errno, or -ENOTSUP when the ordinary path applies (read-modify-write of an
- * existing file, or no helper).
+ * final name after the barrier when the program closes it.  Done with the
+ * fd or -errno, or not ours when the ordinary path applies (read-modify-write
+ * of an existing file, or no helper).
  */
-int files_open_metadata(const char *canon, int flags, mode_t mode)
+struct outcome files_open_metadata(const char *canon, int flags, mode_t mode)
 {
 	static atomic_uint counter;
 	char tmp[PATH_MAX];
@@ -1020,25 +1029,25 @@ int files_open_metadata(const char *canon, int flags, mode_t mode)
 		/* as the kernel would: refuse with O_NOFOLLOW, else write
 		 * (and commit) through the link to its target */
 		if (flags & O_NOFOLLOW)
-			return -ELOOP;
+			return done(-ELOOP);
 		if (!realpath(canon, target) || !path_is_managed(target))
-			return -ENOTSUP;
+			return NOT_OURS;
 		return files_open_metadata(target, flags | O_NOFOLLOW, mode);
 	}
 	exists = real.stat(canon, &st) == 0;
 	if (exists && !S_ISREG(st.st_mode))
-		return -ENOTSUP;
+		return NOT_OURS;
 	if (exists && (flags & O_EXCL) && (flags & O_CREAT))
-		return -EEXIST;
+		return done(-EEXIST);
 	if ((exists && !(flags & O_TRUNC)) || (!exists && !(flags & O_CREAT)))
-		return -ENOTSUP;
+		return NOT_OURS;
 	if (snprintf(tmp, sizeof(tmp), "%.*s.%s.ackpt.%d.%u", (int)(base - canon), canon, base,
 		     (int)getpid(), atomic_fetch_add(&counter, 1)) >= (int)sizeof(tmp))
-		return -ENOTSUP;
+		return NOT_OURS;
 	fd = real.openat(AT_FDCWD, tmp, (flags & ~O_TRUNC) | O_CREAT | O_EXCL | O_NOFOLLOW,
 			 mode);
 	if (fd < 0)
-		return -errno;
+		return done(-errno);
 	/* O_TRUNC on an existing file keeps its mode, owner, group and
 	 * extended attributes; so does the commit (only the inode changes:
 	 * the marker must appear whole, after the barrier) */
@@ -1049,20 +1058,18 @@ int files_open_metadata(const char *canon, int flags, mode_t mode)
 		copy_xattrs(canon, fd);
 	}
 	saved = errno;
-	tls_force_manage = 1;
-	files_post_open(fd, flags, "open (metadata)");
-	tls_force_manage = 0;
+	files_post_open(fd, flags, "open (metadata)", 1);
 	errno = saved;
 	o = fd_peek(fd);
 	if (!o || !o->ino || session_lock() < 0) {
 		real.close(fd);
 		real.unlink(tmp);
-		return -ENOTSUP;
+		return NOT_OURS;
 	}
 	o->ino->commit_final = strdup(canon);
 	session_unlock();
 	alog(L_DEBUG, "metadata %s staged as %s", canon, tmp);
-	return fd;
+	return done(fd);
 }
 
 /* Helper gone: make every file this process still tracks durable. */

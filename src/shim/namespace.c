@@ -132,15 +132,6 @@ int ns_wait_path(const char *canon)
 	return 0;
 }
 
-static int ret_err(int r)
-{
-	if (r < 0) {
-		errno = -r;
-		return -1;
-	}
-	return r;
-}
-
 static int rename_checks(const char *co, const char *cn, const struct stat *so)
 {
 	char parent[PATH_MAX];
@@ -163,7 +154,7 @@ static int rename_checks(const char *co, const char *cn, const struct stat *so)
 }
 
 /* rename onto a metadata name: the commit, done by the helper after the barrier */
-static int defer_commit(const char *co, const char *cn, const struct stat *so)
+static struct outcome defer_commit(const char *co, const char *cn, const struct stat *so)
 {
 	struct inode_state *ino;
 	uint64_t id;
@@ -171,12 +162,12 @@ static int defer_commit(const char *co, const char *cn, const struct stat *so)
 
 	ret = rename_checks(co, cn, so);
 	if (ret < 0)
-		return ret;
+		return done(ret);
 	if (session_lock() < 0)
-		return 0;
+		return NOT_OURS;
 	if (session_ensure() < 0 || S.state != SESS_ACTIVE) {
 		session_unlock();
-		return 0;
+		return NOT_OURS;
 	}
 	ino = inode_find(so->st_dev, so->st_ino);
 	if (ino && ino->closing)
@@ -189,10 +180,10 @@ static int defer_commit(const char *co, const char *cn, const struct stat *so)
 
 			session_commit_now(co, cn, 0);
 			session_unlock();
-			return S.dead_commit_failures == before ? 1 : -EIO;
+			return done(S.dead_commit_failures == before ? 0 : -EIO);
 		}
 		session_unlock();
-		return 0;
+		return NOT_OURS;
 	}
 	ns_add(co, cn, S.seq, id);
 	if (ino) {
@@ -202,11 +193,12 @@ static int defer_commit(const char *co, const char *cn, const struct stat *so)
 	session_unlock();
 	if (C.commit_sync)
 		session_wait_commit(id, 0);
-	return 1;
+	return done(0);
 }
 
 /* 1 if deferred (done), 0 if the caller should pass through, -errno on error. */
-static int try_defer_rename(int olddir, const char *oldp, int newdir, const char *newp)
+/* Done (deferred, or -errno) or not ours (the caller renames now). */
+static struct outcome try_defer_rename(int olddir, const char *oldp, int newdir, const char *newp)
 {
 	char co[PATH_MAX], cn[PATH_MAX];
 	struct stat so;
@@ -215,64 +207,60 @@ static int try_defer_rename(int olddir, const char *oldp, int newdir, const char
 
 	if (canon_path(olddir, oldp, co, sizeof(co)) < 0 ||
 	    canon_path(newdir, newp, cn, sizeof(cn)) < 0)
-		return 0;
+		return NOT_OURS;
 	ns_wait_path(co);
 	ns_wait_path(cn);
 	if (real.lstat(co, &so) < 0)
-		return 0;
+		return NOT_OURS;
 	if (S_ISREG(so.st_mode) && name_is_metadata(cn) && path_is_managed(cn))
 		return defer_commit(co, cn, &so);
 	if (!S.ninodes)
-		return 0;
+		return NOT_OURS;
 	if (S_ISDIR(so.st_mode)) {
 		/* files inside may have pending renames by absolute path */
 		session_sync_all(0, 0);
-		return 0;
+		return NOT_OURS;
 	}
 	if (!S_ISREG(so.st_mode) || session_lock() < 0)
-		return 0;
+		return NOT_OURS;
 	ino = inode_find(so.st_dev, so.st_ino);
 	if (!ino || !inode_pending(ino) || S.state != SESS_ACTIVE) {
 		session_unlock();
-		return 0;
+		return NOT_OURS;
 	}
 	rename_ino = ino->closing ? NULL : ino; /* a closed file was fsynced at its CLOSE */
 	ret = rename_checks(co, cn, &so);
-	if (ret < 0)
-		goto out;
+	if (ret < 0) {
+		session_unlock();
+		return done(ret);
+	}
 	ret = session_send_rename(rename_ino, co, cn);
 	if (ret < 0) {
-		ret = 0; /* helper gone: it was replayed or we pass through */
-		goto out;
+		session_unlock();
+		return NOT_OURS; /* helper gone: it was replayed or we pass through */
 	}
 	ns_add(co, cn, S.seq, 0);
 	if (rename_ino) {
 		free(rename_ino->path);
 		rename_ino->path = strdup(cn);
 	}
-	ret = 1;
-out:
 	session_unlock();
-	return ret;
+	return done(0);
 }
 
 static int rename_common(int olddir, const char *oldp, int newdir, const char *newp,
 			 unsigned flags)
 {
-	int saved = errno, r;
+	int saved = errno;
 
 	if (C.enabled && S.state == SESS_ACTIVE && oldp && newp) {
 		if (flags == 0) {
-			r = try_defer_rename(olddir, oldp, newdir, newp);
-			if (r < 0)
-				return ret_err(r);
-			if (r == 1) {
-				/* --commit sync: the program waits for the rename to be durable */
-				if (C.commit_sync)
-					session_sync_all(0, 0);
-				errno = saved;
-				return 0;
-			}
+			struct outcome r = try_defer_rename(olddir, oldp, newdir, newp);
+
+			if (r.ours && r.ret == 0 && C.commit_sync)
+				session_sync_all(0, 0); /* --commit sync: wait until it is durable */
+			if (r.ours)
+				return (int)finish(r.ret, saved);
 		} else {
 			wait_path_pending(olddir, oldp, AT_SYMLINK_NOFOLLOW);
 			wait_path_pending(newdir, newp, AT_SYMLINK_NOFOLLOW);

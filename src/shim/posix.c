@@ -16,15 +16,6 @@ static inline int need_mode(int flags)
 	return (flags & O_CREAT) || (flags & __O_TMPFILE) == __O_TMPFILE;
 }
 
-static int ret_err(long r)
-{
-	if (r < 0) {
-		errno = (int)-r;
-		return -1;
-	}
-	return (int)r;
-}
-
 /* Wait for pending work before an open that could observe or truncate it. */
 static void pre_open(int dirfd, const char *path, int flags)
 {
@@ -40,7 +31,7 @@ static void pre_open(int dirfd, const char *path, int flags)
 }
 
 /* Metadata (commit marker) opened for writing goes under a hidden name. */
-static int open_metadata(int dirfd, const char *path, int flags, mode_t mode)
+static struct outcome open_metadata(int dirfd, const char *path, int flags, mode_t mode)
 {
 	char canon[PATH_MAX];
 	const char *base = strrchr(path, '/');
@@ -48,11 +39,11 @@ static int open_metadata(int dirfd, const char *path, int flags, mode_t mode)
 
 	if (!C.enabled || acc == O_RDONLY || (flags & (O_DIRECTORY | O_PATH | __O_TMPFILE)) ||
 	    !C.nmetadata || tls_busy || !session_is_owner())
-		return -ENOTSUP;
+		return NOT_OURS;
 	if (!name_is_metadata(base ? base + 1 : path))
-		return -ENOTSUP;
+		return NOT_OURS;
 	if (canon_path(dirfd, path, canon, sizeof(canon)) < 0 || !path_is_managed(canon))
-		return -ENOTSUP;
+		return NOT_OURS;
 	return files_open_metadata(canon, flags, mode);
 }
 
@@ -64,20 +55,17 @@ static int do_openat(int dirfd, const char *path, int flags, mode_t mode, const 
 		return (int)syscall(SYS_openat, dirfd, path, flags, mode);
 	pre_open(dirfd, path, flags);
 	if (path) {
-		fd = open_metadata(dirfd, path, flags, mode);
-		if (fd != -ENOTSUP) {
-			if (fd < 0)
-				return ret_err(fd);
-			errno = saved;
-			return fd;
-		}
+		struct outcome r = open_metadata(dirfd, path, flags, mode);
+
+		if (r.ours)
+			return (int)finish(r.ret, saved);
 	}
 	errno = saved;
 	fd = real.openat(dirfd, path, flags, mode);
 	if (fd < 0)
 		return fd;
 	saved = errno;
-	files_post_open(fd, flags, how);
+	files_post_open(fd, flags, how, 0);
 	errno = saved;
 	return fd;
 }
@@ -173,28 +161,12 @@ int shim_openat2(int dirfd, const char *path, void *how, size_t size)
 	if (fd < 0)
 		return fd;
 	saved = errno;
-	files_post_open(fd, (int)h.flags, "openat2");
+	files_post_open(fd, (int)h.flags, "openat2", 0);
 	errno = saved;
 	return fd;
 }
 
 /* ---- writes ---- */
-
-static ssize_t write_managed(int fd, const struct iovec *iov, int n, off_t off, int use_pos,
-			     int rwf)
-{
-	int saved = errno;
-	ssize_t r = managed_write(fd, iov, n, off, use_pos, rwf);
-
-	if (r == -ENOTSUP)
-		return -ENOTSUP;
-	if (r < 0) {
-		errno = (int)-r;
-		return -1;
-	}
-	errno = saved;
-	return r;
-}
 
 ACKPT_EXPORT ssize_t write(int fd, const void *buf, size_t len)
 {
@@ -205,10 +177,11 @@ ACKPT_EXPORT ssize_t write(int fd, const void *buf, size_t len)
 		return syscall(SYS_write, fd, buf, len);
 	if (fd_peek(fd)) {
 		struct iovec v = { (void *)buf, len };
-		ssize_t r = write_managed(fd, &v, 1, -1, 1, 0);
+		int saved = errno;
+		struct outcome r = managed_write(fd, &v, 1, -1, 1, 0);
 
-		if (r != -ENOTSUP)
-			return r;
+		if (r.ours)
+			return finish(r.ret, saved);
 	}
 	return real.write(fd, buf, len);
 }
@@ -217,10 +190,12 @@ ACKPT_EXPORT ssize_t writev(int fd, const struct iovec *iov, int n)
 {
 	ENSURE_REAL();
 	if (fd_peek(fd)) {
-		ssize_t r = n < 0 || n > IOV_MAX ? (errno = EINVAL, -1) : write_managed(fd, iov, n, -1, 1, 0);
+		int saved = errno;
+		struct outcome r = n < 0 || n > IOV_MAX ? done(-EINVAL) :
+				   managed_write(fd, iov, n, -1, 1, 0);
 
-		if (r != -ENOTSUP)
-			return r;
+		if (r.ours)
+			return finish(r.ret, saved);
 	}
 	return real.writev(fd, iov, n);
 }
@@ -230,10 +205,11 @@ ACKPT_EXPORT ssize_t pwrite(int fd, const void *buf, size_t len, off_t off)
 	ENSURE_REAL();
 	if (fd_peek(fd)) {
 		struct iovec v = { (void *)buf, len };
-		ssize_t r = write_managed(fd, &v, 1, off, 0, 0);
+		int saved = errno;
+		struct outcome r = managed_write(fd, &v, 1, off, 0, 0);
 
-		if (r != -ENOTSUP)
-			return r;
+		if (r.ours)
+			return finish(r.ret, saved);
 	}
 	return real.pwrite(fd, buf, len, off);
 }
@@ -247,10 +223,12 @@ ACKPT_EXPORT ssize_t pwritev(int fd, const struct iovec *iov, int n, off_t off)
 {
 	ENSURE_REAL();
 	if (fd_peek(fd)) {
-		ssize_t r = n < 0 || n > IOV_MAX ? (errno = EINVAL, -1) : write_managed(fd, iov, n, off, 0, 0);
+		int saved = errno;
+		struct outcome r = n < 0 || n > IOV_MAX ? done(-EINVAL) :
+				   managed_write(fd, iov, n, off, 0, 0);
 
-		if (r != -ENOTSUP)
-			return r;
+		if (r.ours)
+			return finish(r.ret, saved);
 	}
 	return real.pwritev(fd, iov, n, off);
 }
@@ -267,11 +245,12 @@ ACKPT_EXPORT ssize_t pwritev2(int fd, const struct iovec *iov, int n, off_t off,
 		/* -1 means "at the file position"; RWF_APPEND/RWF_NOAPPEND
 		 * change where, the durability flags are the helper's job like
 		 * fsync */
-		ssize_t r = n < 0 || n > IOV_MAX ? (errno = EINVAL, -1) :
-			    write_managed(fd, iov, n, off, off == -1, flags);
+		int saved = errno;
+		struct outcome r = n < 0 || n > IOV_MAX ? done(-EINVAL) :
+				   managed_write(fd, iov, n, off, off == -1, flags);
 
-		if (r != -ENOTSUP)
-			return r;
+		if (r.ours)
+			return finish(r.ret, saved);
 	}
 	return real.pwritev2(fd, iov, n, off, flags);
 }
@@ -300,16 +279,10 @@ ACKPT_EXPORT off_t lseek(int fd, off_t off, int whence)
 	}
 	if (fd_peek(fd)) {
 		int saved = errno;
-		off_t r = managed_lseek(fd, off, whence);
+		struct outcome r = managed_lseek(fd, off, whence);
 
-		if (r != -ENOTSUP) {
-			if (r < 0) {
-				errno = (int)-r;
-				return -1;
-			}
-			errno = saved;
-			return r;
-		}
+		if (r.ours)
+			return finish(r.ret, saved);
 	}
 	return real.lseek(fd, off, whence);
 }
@@ -334,6 +307,7 @@ static int fcntl_valid(int fd)
 ACKPT_EXPORT int close(int fd)
 {
 	int saved = errno, r, err = 0;
+	uint64_t commit = 0;
 
 	ENSURE_REAL();
 	if (UNLIKELY(!real.close))
@@ -348,23 +322,17 @@ ACKPT_EXPORT int close(int fd)
 		return real.close(fd);
 	r = real.close(fd);
 	if (r == 0 || errno != EBADF)
-		err = fd_release(fd);
+		err = fd_release_commit(fd, &commit);
 	session_unlock();
-	if (tls_commit_wait) {
+	if (commit && C.commit_sync) {
 		/* --commit sync: wait for the metadata commit this close started */
-		uint64_t id = tls_commit_wait;
-
-		tls_commit_wait = 0;
-		session_wait_commit(id, 0);
+		session_wait_commit(commit, 0);
 		if (!err)
 			err = session_check_commit_error();
 	}
 	if (r < 0)
 		return r;
-	if (err < 0)
-		return ret_err(err);
-	errno = saved;
-	return 0;
+	return (int)finish(err, saved);
 }
 
 /* Close [lo, hi] except our own descriptors. */

@@ -162,6 +162,34 @@ extern atomic_int real_ready;
 void real_resolve(void);
 #define ENSURE_REAL() do { if (UNLIKELY(!atomic_load_explicit(&real_ready, memory_order_acquire))) real_resolve(); } while (0)
 
+/*
+ * What a managed operation did: not ours (the wrapper calls the real
+ * function instead), or done, with its result: a count, a descriptor, 0, or
+ * -errno.  Wrappers turn a done result into libc's -1/errno in one place,
+ * finish().
+ */
+struct outcome {
+	int ours;
+	long ret;
+};
+#define NOT_OURS ((struct outcome){ 0, 0 })
+
+static inline struct outcome done(long ret)
+{
+	return (struct outcome){ 1, ret };
+}
+
+/* A done result as libc returns it; errno is the caller's on success. */
+static inline long finish(long ret, int saved_errno)
+{
+	if (ret < 0) {
+		errno = (int)-ret;
+		return -1;
+	}
+	errno = saved_errno;
+	return ret;
+}
+
 /* ---- configuration (config.c) ---- */
 struct ackpt_config {
 	int enabled;
@@ -266,8 +294,6 @@ struct session {
 };
 extern struct session S;
 extern __thread int tls_busy;            /* this thread holds S.lock */
-extern __thread int tls_force_manage;
-extern __thread uint64_t tls_commit_wait;
 
 int session_lock(void);        /* returns 0 if we may use managed state */
 void session_unlock(void);
@@ -297,8 +323,8 @@ void session_init_once(void);
 int session_is_owner(void);
 
 /* files.c */
-int files_post_open(int fd, int flags, const char *how);
-int files_open_metadata(const char *canon, int flags, mode_t mode);
+int files_post_open(int fd, int flags, const char *how, int force);
+struct outcome files_open_metadata(const char *canon, int flags, mode_t mode);
 LOCKED struct inode_state *inode_find(uint64_t dev, uint64_t ino);
 DROPS int inode_drain(struct inode_state *ino);
 int inode_pending(struct inode_state *ino);
@@ -307,9 +333,11 @@ int wait_path_pending(int dirfd, const char *path, int flags);
 int wait_stat_pending(const struct stat *st);
 LOCKED int fd_install(int fd, struct ofd *o);
 LOCKED int fd_release(int fd); /* drop our state for fd; -errno from pending error */
-ssize_t managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos, int rwf);
+LOCKED int fd_release_commit(int fd, uint64_t *commit); /* ... and the commit it queued */
+struct outcome managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos,
+			     int rwf);
 uint64_t rlimit_fsize(void);
-off_t managed_lseek(int fd, off_t off, int whence);
+struct outcome managed_lseek(int fd, off_t off, int whence);
 int managed_drain_fd(int fd);
 void managed_resync(int fd);
 void files_fork_child(void);

@@ -12,17 +12,17 @@
 
 #include "shim.h"
 
-static int managed_fsync(int fd)
+static struct outcome managed_fsync(int fd)
 {
 	struct ofd *o;
 	int ret = 0;
 
 	if (session_lock() < 0)
-		return -ENOTSUP;
+		return NOT_OURS;
 	o = fd_peek(fd);
 	if (!o || !o->ino) {
 		session_unlock();
-		return -ENOTSUP;
+		return NOT_OURS;
 	}
 	ret = session_check_error_sticky(o->ino);
 	if (!ret && S.state == SESS_ACTIVE && o->writable)
@@ -32,25 +32,21 @@ static int managed_fsync(int fd)
 	if (ret == -EPIPE)
 		ret = 0; /* helper died: the replay synced it */
 	session_unlock();
-	return ret;
+	return done(ret);
 }
 
 static int fsync_common(int fd, int (*fn)(int))
 {
-	int saved = errno, r;
+	int saved = errno;
+	struct outcome r;
 
 	ENSURE_REAL();
 	if (!fd_peek(fd))
 		return fn(fd);
 	r = managed_fsync(fd);
-	if (r == -ENOTSUP)
+	if (!r.ours)
 		return fn(fd);
-	if (r < 0) {
-		errno = -r;
-		return -1;
-	}
-	errno = saved;
-	return 0;
+	return (int)finish(r.ret, saved);
 }
 
 ACKPT_EXPORT int fsync(int fd)
@@ -362,19 +358,19 @@ ACKPT_EXPORT ssize_t splice(int in, off_t *in_off, int out, off_t *out_off, size
  * a mapped file must make the new pages valid at once (a store there would
  * raise SIGBUS), and one that shrinks must land after the writes before it.
  */
-static int managed_ftruncate(int fd, off_t len)
+static struct outcome managed_ftruncate(int fd, off_t len)
 {
 	struct ofd *o;
 	int ret;
 
 	if (len < 0)
-		return -EINVAL;
+		return done(-EINVAL);
 	if (session_lock() < 0)
-		return -ENOTSUP;
+		return NOT_OURS;
 	o = fd_peek(fd);
 	if (!o || !o->ino || !o->writable) {
 		session_unlock();
-		return -ENOTSUP;
+		return NOT_OURS;
 	}
 	ret = session_check_error_sticky(o->ino);
 	if (!ret) {
@@ -384,7 +380,7 @@ static int managed_ftruncate(int fd, off_t len)
 		}
 		if (!o || !o->ino) {
 			session_unlock();
-			return -EBADF;
+			return done(-EBADF);
 		}
 		ret = real.ftruncate(fd, len) < 0 ? -errno : 0;
 		if (!ret) {
@@ -394,25 +390,21 @@ static int managed_ftruncate(int fd, off_t len)
 		}
 	}
 	session_unlock();
-	return ret;
+	return done(ret);
 }
 
 ACKPT_EXPORT int ftruncate(int fd, off_t len)
 {
-	int saved = errno, r;
+	int saved = errno;
+	struct outcome r;
 
 	ENSURE_REAL();
 	if (!fd_peek(fd))
 		return real.ftruncate(fd, len);
 	r = managed_ftruncate(fd, len);
-	if (r == -ENOTSUP)
+	if (!r.ours)
 		return real.ftruncate(fd, len);
-	if (r < 0) {
-		errno = -r;
-		return -1;
-	}
-	errno = saved;
-	return 0;
+	return (int)finish(r.ret, saved);
 }
 
 ACKPT_EXPORT int ftruncate64(int fd, off_t len)
