@@ -285,6 +285,16 @@ int main(int argc, char **argv)
 		say("pwrite at LLONG_MAX", pwrite(fd, "z", 1, LLONG_MAX));
 		close(fd);
 	}
+
+	/* past the filesystem's largest file (ext4: 16 TiB): EFBIG at the call */
+	{
+		struct rlimit rl = { RLIM_INFINITY, RLIM_INFINITY };
+
+		setrlimit(RLIMIT_FSIZE, &rl);
+		fd = open("huge.bin", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+		say("pwrite at 64 TiB", pwrite(fd, "z", 1, 64ll << 40));
+		close(fd);
+	}
 	return 0;
 }
 """

@@ -170,6 +170,31 @@ def test_two_opens_append_interleave(tmp_path):
     """))
 
 
+def test_later_writer_wins(tmp_path):
+    """B writes after A's write returned, and knows it (a pipe): B's bytes win,
+    though A's are still staged, whether B is A's child or another program."""
+    _differential(tmp_path, _py("""
+        import os, subprocess, sys
+        os.chdir(sys.argv[1])
+        fd = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b"A" * 300000)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.read(r, 1)
+            g = os.open("f", os.O_WRONLY)
+            os.pwrite(g, b"B" * 1000, 5000)
+            os.close(g)
+            os._exit(0)
+        os.write(w, b"k")
+        os.waitpid(pid, 0)
+        subprocess.run(["dd", "of=f", "bs=1", "seek=9000", "conv=notrunc", "status=none"],
+                       input=b"C" * 100, check=True)
+        os.pwrite(fd, b"D" * 10, 9050)
+        os.close(fd)
+    """))
+
+
 def test_child_stat_and_read(tmp_path):
     """A forked child and coreutils stat see the size a plain run shows."""
     _differential(tmp_path, _py("""
