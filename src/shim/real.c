@@ -56,5 +56,6 @@ __attribute__((constructor(101))) static void real_ctor(void)
 {
 	real_resolve();
 	config_load();
+	registry_init();
 	session_init_once();
 }

@@ -18,6 +18,7 @@
 #include <sys/mman.h>
 #include <time.h>
 
+#include "names.h"
 #include "shim.h"
 
 static struct ackpt_registry *reg;
@@ -41,8 +42,8 @@ static struct ackpt_registry *registry_map(int create)
 	if (reg)
 		return reg;
 	if (!create) {
-		/* the registry appears when some writer starts: look again at
-		 * most once a second */
+		/* every process under ackpt creates it at start (registry_init):
+		 * if that failed, look again at most once a second */
 		uint64_t t = now_ns();
 
 		if (reg_tried && t - reg_tried < 1000000000ull)
@@ -79,6 +80,17 @@ static struct ackpt_registry *registry_map(int create)
 	}
 	reg = r;
 	return reg;
+}
+
+/*
+ * At start, in every process under ackpt: map the node's registry, making
+ * it if it is not there.  A process that looked for it only when it first
+ * needed it could miss a writer that appeared in between.
+ */
+void registry_init(void)
+{
+	if (C.enabled)
+		registry_map(1);
 }
 
 int registry_any(void)
@@ -205,46 +217,6 @@ int registry_wait(uint64_t dev, uint64_t ino)
 
 /* ---- pending names ---- */
 
-static uint64_t name_hash(const char *p, size_t n)
-{
-	uint64_t h = 0xcbf29ce484222325ull;
-	size_t i;
-
-	for (i = 0; i < n; i++) {
-		h ^= (unsigned char)p[i];
-		h *= 0x100000001b3ull;
-	}
-	return h | 1; /* never 0: 0 means "no name" */
-}
-
-static uint64_t path_hash(const char *canon)
-{
-	return name_hash(canon, strlen(canon));
-}
-
-static uint64_t dir_hash(const char *canon)
-{
-	const char *slash = strrchr(canon, '/');
-
-	if (!slash)
-		return 0;
-	return name_hash(canon, slash == canon ? 1 : (size_t)(slash - canon));
-}
-
-/* Still pending: its helper is alive and has not got past it. */
-static int name_pending(struct ackpt_registry *r, struct ackpt_registry_name *n, int32_t pid)
-{
-	struct ackpt_registry_helper *h = &r->helpers[n->helper % ACKPT_REGISTRY_HELPERS];
-	uint64_t commit = __atomic_load_n(&n->commit_id, __ATOMIC_ACQUIRE);
-
-	if (__atomic_load_n(&h->pid, __ATOMIC_ACQUIRE) != pid)
-		return 0;
-	if (commit)
-		return __atomic_load_n(&h->commits_done, __ATOMIC_ACQUIRE) < commit;
-	return __atomic_load_n(&h->durable_seq, __ATOMIC_ACQUIRE) <
-	       __atomic_load_n(&n->seq, __ATOMIC_ACQUIRE);
-}
-
 /*
  * Publish a deferred rename (commit_id 0) or metadata commit of oldp to
  * newp (canonical paths), so other processes on the node wait for it.
@@ -254,40 +226,21 @@ static int name_pending(struct ackpt_registry *r, struct ackpt_registry_name *n,
 int registry_name_add(const char *oldp, const char *newp, uint64_t seq, uint64_t commit_id)
 {
 	struct ackpt_registry *r = registry_map(1);
-	int helper = S.shm ? S.shm->reg_helper : -1;
+	int helper = S.shm ? S.shm->reg_helper : -1, i;
 	static int warned;
-	unsigned i;
 
 	if (!r || helper < 0 || helper >= ACKPT_REGISTRY_HELPERS) {
 		alog(L_DEBUG, "no node registry: %s -> %s not published", oldp, newp);
 		return -1;
 	}
-	for (i = 0; i < ACKPT_REGISTRY_NAMES; i++) {
-		struct ackpt_registry_name *n = &r->names[i];
-		int32_t pid = __atomic_load_n(&n->pid, __ATOMIC_ACQUIRE);
-
-		if (pid && (kill(pid, 0) == 0 || errno != ESRCH) &&
-		    (!__atomic_load_n(&n->live, __ATOMIC_ACQUIRE) || name_pending(r, n, pid)))
-			continue;
-		/* free, or inert (done, or its helper died): take it */
-		if (!__atomic_compare_exchange_n(&n->pid, &pid, S.helper_pid, 0, __ATOMIC_ACQ_REL,
-						 __ATOMIC_RELAXED))
-			continue;
-		if (!pid)
-			__atomic_fetch_add(&r->names_used, 1, __ATOMIC_RELAXED);
-		__atomic_store_n(&n->live, 0, __ATOMIC_RELEASE);
-		n->helper = (uint32_t)helper;
-		n->old_hash = path_hash(oldp);
-		n->new_hash = path_hash(newp);
-		n->old_dir = dir_hash(oldp);
-		n->new_dir = dir_hash(newp);
-		__atomic_store_n(&n->seq, seq, __ATOMIC_RELEASE);
-		__atomic_store_n(&n->commit_id, commit_id, __ATOMIC_RELEASE);
-		__atomic_store_n(&n->live, 1, __ATOMIC_RELEASE);
+	i = ackpt_name_claim(r, S.helper_pid, (uint32_t)helper, ackpt_path_hash(oldp),
+			     ackpt_path_hash(newp), ackpt_dir_hash(oldp), ackpt_dir_hash(newp), seq,
+			     commit_id, 0);
+	if (i >= 0) {
 		own_names[i] = 1;
-		alog(L_DEBUG, "pending %s %s -> %s published to the node", commit_id ? "commit" : "rename",
-		     oldp, newp);
-		return (int)i;
+		alog(L_DEBUG, "pending %s %s -> %s published to the node",
+		     commit_id ? "commit" : "rename", oldp, newp);
+		return i;
 	}
 	if (!warned++)
 		alog(L_WARN, "the node's table of pending renames is full; other processes may see "
@@ -298,16 +251,10 @@ int registry_name_add(const char *oldp, const char *newp, uint64_t seq, uint64_t
 /* Our entry idx is done: free it. */
 void registry_name_del(int idx)
 {
-	struct ackpt_registry_name *n;
-	int32_t pid = S.helper_pid;
-
 	if (!reg || idx < 0 || idx >= ACKPT_REGISTRY_NAMES || !own_names[idx])
 		return;
 	own_names[idx] = 0;
-	n = &reg->names[idx];
-	__atomic_store_n(&n->live, 0, __ATOMIC_RELEASE);
-	if (__atomic_compare_exchange_n(&n->pid, &pid, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
-		__atomic_fetch_sub(&reg->names_used, 1, __ATOMIC_RELAXED);
+	ackpt_name_release(reg, idx, S.helper_pid);
 }
 
 /* A forked child: the parent's entries stay the parent's. */
@@ -337,7 +284,7 @@ void registry_names_wait(const char *canon, int as_dir)
 
 	if (!r || !__atomic_load_n(&r->names_used, __ATOMIC_RELAXED))
 		return;
-	h = as_dir ? name_hash(canon, strlen(canon)) : path_hash(canon);
+	h = as_dir ? ackpt_name_hash(canon, strlen(canon)) : ackpt_path_hash(canon);
 	for (i = 0; i < ACKPT_REGISTRY_NAMES; i++) {
 		struct ackpt_registry_name *n = &r->names[i];
 
@@ -347,11 +294,12 @@ void registry_names_wait(const char *canon, int as_dir)
 			int match;
 
 			if (!pid || !__atomic_load_n(&n->live, __ATOMIC_ACQUIRE) ||
-			    (pid == S.helper_pid && S.state == SESS_ACTIVE))
-				break;
+			    (pid == S.helper_pid && S.state == SESS_ACTIVE &&
+			     !__atomic_load_n(&n->remote, __ATOMIC_ACQUIRE)))
+				break; /* ours: namespace.c orders it */
 			match = as_dir ? (n->old_dir == h || n->new_dir == h) :
 					 (n->old_hash == h || n->new_hash == h);
-			if (!match || !name_pending(r, n, pid))
+			if (!match || !ackpt_name_pending(r, n, pid))
 				break;
 			if (kill(pid, 0) < 0 && errno == ESRCH)
 				break; /* its helper is gone: what it did is all there is */

@@ -22,6 +22,11 @@ def state(rank):
     return {"w%d" % rank: torch.randn(256, 1024, generator=g), "step": torch.tensor(7)}
 
 
+def say(line):
+    """One write per line: ranks share stdout, and print() writes twice."""
+    os.write(1, (line + "\n").encode())
+
+
 def digest(sd):
     return " ".join("%s=%.6f" % (k, float(v.double().sum())) for k, v in sorted(sd.items()))
 
@@ -38,14 +43,14 @@ def main():
             dist.barrier()
             back = {k: torch.zeros_like(v) for k, v in sd.items()}
             dcp.load(back, checkpoint_id=d)
-            print("rank %d step %d loaded %s" % (rank, it, digest(back)), flush=True)
+            say("rank %d step %d loaded %s" % (rank, it, digest(back)))
     else:
         path = os.path.join(out, "model.pt")
         if rank == 0:
             torch.save(state(0), path)
         dist.barrier()
         back = torch.load(path)
-        print("rank %d loaded %s" % (rank, digest(back)), flush=True)
+        say("rank %d loaded %s" % (rank, digest(back)))
     dist.barrier()
     dist.destroy_process_group()
 
