@@ -18,6 +18,13 @@ def _shim_required():
     need_shim()
 
 
+def compile_c(d, name, src, *flags):
+    """Build a test program from its source text; returns its path."""
+    (d / (name + ".c")).write_text(src)
+    subprocess.run(["cc", "-O1", *flags, "-o", str(d / name), str(d / (name + ".c"))], check=True)
+    return d / name
+
+
 SIGNAL_PROG = r"""
 #include <fcntl.h>
 #include <signal.h>
@@ -59,10 +66,7 @@ int main(int argc, char **argv)
 
 @pytest.fixture(scope="module")
 def signal_prog(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sigprog")
-    (d / "sig.c").write_text(SIGNAL_PROG)
-    subprocess.run(["cc", "-O1", "-o", str(d / "sig"), str(d / "sig.c")], check=True)
-    return d / "sig"
+    return compile_c(tmp_path_factory.mktemp("sigprog"), "sig", SIGNAL_PROG)
 
 
 @pytest.mark.parametrize("kind", ["term", "usr1"])
@@ -158,10 +162,7 @@ int main(int argc, char **argv)
 def test_fork_while_another_thread_flushes(tmp_path):
     """fork() concurrent with fflush(NULL) on a managed stream never deadlocks
     (the atfork handler and glibc's stream-list lock in opposite orders)."""
-    src = tmp_path / "forkflush.c"
-    src.write_text(FORK_FLUSH_PROG)
-    exe = tmp_path / "forkflush"
-    subprocess.run(["cc", "-O1", "-pthread", "-o", str(exe), str(src)], check=True)
+    exe = compile_c(tmp_path, "forkflush", FORK_FLUSH_PROG, "-pthread")
     _, shimmed, _, _, diffs = run_plain_and_shim(lambda out: [exe, out / "log.txt"], tmp_path,
                                                  timeout=60)
     assert_same_trees(diffs, shimmed)
@@ -302,10 +303,7 @@ int main(int argc, char **argv)
 
 @pytest.fixture(scope="module")
 def modes_prog(tmp_path_factory):
-    d = tmp_path_factory.mktemp("modes")
-    (d / "modes.c").write_text(MODES_PROG)
-    subprocess.run(["cc", "-O1", "-o", str(d / "modes"), str(d / "modes.c")], check=True)
-    return d / "modes"
+    return compile_c(tmp_path_factory.mktemp("modes"), "modes", MODES_PROG)
 
 
 def test_flags_and_modes(tmp_path, modes_prog):
@@ -393,10 +391,7 @@ int main(int argc, char **argv)
 def test_streams_and_maps(tmp_path):
     """freopen of a managed stream; ftruncate growing a mapped file; a store
     through a shared map after a pwrite; aio_write after a write."""
-    src = tmp_path / "streams.c"
-    src.write_text(STREAMS_PROG)
-    exe = tmp_path / "streams"
-    subprocess.run(["cc", "-O1", "-o", str(exe), str(src)], check=True)
+    exe = compile_c(tmp_path, "streams", STREAMS_PROG)
     plain, shimmed, _, _, diffs = run_plain_and_shim(lambda out: [exe, out], tmp_path,
                                                      shim_extra={"ACKPT_TEST_DELAY_MS": 50})
     assert_same_trees(diffs, shimmed)
@@ -596,10 +591,7 @@ def test_bad_buffers_give_efault(tmp_path):
     """write, pwrite and writev from a bad pointer return EFAULT (or the bytes
     before the bad page) as the kernel does, instead of SIGSEGV in the shim;
     the program's own SIGSEGV handler still sees its own faults."""
-    src = tmp_path / "bad.c"
-    src.write_text(BAD_BUFFER_PROG)
-    exe = tmp_path / "bad"
-    subprocess.run(["cc", "-O1", "-w", "-o", str(exe), str(src)], check=True)
+    exe = compile_c(tmp_path, "bad", BAD_BUFFER_PROG, "-w")
     outs = {}
     for label in ("plain", "shim"):
         out = tmp_path / label

@@ -327,12 +327,11 @@ static int reopenable(int fd)
  */
 int files_post_open(int fd, int flags, const char *how, int force)
 {
-	char link[64], canon[PATH_MAX];
+	char canon[PATH_MAX];
 	struct inode_state *ino;
 	struct stat st;
 	struct ofd *o;
 	int acc = flags & O_ACCMODE, writable = acc == O_WRONLY || acc == O_RDWR;
-	ssize_t n;
 
 	if (fd < 0 || (unsigned)fd >= FD_MAX || !C.enabled)
 		return fd;
@@ -372,11 +371,8 @@ int files_post_open(int fd, int flags, const char *how, int force)
 	}
 	if (real.fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
 		return fd;
-	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
-	n = readlink(link, canon, sizeof(canon) - 1);
-	if (n <= 0)
+	if (fd_path(fd, canon, sizeof(canon)) < 0)
 		return fd;
-	canon[n] = 0;
 	if (!force && !path_is_managed(canon)) {
 		if (S.ninodes || registry_any())
 			registry_wait(st.st_dev, st.st_ino);

@@ -386,15 +386,8 @@ static void wait_dir_renames(const char *path, int dirfd)
 	ns_wait_matching(NULL);
 	if (registry_names_any()) {
 		if (dirfd >= 0) {
-			char link[64];
-			ssize_t n;
-
-			snprintf(link, sizeof(link), "/proc/self/fd/%d", dirfd);
-			n = readlink(link, canon, sizeof(canon) - 1);
-			if (n > 0) {
-				canon[n] = 0;
+			if (fd_path(dirfd, canon, sizeof(canon)) == 0)
 				registry_names_wait(canon, 1);
-			}
 		} else if (path && realpath(path, canon)) {
 			registry_names_wait(canon, 1);
 		}
@@ -428,14 +421,8 @@ static DIR *note_fd_dir(DIR *d, const char *path, int fd)
 	if (!d || S.state == SESS_NONE || !C.enabled)
 		return d;
 	if (fd >= 0) {
-		char link[64];
-		ssize_t n;
-
-		snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
-		n = readlink(link, canon, sizeof(canon) - 1);
-		if (n <= 0)
+		if (fd_path(fd, canon, sizeof(canon)) < 0)
 			return d;
-		canon[n] = 0;
 	} else if (!path || !realpath(path, canon)) {
 		return d;
 	}

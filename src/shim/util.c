@@ -115,6 +115,20 @@ int path_default_managed(const char *canon)
 	return 0;
 }
 
+/* What the kernel says fd names (its /proc/self/fd link): 0, or -1. */
+int fd_path(int fd, char *out, size_t outlen)
+{
+	char link[64];
+	ssize_t n;
+
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+	n = readlink(link, out, outlen - 1);
+	if (n <= 0)
+		return -1;
+	out[n] = 0;
+	return 0;
+}
+
 /* Canonical absolute path: the directory resolved, the last component kept. */
 int canon_path(int dirfd, const char *path, char *out, size_t outlen)
 {
@@ -131,14 +145,8 @@ int canon_path(int dirfd, const char *path, char *out, size_t outlen)
 			return -errno;
 		snprintf(full, sizeof(full), "%s/%s", dir, path);
 	} else {
-		char link[64];
-		ssize_t n;
-
-		snprintf(link, sizeof(link), "/proc/self/fd/%d", dirfd);
-		n = readlink(link, dir, sizeof(dir) - 1);
-		if (n < 0)
+		if (fd_path(dirfd, dir, sizeof(dir)) < 0)
 			return -EBADF;
-		dir[n] = 0;
 		snprintf(full, sizeof(full), "%s/%s", dir, path);
 	}
 	{
