@@ -72,7 +72,7 @@ void inode_free(struct inode_state *ino)
 	if (S.shm) {
 		uint32_t seq = __atomic_load_n(&S.shm->files[ino->slot].err_seq, __ATOMIC_ACQUIRE);
 
-		if (seq != slot_reported[ino->slot] && seq != ino->reported_err_seq)
+		if (seq != slot_reported[ino->slot] && seq != ino->reported_err_seq && !ino->err_told)
 			unreported_lost++;
 		S.shm->files[ino->slot].err = 0;
 		S.shm->files[ino->slot].err_seq = 0;
@@ -100,8 +100,9 @@ uint64_t files_unreported_errors(void)
 		struct inode_state *i;
 
 		for (i = inode_hash[b]; i; i = i->next)
-			if (__atomic_load_n(&S.shm->files[i->slot].err_seq, __ATOMIC_ACQUIRE) !=
-			    i->reported_err_seq)
+			if (!i->err_told &&
+			    __atomic_load_n(&S.shm->files[i->slot].err_seq, __ATOMIC_ACQUIRE) !=
+				    i->reported_err_seq)
 				n++;
 	}
 	return n;

@@ -924,6 +924,7 @@ int session_check_error(struct inode_state *ino)
 	if (seq == ino->reported_err_seq)
 		return 0;
 	ino->reported_err_seq = seq;
+	ino->err_told = 1;
 	return -__atomic_load_n(&S.shm->files[ino->slot].err, __ATOMIC_ACQUIRE);
 }
 

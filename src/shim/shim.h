@@ -239,6 +239,8 @@ struct inode_state {
 	int nofd;                /* open file descriptions referencing it */
 	int writers;             /* ... of which opened for writing */
 	uint32_t reported_err_seq;
+	int err_told;            /* the program got an error for this file: later failures
+				  * of its in-flight writes are the same loss, told */
 	int reg_idx;             /* [fixed] its node registry entry, or -1 */
 	int closing;
 	int shared;              /* [vfork] a description of it may be in another
