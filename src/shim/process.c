@@ -208,9 +208,12 @@ uint64_t rlimit_fsize(void)
 
 ACKPT_EXPORT int setrlimit(__rlimit_resource_t res, const struct rlimit *rl)
 {
+	int r;
+
 	ENSURE_REAL();
-	atomic_store(&fsize_limit, 0);
-	return real.setrlimit(res, rl);
+	r = real.setrlimit(res, rl);
+	atomic_store(&fsize_limit, 0); /* after: a write meanwhile would cache the old one */
+	return r;
 }
 
 ACKPT_EXPORT int setrlimit64(__rlimit_resource_t res, const struct rlimit64 *rl)
@@ -221,9 +224,12 @@ ACKPT_EXPORT int setrlimit64(__rlimit_resource_t res, const struct rlimit64 *rl)
 ACKPT_EXPORT int prlimit(pid_t pid, __rlimit_resource_t res, const struct rlimit *nl,
 			 struct rlimit *ol)
 {
+	int r;
+
 	ENSURE_REAL();
+	r = real.prlimit(pid, res, nl, ol);
 	atomic_store(&fsize_limit, 0);
-	return real.prlimit(pid, res, nl, ol);
+	return r;
 }
 
 ACKPT_EXPORT int prlimit64(pid_t pid, __rlimit_resource_t res, const struct rlimit64 *nl,
