@@ -195,18 +195,26 @@ def scenario_helper_kill(work, trials, seed, log):
             log("  s2 attempt %3d: the last save had returned before the kill; retried" % attempts)
             shutil.rmtree(out, ignore_errors=True)
             continue
+        rc = p.wait(RUN_TIMEOUT)
+        if not wait_helpers_gone(mark, HELPER_TIMEOUT):
+            t.hangs += 1
+            t.fail("attempt %d: a second helper still running" % attempts)
+        p.drain_pipes(10)
+        lines = ackpt_lines(p.stderr)
+        if rc == 0 and not lines and any(ln == "saved %d" % ITERS for ln in list(p.out)):
+            # The stop can land after the last save returned and before it
+            # printed so: then the kill found everything durable, and the exit
+            # drain had nothing to ask of the helper.  Unnoticed by design,
+            # not a trial; its checkpoints are still verified.
+            log("  s2 attempt %3d: the kill found everything durable; retried" % attempts)
+            pending.append((flavor, out, ITERS, True, False, "s2 attempt %d (unnoticed)" % attempts))
+            continue
         k += 1
         t.trials += 1
         t.injected += 1
-        rc = p.wait(RUN_TIMEOUT)
         if rc is None:
             t.hangs += 1
             t.fail("trial %d: trainer still running %ds after its helper was killed" % (k, RUN_TIMEOUT))
-        if not wait_helpers_gone(mark, HELPER_TIMEOUT):
-            t.hangs += 1
-            t.fail("trial %d: a second helper still running" % k)
-        p.drain_pipes(10)
-        lines = ackpt_lines(p.stderr)
         warn = [ln for ln in lines if "warning" in ln and any(w in ln for w in ("died", "dead", "lost"))]
         if len(warn) == 1:
             t.surfaced += 1
