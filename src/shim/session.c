@@ -954,12 +954,8 @@ int session_check_error_sticky(struct inode_state *ino)
  */
 void session_wait_announced(uint64_t seq)
 {
-	/* Bounded: the helper reads ops in order, so when it is far behind (its
-	 * queue full, storage slow) the announcement waits behind them, and the
-	 * program must not wait for storage.  Past this, other nodes learn of
-	 * the names a little later (docs/BARRIER.md, "Pending names"). */
-	const uint64_t max_wait = 250000000ull;
-	uint64_t t0 = now_ns(), deadline = t0 + max_wait;
+	uint64_t t0 = now_ns(), deadline = t0 + (uint64_t)(C.barrier_timeout * 1e9);
+	int warned = 0;
 
 	if (!C.multi_rank || S.state != SESS_ACTIVE || !S.shm)
 		return;
@@ -971,7 +967,11 @@ void session_wait_announced(uint64_t seq)
 			break;
 		if (t >= deadline || helper_gone())
 			break;
-		futex_wait_gen(gen, 50000000ull);
+		if (!warned && t - t0 > 2000000000ull) {
+			alog(L_INFO, "waiting for the other nodes to learn of pending checkpoint names");
+			warned = 1;
+		}
+		futex_wait_gen(gen, 100000000ull);
 	}
 }
 
