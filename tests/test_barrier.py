@@ -685,7 +685,7 @@ def test_coordinator_rejects_forged_peers(tmp_path):
             + sim.pack(sim.ACK, id_=bid, status=5, rank=1) + sim.pack(sim.ACK, id_=bid, rank=1),
             "ACK without HELLO": sim.pack(sim.ACK, id_=bid, status=5, rank=1)
             + sim.pack(sim.ACK, id_=bid, rank=1),
-            "wrong version": sim.pack(sim.HELLO, rank=1, tok=good, version=sim.VERSION + 1)
+            "wrong version": sim.pack(sim.HELLO, rank=1, tok=good, version=2)
             + sim.pack(sim.ACK, id_=bid, status=5, rank=1),
             "wrong magic": sim.pack(sim.HELLO, rank=1, tok=good, magic=0x12345678)
             + sim.pack(sim.ACK, id_=bid, status=5, rank=1),

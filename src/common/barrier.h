@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #define ACKPT_BAR_MAGIC   0x42504b41u /* "AKPB" */
-#define ACKPT_BAR_VERSION 2 /* 2: pending names */
+#define ACKPT_BAR_VERSION 1
 #define ACKPT_TOKEN_LEN   16
 
 enum ackpt_bar_type {
@@ -21,22 +21,7 @@ enum ackpt_bar_type {
 	BAR_ACK,         /* participant -> coord: barrier `id` durable (status 0) or errno */
 	BAR_DECISION,    /* coord -> requester and all: status 0 commit, else abort */
 	BAR_BYE,         /* participant -> coord: drained and leaving cleanly */
-	/* pending names: what another node must wait for before it looks (names.h) */
-	BAR_ANNOUNCE,    /* participant -> coord: name(s) pending under key `id` */
-	BAR_PENDING,     /* coord -> every other helper: publish it (rank: the announcer's) */
-	BAR_PENDING_ACK, /* helper -> coord: published (`arg`: the announcer's rank) */
-	BAR_ANNOUNCED,   /* coord -> announcer: every node knows of `id` */
-	BAR_SETTLED,     /* announcer -> coord -> every other helper: `id` is done
-			  * (id 0: everything of that rank) */
-	BAR_SYNCED,      /* coord -> a new participant: every name pending at its HELLO
-			  * has been sent to it (as PENDING) */
 };
-
-/*
- * ANNOUNCE and PENDING: arg is the hash of the old name (0: none), token
- * carries the hashes of the new name and of its directory (two uint64_t,
- * names.h's ackpt_path_hash and ackpt_dir_hash).
- */
 
 struct ackpt_bar_msg {
 	uint32_t magic;
@@ -46,7 +31,7 @@ struct ackpt_bar_msg {
 	uint64_t arg;       /* REQUEST: commit id; DECISION: commit id of the requester */
 	int32_t status;     /* 0 or a positive errno */
 	int32_t rank;
-	uint8_t token[ACKPT_TOKEN_LEN]; /* HELLO: the job token; ANNOUNCE, PENDING: hashes */
+	uint8_t token[ACKPT_TOKEN_LEN]; /* HELLO only; zero elsewhere */
 };
 
 _Static_assert(sizeof(struct ackpt_bar_msg) == 48, "barrier frames are 48 bytes");

@@ -145,8 +145,7 @@ struct ackpt_shm {
 				     * seq <= this is complete */
 	uint64_t arena_tail;        /* helper: arena positions below this are free */
 	uint32_t progress_gen;      /* helper: futex word, bumped on any progress */
-	uint32_t names_synced;      /* helper: 1 once it knows every name other nodes had
-				     * pending when it joined the job (at once if none can) */
+	uint32_t pad0;
 	uint64_t bytes_written;     /* helper */
 	uint64_t errors;            /* helper; shim after the helper died */
 	uint64_t ops_done;          /* helper */
@@ -156,9 +155,6 @@ struct ackpt_shm {
 	uint32_t pad1;
 
 	uint64_t staged_seq;        /* shim: last op seq it has sent */
-	uint64_t announced_seq;     /* helper: every op with seq <= this that other nodes must
-				     * know of (a CLOSE, RENAME or COMMIT) is known to them
-				     * (docs/BARRIER.md, "Pending names") */
 
 	/* metadata commits, in request order */
 	uint64_t commits_done;      /* helper: commit ids <= this are finished (ok or aborted) */
@@ -171,7 +167,7 @@ struct ackpt_shm {
 
 _Static_assert(__builtin_offsetof(struct ackpt_shm, durable_seq) == 32 &&
 	       __builtin_offsetof(struct ackpt_shm, staged_seq) == 104 &&
-	       __builtin_offsetof(struct ackpt_shm, files) == 144, "control block layout");
+	       __builtin_offsetof(struct ackpt_shm, files) == 136, "control block layout");
 
 #define ACKPT_HF_URING      0x1  /* io_uring engine (else pwrite pool) */
 #define ACKPT_HF_FIXED_BUFS 0x2  /* arena registered as fixed buffers */
@@ -204,7 +200,7 @@ struct ackpt_registry_helper {
 };
 
 /* A deferred rename (commit_id 0) or metadata commit by some process on
- * the node, or one another node announced (remote).  Path lookups in other processes that hit old_hash or new_hash
+ * the node.  Path lookups in other processes that hit old_hash or new_hash
  * (or, for opendir and rmdir, old_dir or new_dir) wait while it is
  * pending: helpers[helper].durable_seq < seq, or commits_done < commit_id.
  * Written by the claiming shim; anyone may reclaim it once it is done or
@@ -217,9 +213,7 @@ struct ackpt_registry_name {
 	uint64_t old_hash, new_hash; /* FNV-1a of the canonical paths, never 0 */
 	uint64_t old_dir, new_dir;   /* ... of their directories */
 	uint32_t live;      /* the fields above are valid */
-	uint32_t remote;    /* announced by another node of the job (names.h): pending
-			     * until the helper that published it removes it; seq is
-			     * the announcer's key, commit_id its rank */
+	uint32_t pad;
 };
 _Static_assert(sizeof(struct ackpt_registry_name) == 64, "registry name layout");
 

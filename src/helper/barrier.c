@@ -58,17 +58,6 @@ struct bar {
 	struct bar *next;
 };
 
-/* An announcement of pending names, at the coordinator. */
-struct ann {
-	uint64_t key;
-	int rank;             /* the announcer's */
-	int requester;        /* participant index, or LOCAL */
-	uint64_t deadline;
-	int nwait, nslots;
-	uint8_t *waiting;     /* [nslots] participants */
-	struct ann *next;
-};
-
 static struct {
 	int global, host, rank, world;
 	const char *broken;   /* why a global barrier cannot work, or NULL */
@@ -92,9 +81,6 @@ static struct {
 	uint64_t next_bid;
 	int lost[64];        /* ranks lost without BYE and not registered again */
 	int nlost;
-	struct ann *anns;    /* announcements waiting for every node's PENDING_ACK */
-	struct active { int rank; uint64_t key, old_hash, new_hash, new_dir; } *active;
-	int nactive, capactive; /* announced and not settled: sent to late joiners */
 } B = { .cfd = -1, .lfd = -1 };
 
 static uint64_t now_ns(void)
@@ -139,28 +125,10 @@ static int send_msg(int fd, int type, uint64_t id, uint64_t arg, int status)
 	return send(fd, &m, sizeof(m), MSG_NOSIGNAL | MSG_DONTWAIT) == (ssize_t)sizeof(m) ? 0 : -1;
 }
 
-/* A frame on behalf of `rank`, with a hash payload in token (names). */
-static int send_names(int fd, int type, uint64_t id, uint64_t arg, int rank, uint64_t h1,
-		      uint64_t h2)
-{
-	struct ackpt_bar_msg m = { .magic = ACKPT_BAR_MAGIC, .version = ACKPT_BAR_VERSION,
-				   .type = (uint16_t)type, .id = id, .arg = arg, .rank = rank };
-
-	memcpy(m.token, &h1, sizeof(h1));
-	memcpy(m.token + sizeof(h1), &h2, sizeof(h2));
-	return send(fd, &m, sizeof(m), MSG_NOSIGNAL | MSG_DONTWAIT) == (ssize_t)sizeof(m) ? 0 : -1;
-}
-
-static void token_hashes(const struct ackpt_bar_msg *m, uint64_t *h1, uint64_t *h2)
-{
-	memcpy(h1, m->token, sizeof(*h1));
-	memcpy(h2, m->token + sizeof(*h1), sizeof(*h2));
-}
-
 static int valid(const struct ackpt_bar_msg *m)
 {
 	return m->magic == ACKPT_BAR_MAGIC && m->version == ACKPT_BAR_VERSION &&
-	       m->type >= BAR_HELLO && m->type <= BAR_SYNCED;
+	       m->type >= BAR_HELLO && m->type <= BAR_BYE;
 }
 
 /*
@@ -309,151 +277,6 @@ static void bar_start(int requester, uint64_t commit_id)
 	}
 }
 
-/* ---- coordinator: pending names ---- */
-
-static void ann_finish(struct ann *a)
-{
-	struct ann **pp;
-
-	if (a->requester == LOCAL)
-		B.h.announced(a->key);
-	else if (a->requester >= 0 && a->requester < B.nparts && B.parts[a->requester].alive)
-		send_msg(B.parts[a->requester].fd, BAR_ANNOUNCED, a->key, 0, 0);
-	for (pp = &B.anns; *pp; pp = &(*pp)->next)
-		if (*pp == a) {
-			*pp = a->next;
-			break;
-		}
-	free(a->waiting);
-	free(a);
-}
-
-static void active_add(int rank, uint64_t key, uint64_t old_hash, uint64_t new_hash,
-		       uint64_t new_dir)
-{
-	if (B.nactive == B.capactive) {
-		int cap = B.capactive ? 2 * B.capactive : 64;
-		struct active *na = realloc(B.active, cap * sizeof(*na));
-
-		if (!na)
-			return;
-		B.active = na;
-		B.capactive = cap;
-	}
-	B.active[B.nactive++] = (struct active){ rank, key, old_hash, new_hash, new_dir };
-}
-
-static void active_del(int rank, uint64_t key)
-{
-	int i;
-
-	for (i = 0; i < B.nactive;) {
-		if (B.active[i].rank == rank && (!key || B.active[i].key == key)) {
-			B.active[i] = B.active[--B.nactive];
-			continue;
-		}
-		i++;
-	}
-}
-
-/* A new participant learns of every name pending now, then SYNCED. */
-static void active_send(int fd)
-{
-	int i;
-
-	for (i = 0; i < B.nactive; i++)
-		send_names(fd, BAR_PENDING, B.active[i].key, B.active[i].old_hash, B.active[i].rank,
-			   B.active[i].new_hash, B.active[i].new_dir);
-	send_msg(fd, BAR_SYNCED, 0, 0, 0);
-}
-
-/* Every helper but the announcer publishes the names; the host's own
- * node through its hook. */
-static void ann_start(int requester, int rank, uint64_t key, uint64_t old_hash, uint64_t new_hash,
-		      uint64_t new_dir)
-{
-	struct ann *a = calloc(1, sizeof(*a));
-	int i;
-
-	active_add(rank, key, old_hash, new_hash, new_dir);
-	if (requester != LOCAL)
-		B.h.pending(rank, key, old_hash, new_hash, new_dir);
-	if (!a || !(a->waiting = calloc(B.nparts + 1, 1))) {
-		free(a);
-		if (requester == LOCAL)
-			B.h.announced(key);
-		else if (B.parts[requester].alive)
-			send_msg(B.parts[requester].fd, BAR_ANNOUNCED, key, 0, 0);
-		return;
-	}
-	a->key = key;
-	a->rank = rank;
-	a->requester = requester;
-	a->deadline = now_ns() + B.timeout_ns;
-	a->nslots = B.nparts;
-	a->next = B.anns;
-	B.anns = a;
-	for (i = 0; i < B.nparts; i++) {
-		if (i == requester || !B.parts[i].alive || !B.parts[i].hello)
-			continue;
-		if (send_names(B.parts[i].fd, BAR_PENDING, key, old_hash, rank, new_hash, new_dir) < 0)
-			continue;
-		a->waiting[i] = 1;
-		a->nwait++;
-	}
-	if (!a->nwait)
-		ann_finish(a);
-}
-
-static void ann_ack(int slot, int rank, uint64_t key)
-{
-	struct ann *a;
-
-	for (a = B.anns; a; a = a->next)
-		if (a->key == key && a->rank == rank)
-			break;
-	if (!a || slot >= a->nslots || !a->waiting[slot])
-		return;
-	a->waiting[slot] = 0;
-	if (--a->nwait == 0)
-		ann_finish(a);
-}
-
-/* `key` of `rank` is settled (key 0: everything of it): tell everyone else. */
-static void settle_all(int from, int rank, uint64_t key)
-{
-	int i;
-
-	active_del(rank, key);
-	if (from != LOCAL)
-		B.h.settled(rank, key);
-	for (i = 0; i < B.nparts; i++)
-		if (i != from && B.parts[i].alive && B.parts[i].hello)
-			send_names(B.parts[i].fd, BAR_SETTLED, key, 0, rank, 0, 0);
-}
-
-/* A participant is gone: it owes no PENDING_ACK, and what it announced is
- * settled (a clean BYE drained it; a lost helper's names are whatever the
- * filesystem now says). */
-static void ann_part_gone(int i, int rank)
-{
-	struct ann *a, *n;
-
-	for (a = B.anns; a; a = n) {
-		n = a->next;
-		if (a->requester == i) {
-			a->requester = -2; /* nobody to answer */
-			ann_finish(a);
-		} else if (i < a->nslots && a->waiting[i]) {
-			a->waiting[i] = 0;
-			if (--a->nwait == 0)
-				ann_finish(a);
-		}
-	}
-	if (rank >= 0)
-		settle_all(i, rank, 0);
-}
-
 static int on_part_msg(const struct ackpt_bar_msg *m, void *arg)
 {
 	int i = (int)(intptr_t)arg;
@@ -475,7 +298,6 @@ static int on_part_msg(const struct ackpt_bar_msg *m, void *arg)
 				break;
 			}
 		send_msg(p->fd, BAR_WELCOME, (uint64_t)i, 0, 0);
-		active_send(p->fd);
 		return 0;
 	}
 	switch (m->type) {
@@ -492,22 +314,8 @@ static int on_part_msg(const struct ackpt_bar_msg *m, void *arg)
 			if (i < b->nslots && b->waiting[i])
 				bar_ack(b->id, i, 0, p->rank);
 		}
-		ann_part_gone(i, p->rank);
 		p->hello = 0;
 		p->alive = 0;
-		break;
-	case BAR_ANNOUNCE: {
-		uint64_t nh, nd;
-
-		token_hashes(m, &nh, &nd);
-		ann_start(i, p->rank, m->id, m->arg, nh, nd);
-		break;
-	}
-	case BAR_PENDING_ACK:
-		ann_ack(i, (int)m->arg, m->id);
-		break;
-	case BAR_SETTLED:
-		settle_all(i, p->rank, m->id);
 		break;
 	default:
 		p->alive = 0; /* a participant never sends anything else */
@@ -529,7 +337,6 @@ static void part_lost(int i)
 	B.nalive--;
 	if (!was)
 		return;
-	ann_part_gone(i, p->rank);
 	B.h.log(0, "coordinator: rank %d's helper was lost without leaving cleanly; commits are "
 		"refused until that rank registers again", p->rank);
 	if (B.nlost < 64)
@@ -603,23 +410,6 @@ static int on_coord_msg(const struct ackpt_bar_msg *m, void *arg)
 			B.pend[B.npend].target = B.h.staged_seq();
 			B.npend++;
 		}
-		break;
-	case BAR_PENDING: {
-		uint64_t nh, nd;
-
-		token_hashes(m, &nh, &nd);
-		B.h.pending(m->rank, m->id, m->arg, nh, nd);
-		send_msg(B.cfd, BAR_PENDING_ACK, m->id, (uint64_t)m->rank, 0);
-		break;
-	}
-	case BAR_ANNOUNCED:
-		B.h.announced(m->id);
-		break;
-	case BAR_SYNCED:
-		B.h.synced();
-		break;
-	case BAR_SETTLED:
-		B.h.settled(m->rank, m->id);
 		break;
 	case BAR_DECISION:
 		for (i = 0; i < B.nreq; i++)
@@ -781,7 +571,6 @@ int bar_init(const struct bar_hooks *hooks)
 }
 
 int bar_is_global(void) { return B.global; }
-int bar_awaits_sync(void) { return B.global && !B.broken && !B.host && B.cfd >= 0; }
 int bar_rank(void) { return B.rank; }
 
 int bar_participants(void)
@@ -819,31 +608,6 @@ void bar_request(uint64_t commit_id)
 	}
 }
 
-void bar_announce(uint64_t key, uint64_t old_hash, uint64_t new_hash, uint64_t new_dir)
-{
-	if (!B.global || B.broken) {
-		B.h.announced(key);
-		return;
-	}
-	if (B.host) {
-		ann_start(LOCAL, B.rank, key, old_hash, new_hash, new_dir);
-		return;
-	}
-	if (B.cfd < 0 || send_names(B.cfd, BAR_ANNOUNCE, key, old_hash, B.rank, new_hash,
-				    new_dir) < 0)
-		B.h.announced(key); /* no coordinator: nobody to tell, nobody to wait for */
-}
-
-void bar_settle(uint64_t key)
-{
-	if (!B.global || B.broken)
-		return;
-	if (B.host)
-		settle_all(LOCAL, B.rank, key);
-	else if (B.cfd >= 0)
-		send_names(B.cfd, BAR_SETTLED, key, 0, B.rank, 0, 0);
-}
-
 int bar_pollfds(struct pollfd *p, int max)
 {
 	int n = 0, i;
@@ -876,7 +640,6 @@ void bar_handle(const struct pollfd *p, int n)
 				B.h.log(0, "lost the coordinator; pending metadata commits are aborted");
 				close(B.cfd);
 				B.cfd = -1;
-				B.h.settled(-1, 0); /* nobody will settle other nodes' names now */
 				while (B.nreq)
 					B.h.decided(B.req[--B.nreq].commit_id, ENOTCONN,
 						    "the coordinator is gone");
@@ -981,19 +744,6 @@ int bar_tick(void)
 			decide(b, ETIMEDOUT, culprit);
 		} else {
 			int ms = (int)((b->deadline - now) / 1000000) + 1;
-
-			if (next < 0 || ms < next)
-				next = ms;
-		}
-	}
-	for (struct ann *a = B.anns, *an; a; a = an) {
-		an = a->next;
-		if (now >= a->deadline) {
-			B.h.log(0, "coordinator: not every node confirmed rank %d's pending names "
-				"within %.0f s; going on", a->rank, B.timeout_ns / 1e9);
-			ann_finish(a);
-		} else {
-			int ms = (int)((a->deadline - now) / 1000000) + 1;
 
 			if (next < 0 || ms < next)
 				next = ms;

@@ -15,12 +15,6 @@ struct bar_hooks {
 	int (*error_since_ack)(void);   /* errno of a write error since the last ack, or 0 */
 	void (*decided)(uint64_t commit_id, int status, const char *why);
 	void (*log)(int level, const char *fmt, ...);
-	/* pending names of other nodes (BARRIER.md, "Pending names") */
-	void (*pending)(int rank, uint64_t key, uint64_t old_hash, uint64_t new_hash,
-			uint64_t new_dir);
-	void (*settled)(int rank, uint64_t key);     /* key 0: all of rank; rank -1: all */
-	void (*announced)(uint64_t key);              /* ours: every node knows of it */
-	void (*synced)(void);                         /* we know every pending name */
 };
 
 /* Returns 0, or -errno when a multi-rank job cannot reach its coordinator. */
@@ -37,11 +31,5 @@ int bar_tick(void);
 /* Leave cleanly; a host waits (bounded) for its participants to leave first. */
 void bar_shutdown(void);
 int bar_participants(void);
-/* 1 while the names other nodes had pending at our HELLO are still on their way */
-int bar_awaits_sync(void);
-/* Tell every other node that names are pending under our `key`, until
- * bar_settle(key); hooks->announced(key) once they all know. */
-void bar_announce(uint64_t key, uint64_t old_hash, uint64_t new_hash, uint64_t new_dir);
-void bar_settle(uint64_t key);
 
 #endif

@@ -38,7 +38,6 @@
 #include "barrier.h"
 #include "engine.h"
 #include "fault.h"
-#include "names.h"
 #include "order.h"
 #include "path.h"
 #include "proto.h"
@@ -70,7 +69,6 @@ struct hfile {
 	uint64_t open_gen;     /* H.open_gen when it was opened */
 	uint64_t dev, ino;
 	char *path;            /* at open, for log lines */
-	int written;           /* a WRITE or DIRTY was received since its OPEN */
 	struct hop *head, *tail, *qhead;
 };
 
@@ -103,23 +101,7 @@ static struct {
 	uint64_t errors_acked;
 	int last_err;
 	struct commit *cq_head, *cq_tail;
-	/* pending names announced to other nodes (docs/BARRIER.md, "Pending names") */
-	struct announce *ann_head, *ann_tail; /* in op order */
-	uint64_t next_key;
-	struct proxy { int rank; uint64_t key; int idx; } *proxies; /* other nodes' names */
-	int nproxies, capproxies;
 } H;
-
-/* A CLOSE, RENAME or COMMIT other nodes must know of before the shim's
- * call returns, and must wait for until it is done. */
-struct announce {
-	uint64_t seq;       /* the op's */
-	uint64_t key;
-	int announced;      /* every node knows */
-	uint64_t commit_id; /* COMMIT: settled when commits_done reaches it ... */
-	uint64_t until_seq; /* ... else when durable_seq does */
-	struct announce *next;
-};
 
 /* A metadata commit waiting for the barrier, in request order. */
 struct commit {
@@ -835,158 +817,6 @@ static void hook_log(int level, const char *fmt, ...)
 	hlog(level, "%s", buf);
 }
 
-/* ---- pending names across nodes ---- */
-
-/* announced_seq: up to the first announcement other nodes do not know of yet. */
-static void announce_publish(void)
-{
-	uint64_t upto = H.next_seq - 1;
-	struct announce *a;
-
-	if (!bar_is_global())
-		return; /* the shim waits for this only in a job with a barrier */
-	for (a = H.ann_head; a; a = a->next)
-		if (!a->announced) {
-			upto = a->seq - 1;
-			break;
-		}
-	if (upto != __atomic_load_n(&H.shm->announced_seq, __ATOMIC_RELAXED)) {
-		__atomic_store_n(&H.shm->announced_seq, upto, __ATOMIC_RELEASE);
-		publish();
-	}
-}
-
-static void hook_announced(uint64_t key)
-{
-	struct announce *a;
-
-	for (a = H.ann_head; a; a = a->next)
-		if (a->key == key)
-			a->announced = 1;
-	announce_publish();
-}
-
-/* An op was received: announce its names if other nodes must know them. */
-static void announce_op(const struct hop *h)
-{
-	struct announce *a;
-	uint64_t oldh = 0, newh = 0, newd = 0;
-
-	if (!bar_is_global())
-		return;
-	if (h->op.type == ACKPT_OP_CLOSE) {
-		struct hfile *f = h->op.file < ACKPT_MAX_FILES ? &H.files[h->op.file] : NULL;
-		char link[64], path[4096];
-		ssize_t n;
-
-		if (!f || !f->open || !f->written)
-			return; /* nothing written: nothing to wait for */
-		snprintf(link, sizeof(link), "/proc/self/fd/%d", f->fd);
-		n = readlink(link, path, sizeof(path) - 1);
-		if (n <= 0)
-			return;
-		path[n] = 0;
-		newh = ackpt_path_hash(path);
-		newd = ackpt_dir_hash(path);
-	} else if ((h->op.type == ACKPT_OP_RENAME || h->op.type == ACKPT_OP_COMMIT) && h->paths) {
-		const char *newp = h->paths + strlen(h->paths) + 1;
-
-		oldh = ackpt_path_hash(h->paths);
-		newh = ackpt_path_hash(newp);
-		newd = ackpt_dir_hash(newp);
-	} else {
-		return;
-	}
-	a = calloc(1, sizeof(*a));
-	if (!a)
-		return;
-	a->seq = h->op.seq;
-	a->key = ++H.next_key;
-	if (h->op.type == ACKPT_OP_COMMIT)
-		a->commit_id = h->op.u.commit.id;
-	else
-		a->until_seq = h->op.seq;
-	if (H.ann_tail)
-		H.ann_tail->next = a;
-	else
-		H.ann_head = a;
-	H.ann_tail = a;
-	bar_announce(a->key, oldh, newh, newd);
-}
-
-/* Settle what is done: other nodes stop waiting for it. */
-static void announce_settle(int all)
-{
-	struct announce **pp = &H.ann_head, *a;
-	uint64_t durable = __atomic_load_n(&H.shm->durable_seq, __ATOMIC_ACQUIRE);
-	uint64_t commits = __atomic_load_n(&H.shm->commits_done, __ATOMIC_ACQUIRE);
-
-	H.ann_tail = NULL;
-	while ((a = *pp)) {
-		if (all || (a->announced && (a->commit_id ? commits >= a->commit_id :
-							       durable >= a->until_seq))) {
-			bar_settle(a->key);
-			*pp = a->next;
-			free(a);
-			continue;
-		}
-		H.ann_tail = a;
-		pp = &a->next;
-	}
-	announce_publish();
-}
-
-static void hook_pending(int rank, uint64_t key, uint64_t old_hash, uint64_t new_hash,
-			 uint64_t new_dir)
-{
-	int idx;
-
-	if (!H.reg || H.reg_helper < 0)
-		return;
-	idx = ackpt_name_claim(H.reg, H.pid, (uint32_t)H.reg_helper, old_hash, new_hash, 0, new_dir,
-			       key, (uint64_t)rank + 1, 1);
-	if (idx < 0) {
-		hlog(1, "the node's table of pending names is full: rank %d's names are not "
-		     "waited for here", rank);
-		return;
-	}
-	if (H.nproxies == H.capproxies) {
-		int cap = H.capproxies ? 2 * H.capproxies : 64;
-		struct proxy *np = realloc(H.proxies, cap * sizeof(*np));
-
-		if (!np) {
-			ackpt_name_release(H.reg, idx, H.pid);
-			return;
-		}
-		H.proxies = np;
-		H.capproxies = cap;
-	}
-	H.proxies[H.nproxies++] = (struct proxy){ rank, key, idx };
-}
-
-static void hook_synced(void)
-{
-	__atomic_store_n(&H.shm->names_synced, 1, __ATOMIC_RELEASE);
-	publish();
-}
-
-static void hook_settled(int rank, uint64_t key)
-{
-	int i;
-
-	for (i = 0; i < H.nproxies;) {
-		struct proxy *p = &H.proxies[i];
-
-		if (rank < 0 || (p->rank == rank && (!key || p->key == key))) {
-			if (H.reg)
-				ackpt_name_release(H.reg, p->idx, H.pid);
-			*p = H.proxies[--H.nproxies];
-			continue;
-		}
-		i++;
-	}
-}
-
 static void dispatch(void)
 {
 	uint64_t s;
@@ -1206,9 +1036,6 @@ static int receive_one(void)
 	}
 	if (fd >= 0)
 		close(fd);
-	if ((op.type == ACKPT_OP_WRITE || op.type == ACKPT_OP_DIRTY) && op.file < ACKPT_MAX_FILES)
-		H.files[op.file].written = 1;
-	announce_op(h);
 	if (op.type != ACKPT_OP_RENAME && op.type != ACKPT_OP_SYNC_ALL &&
 	    op.type != ACKPT_OP_COMMIT) {
 		struct hfile *f;
@@ -1425,14 +1252,11 @@ int main(int argc, char **argv)
 	H.head_seq = 1;
 	{
 		struct bar_hooks hooks = { hook_staged, hook_durable, hook_error, commit_decided,
-					   hook_log, hook_pending, hook_settled, hook_announced,
-					   hook_synced };
+					   hook_log };
 
 		/* registers with the coordinator before the shim's open returns */
 		if (bar_init(&hooks) < 0)
 			return 1;
-		if (!bar_awaits_sync())
-			hook_synced();
 	}
 	__atomic_store_n(&H.shm->helper_pid, H.pid, __ATOMIC_RELEASE);
 	publish();
@@ -1449,13 +1273,10 @@ int main(int argc, char **argv)
 				break;
 			}
 		}
-		announce_publish();
 		dispatch();
 		commit_pump();
 		tick = bar_tick();
 		commit_pump();
-		if (H.ann_head)
-			announce_settle(0);
 		if (eof && !H.npend && !engine_inflight(H.eng) && !H.cq_head)
 			break;
 		if (!reg_tried && atomic_load(&H.prefault_done) && engine_is_uring(H.eng) &&
@@ -1516,8 +1337,6 @@ int main(int argc, char **argv)
 		file_name_durable(i);
 		file_close(f);
 	}
-	announce_settle(1);
-	hook_settled(-1, 0);
 	publish();
 	if (H.reg && H.reg_helper >= 0)
 		__atomic_store_n(&H.reg->helpers[H.reg_helper].pid, 0, __ATOMIC_RELEASE);

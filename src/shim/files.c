@@ -791,44 +791,6 @@ void managed_resync(int fd)
 	session_unlock();
 }
 
-/*
- * A rank that only reads checkpoints has no helper, and so no one on its
- * node learns of what other nodes have pending.  In a job with a barrier,
- * its first look at a managed path starts its session: the helper
- * registers with the coordinator and receives every name pending in the
- * job before the look goes on.
- */
-void session_start_for_reading(int dirfd, const char *path)
-{
-	char canon[PATH_MAX];
-	int saved = errno;
-
-	if (LIKELY(!C.multi_rank) || S.state != SESS_NONE || !C.enabled || !path ||
-	    !session_is_owner() || tls_busy)
-		return;
-	/* a cheap look first: every open of the program goes through here
-	 * until the session starts (imports open thousands of files) */
-	if (C.nroots && path[0] == '/' && dirfd == AT_FDCWD) {
-		int i, maybe = 0;
-
-		for (i = 0; i < C.nroots && !maybe; i++)
-			maybe = C.root_is_glob[i] || path_under_root(path, C.roots[i]);
-		if (!maybe)
-			return; /* (a symlink into a root is missed here) */
-	}
-	if (canon_path(dirfd, path, canon, sizeof(canon)) == 0 && path_is_managed(canon)) {
-		struct stat st;
-
-		/* a file, or a name that may be about to appear; not a directory */
-		if ((real.fstatat(dirfd, path, &st, 0) < 0 || S_ISREG(st.st_mode)) &&
-		    session_lock() == 0) {
-			session_ensure();
-			session_unlock();
-		}
-	}
-	errno = saved;
-}
-
 /* Before touching a path: wait for a deferred rename involving it, and for
  * pending data of the file it names (flags: AT_SYMLINK_NOFOLLOW honoured). */
 int wait_path_pending(int dirfd, const char *path, int flags)
@@ -838,7 +800,6 @@ int wait_path_pending(int dirfd, const char *path, int flags)
 
 	if (!C.enabled)
 		return 0;
-	session_start_for_reading(dirfd, path);
 	if (ns_pending_any() && canon_path(dirfd, path, canon, sizeof(canon)) == 0)
 		ns_wait_path(canon);
 	if (!S.ninodes && !registry_any())

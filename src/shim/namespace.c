@@ -257,8 +257,6 @@ static int rename_common(int olddir, const char *oldp, int newdir, const char *n
 		if (flags == 0) {
 			struct outcome r = try_defer_rename(olddir, oldp, newdir, newp);
 
-			if (r.ours && r.ret == 0)
-				session_wait_announced(S.seq); /* other nodes learn of it first */
 			if (r.ours && r.ret == 0 && C.commit_sync)
 				session_sync_all(0, 0); /* --commit sync: wait until it is durable */
 			if (r.ours)

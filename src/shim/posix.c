@@ -23,7 +23,6 @@ static void pre_open(int dirfd, const char *path, int flags)
 
 	if (!C.enabled || !path)
 		return;
-	session_start_for_reading(dirfd, path);
 	if (acc == O_RDONLY && !(flags & O_TRUNC) && !ns_pending_any())
 		return; /* readers wait after the open, on the inode they got */
 	if (!ns_pending_any() && !S.ninodes && !registry_any())
@@ -308,7 +307,7 @@ static int fcntl_valid(int fd)
 ACKPT_EXPORT int close(int fd)
 {
 	int saved = errno, r, err = 0;
-	uint64_t commit = 0, before, sent;
+	uint64_t commit = 0;
 
 	ENSURE_REAL();
 	if (UNLIKELY(!real.close))
@@ -321,14 +320,10 @@ ACKPT_EXPORT int close(int fd)
 		return real.close(fd);
 	if (session_lock() < 0)
 		return real.close(fd);
-	before = S.seq;
 	r = real.close(fd);
 	if (r == 0 || errno != EBADF)
 		err = fd_release_commit(fd, &commit);
-	sent = S.seq != before ? S.seq : 0;
 	session_unlock();
-	if (sent)
-		session_wait_announced(sent); /* other nodes learn of the file before we return */
 	if (commit && C.commit_sync) {
 		/* --commit sync: wait for the metadata commit this close started */
 		session_wait_commit(commit, 0);

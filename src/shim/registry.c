@@ -18,7 +18,6 @@
 #include <sys/mman.h>
 #include <time.h>
 
-#include "names.h"
 #include "shim.h"
 
 static struct ackpt_registry *reg;
@@ -85,7 +84,8 @@ static struct ackpt_registry *registry_map(int create)
 /*
  * At start, in every process under ackpt: map the node's registry, making
  * it if it is not there.  A process that looked for it only when it first
- * needed it could miss a writer that appeared in between.
+ * needed it (at most once a second) could miss a writer that appeared in
+ * between, and read its file unwaited.
  */
 void registry_init(void)
 {
@@ -217,6 +217,46 @@ int registry_wait(uint64_t dev, uint64_t ino)
 
 /* ---- pending names ---- */
 
+static uint64_t name_hash(const char *p, size_t n)
+{
+	uint64_t h = 0xcbf29ce484222325ull;
+	size_t i;
+
+	for (i = 0; i < n; i++) {
+		h ^= (unsigned char)p[i];
+		h *= 0x100000001b3ull;
+	}
+	return h | 1; /* never 0: 0 means "no name" */
+}
+
+static uint64_t path_hash(const char *canon)
+{
+	return name_hash(canon, strlen(canon));
+}
+
+static uint64_t dir_hash(const char *canon)
+{
+	const char *slash = strrchr(canon, '/');
+
+	if (!slash)
+		return 0;
+	return name_hash(canon, slash == canon ? 1 : (size_t)(slash - canon));
+}
+
+/* Still pending: its helper is alive and has not got past it. */
+static int name_pending(struct ackpt_registry *r, struct ackpt_registry_name *n, int32_t pid)
+{
+	struct ackpt_registry_helper *h = &r->helpers[n->helper % ACKPT_REGISTRY_HELPERS];
+	uint64_t commit = __atomic_load_n(&n->commit_id, __ATOMIC_ACQUIRE);
+
+	if (__atomic_load_n(&h->pid, __ATOMIC_ACQUIRE) != pid)
+		return 0;
+	if (commit)
+		return __atomic_load_n(&h->commits_done, __ATOMIC_ACQUIRE) < commit;
+	return __atomic_load_n(&h->durable_seq, __ATOMIC_ACQUIRE) <
+	       __atomic_load_n(&n->seq, __ATOMIC_ACQUIRE);
+}
+
 /*
  * Publish a deferred rename (commit_id 0) or metadata commit of oldp to
  * newp (canonical paths), so other processes on the node wait for it.
@@ -226,21 +266,40 @@ int registry_wait(uint64_t dev, uint64_t ino)
 int registry_name_add(const char *oldp, const char *newp, uint64_t seq, uint64_t commit_id)
 {
 	struct ackpt_registry *r = registry_map(1);
-	int helper = S.shm ? S.shm->reg_helper : -1, i;
+	int helper = S.shm ? S.shm->reg_helper : -1;
 	static int warned;
+	unsigned i;
 
 	if (!r || helper < 0 || helper >= ACKPT_REGISTRY_HELPERS) {
 		alog(L_DEBUG, "no node registry: %s -> %s not published", oldp, newp);
 		return -1;
 	}
-	i = ackpt_name_claim(r, S.helper_pid, (uint32_t)helper, ackpt_path_hash(oldp),
-			     ackpt_path_hash(newp), ackpt_dir_hash(oldp), ackpt_dir_hash(newp), seq,
-			     commit_id, 0);
-	if (i >= 0) {
+	for (i = 0; i < ACKPT_REGISTRY_NAMES; i++) {
+		struct ackpt_registry_name *n = &r->names[i];
+		int32_t pid = __atomic_load_n(&n->pid, __ATOMIC_ACQUIRE);
+
+		if (pid && (kill(pid, 0) == 0 || errno != ESRCH) &&
+		    (!__atomic_load_n(&n->live, __ATOMIC_ACQUIRE) || name_pending(r, n, pid)))
+			continue;
+		/* free, or inert (done, or its helper died): take it */
+		if (!__atomic_compare_exchange_n(&n->pid, &pid, S.helper_pid, 0, __ATOMIC_ACQ_REL,
+						 __ATOMIC_RELAXED))
+			continue;
+		if (!pid)
+			__atomic_fetch_add(&r->names_used, 1, __ATOMIC_RELAXED);
+		__atomic_store_n(&n->live, 0, __ATOMIC_RELEASE);
+		n->helper = (uint32_t)helper;
+		n->old_hash = path_hash(oldp);
+		n->new_hash = path_hash(newp);
+		n->old_dir = dir_hash(oldp);
+		n->new_dir = dir_hash(newp);
+		__atomic_store_n(&n->seq, seq, __ATOMIC_RELEASE);
+		__atomic_store_n(&n->commit_id, commit_id, __ATOMIC_RELEASE);
+		__atomic_store_n(&n->live, 1, __ATOMIC_RELEASE);
 		own_names[i] = 1;
-		alog(L_DEBUG, "pending %s %s -> %s published to the node",
-		     commit_id ? "commit" : "rename", oldp, newp);
-		return i;
+		alog(L_DEBUG, "pending %s %s -> %s published to the node", commit_id ? "commit" : "rename",
+		     oldp, newp);
+		return (int)i;
 	}
 	if (!warned++)
 		alog(L_WARN, "the node's table of pending renames is full; other processes may see "
@@ -251,10 +310,16 @@ int registry_name_add(const char *oldp, const char *newp, uint64_t seq, uint64_t
 /* Our entry idx is done: free it. */
 void registry_name_del(int idx)
 {
+	struct ackpt_registry_name *n;
+	int32_t pid = S.helper_pid;
+
 	if (!reg || idx < 0 || idx >= ACKPT_REGISTRY_NAMES || !own_names[idx])
 		return;
 	own_names[idx] = 0;
-	ackpt_name_release(reg, idx, S.helper_pid);
+	n = &reg->names[idx];
+	__atomic_store_n(&n->live, 0, __ATOMIC_RELEASE);
+	if (__atomic_compare_exchange_n(&n->pid, &pid, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+		__atomic_fetch_sub(&reg->names_used, 1, __ATOMIC_RELAXED);
 }
 
 /* A forked child: the parent's entries stay the parent's. */
@@ -284,7 +349,7 @@ void registry_names_wait(const char *canon, int as_dir)
 
 	if (!r || !__atomic_load_n(&r->names_used, __ATOMIC_RELAXED))
 		return;
-	h = as_dir ? ackpt_name_hash(canon, strlen(canon)) : ackpt_path_hash(canon);
+	h = as_dir ? name_hash(canon, strlen(canon)) : path_hash(canon);
 	for (i = 0; i < ACKPT_REGISTRY_NAMES; i++) {
 		struct ackpt_registry_name *n = &r->names[i];
 
@@ -294,12 +359,11 @@ void registry_names_wait(const char *canon, int as_dir)
 			int match;
 
 			if (!pid || !__atomic_load_n(&n->live, __ATOMIC_ACQUIRE) ||
-			    (pid == S.helper_pid && S.state == SESS_ACTIVE &&
-			     !__atomic_load_n(&n->remote, __ATOMIC_ACQUIRE)))
-				break; /* ours: namespace.c orders it */
+			    (pid == S.helper_pid && S.state == SESS_ACTIVE))
+				break;
 			match = as_dir ? (n->old_dir == h || n->new_dir == h) :
 					 (n->old_hash == h || n->new_hash == h);
-			if (!match || !ackpt_name_pending(r, n, pid))
+			if (!match || !name_pending(r, n, pid))
 				break;
 			if (kill(pid, 0) < 0 && errno == ESRCH)
 				break; /* its helper is gone: what it did is all there is */

@@ -388,16 +388,6 @@ static int session_start(void)
 		}
 		futex_wait_gen(gen, 50000000ull);
 	}
-	/* and knows the names other nodes have pending (docs/BARRIER.md) */
-	while (!__atomic_load_n(&S.shm->names_synced, __ATOMIC_ACQUIRE)) {
-		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
-
-		if (__atomic_load_n(&S.shm->names_synced, __ATOMIC_ACQUIRE))
-			break;
-		if (!helper_alive() || now_ns() - t0 > start_limit)
-			break; /* its death is handled at the first op */
-		futex_wait_gen(gen, 50000000ull);
-	}
 	S.helper_pid = S.shm->helper_pid;
 	S.head = 0;
 	S.seq = 0;
@@ -945,36 +935,6 @@ int session_check_error_sticky(struct inode_state *ino)
 }
 
 /* Wait (without the session lock) until every op up to seq is complete. */
-/*
- * In a job with a barrier: until every other node knows of the names our
- * ops up to seq leave pending (a closed file's data, a deferred rename, a
- * commit), so that a rank that looks after the program's next collective
- * waits for them.  One round trip through the coordinator; bounded by the
- * barrier timeout.
- */
-void session_wait_announced(uint64_t seq)
-{
-	uint64_t t0 = now_ns(), deadline = t0 + (uint64_t)(C.barrier_timeout * 1e9);
-	int warned = 0;
-
-	if (!C.multi_rank || S.state != SESS_ACTIVE || !S.shm)
-		return;
-	while (__atomic_load_n(&S.shm->announced_seq, __ATOMIC_ACQUIRE) < seq) {
-		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
-		uint64_t t = now_ns();
-
-		if (__atomic_load_n(&S.shm->announced_seq, __ATOMIC_ACQUIRE) >= seq)
-			break;
-		if (t >= deadline || helper_gone())
-			break;
-		if (!warned && t - t0 > 2000000000ull) {
-			alog(L_INFO, "waiting for the other nodes to learn of pending checkpoint names");
-			warned = 1;
-		}
-		futex_wait_gen(gen, 100000000ull);
-	}
-}
-
 int session_wait(uint64_t seq, double timeout_s, int progress)
 {
 	uint64_t t0 = now_ns(), last_print = 0, last_bytes = 0, last_t = t0;

@@ -316,7 +316,6 @@ int session_check_commit_error(void);
 void session_commit_now(const char *tmp, const char *final, int own_temp);
 void files_fsync_all(void);
 int session_wait(uint64_t seq, double timeout_s, int progress);
-void session_wait_announced(uint64_t seq); /* lock not held */
 uint64_t session_durable(void);
 int session_check_error(struct inode_state *ino);
 int session_check_error_sticky(struct inode_state *ino); /* fsync: at every call */
@@ -333,7 +332,6 @@ DROPS int inode_drain(struct inode_state *ino);
 int inode_pending(struct inode_state *ino);
 LOCKED void inode_free(struct inode_state *ino);
 int wait_path_pending(int dirfd, const char *path, int flags);
-void session_start_for_reading(int dirfd, const char *path);
 int wait_stat_pending(const struct stat *st);
 LOCKED int fd_install(int fd, struct ofd *o);
 LOCKED int fd_release(int fd); /* drop our state for fd; -errno from pending error */

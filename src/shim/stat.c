@@ -89,7 +89,6 @@ static void before_path(int dirfd, const char *path, int flags)
 {
 	char canon[4096];
 
-	session_start_for_reading(dirfd, path);
 	if (C.enabled && ns_pending_any() && path &&
 	    canon_path(dirfd, path, canon, sizeof(canon)) == 0)
 		ns_wait_path(canon);

@@ -11,9 +11,8 @@ with FileSystemWriter(thread_count=N); rank 0 writes DIR/.metadata (DCP's own
 --wait-commit: after each save rank 0 stat()s DIR/.metadata -- under the
 shim the program's own access waits for the commit -- and prints
 "committed<i> ok|errno=N", then all ranks barrier.
---env-rank R NAME=VALUE: rank R sets NAME=VALUE in its environment first thing,
-before its imports (so its ackpt-helper, spawned at its first look at a managed
-path, sees it; used for
+--env-rank R NAME=VALUE: rank R sets NAME=VALUE in its environment before its
+first managed open (so its ackpt-helper, spawned then, sees it; used for
 ACKPT_FAULT on one rank).  Not for rank 0, whose helper starts with the
 program.
 """
@@ -22,20 +21,6 @@ import os
 import sys
 import time
 import warnings
-
-
-def _early_env_rank():
-    """--env-rank applies before anything (imports included) looks at a
-    managed path: in a job with a barrier, that first look starts the rank's
-    ackpt-helper, which takes its environment then."""
-    argv, rank = sys.argv, os.environ.get("RANK")
-    for i, a in enumerate(argv):
-        if a == "--env-rank" and i + 2 < len(argv) and argv[i + 1] == rank:
-            k, v = argv[i + 2].split("=", 1)
-            os.environ[k] = v
-
-
-_early_env_rank()
 
 warnings.filterwarnings("ignore")
 

@@ -30,9 +30,8 @@ import threading
 import time
 
 MAGIC = 0x42504B41
-VERSION = 2
-(HELLO, WELCOME, REQUEST, PREPARE, ACK, DECISION, BYE, ANNOUNCE, PENDING, PENDING_ACK, ANNOUNCED,
- SETTLED, SYNCED) = range(1, 14)
+VERSION = 1
+HELLO, WELCOME, REQUEST, PREPARE, ACK, DECISION, BYE = range(1, 8)
 FRAME = struct.Struct("<IHHQQii16s")
 assert FRAME.size == 48
 
@@ -203,10 +202,6 @@ class Sim:
         t = f["type"]
         if t == WELCOME:
             p.welcomed = True
-        elif t == PENDING:
-            # another rank's pending names: a real helper publishes them in its
-            # node's registry; every participant confirms, whatever its mode
-            self._send(p, pack(PENDING_ACK, id_=f["id"], arg=f["rank"], rank=p.rank))
         elif t == PREPARE:
             bid = f["id"]
             with self.lock:
