@@ -685,7 +685,7 @@ def test_coordinator_rejects_forged_peers(tmp_path):
             + sim.pack(sim.ACK, id_=bid, status=5, rank=1) + sim.pack(sim.ACK, id_=bid, rank=1),
             "ACK without HELLO": sim.pack(sim.ACK, id_=bid, status=5, rank=1)
             + sim.pack(sim.ACK, id_=bid, rank=1),
-            "wrong version": sim.pack(sim.HELLO, rank=1, tok=good, version=2)
+            "wrong version": sim.pack(sim.HELLO, rank=1, tok=good, version=sim.VERSION + 1)
             + sim.pack(sim.ACK, id_=bid, status=5, rank=1),
             "wrong magic": sim.pack(sim.HELLO, rank=1, tok=good, magic=0x12345678)
             + sim.pack(sim.ACK, id_=bid, status=5, rank=1),
@@ -746,7 +746,7 @@ def test_coordinator_survives_garbage(tmp_path):
             if kind == 0:
                 payload = rnd.randbytes(rnd.randrange(1, 300))
             elif kind == 1:
-                payload = sim.pack(rnd.randrange(0, 12), rnd.getrandbits(64), rnd.getrandbits(64),
+                payload = sim.pack(rnd.randrange(0, 14), rnd.getrandbits(64), rnd.getrandbits(64),
                                    rnd.randrange(-2**31, 2**31), rnd.randrange(-2**31, 2**31),
                                    rnd.randbytes(16))
             elif kind == 2:

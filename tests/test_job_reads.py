@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from barrierutil import free_master_port, job_env, run_job, shimmed, torchrun_argv
+from barrierutil import (free_master_port, in_netns, job_env, run_job, shimmed, start_job,
+                         torchrun_argv, two_nodes)
 from conftest import compare_trees
 from faultutil import need_shim
 
@@ -42,3 +43,48 @@ def test_every_rank_reads_what_the_job_saved(tmp_path, mode):
 
     diffs = compare_trees(outs["plain"], outs["shim_"], {"*.metadata": same_but_path})
     assert not diffs, diffs
+
+
+def _private_shm(argv):
+    """A mount namespace with its own /dev/shm: another node's node registry."""
+    return ["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm && exec \"$@\"", "sh"] + \
+        [str(a) for a in argv]
+
+
+@pytest.mark.parametrize("mode", ["dcp", "torchsave"])
+def test_every_rank_reads_across_two_nodes(tmp_path, mode):
+    """The same, with rank 0 and rank 1 on two simulated nodes: separate
+    network namespaces and mount namespaces (each its own /dev/shm, so its own
+    node registry), sharing the checkpoint directory."""
+    import shutil
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    outs, lines = {}, {}
+    for label in ("plain", "shim_"):
+        base = tmp_path / label
+        out = base / "ckpt"
+        out.mkdir(parents=True)
+        with two_nodes() as ((ns_a, addr_a), (ns_b, _addr_b)):
+            port = free_master_port()
+            jobs = []
+            try:
+                for node, ns, dev in ((0, ns_a, "ackptvA"), (1, ns_b, "ackptvB")):
+                    argv = torchrun_argv(1, port, "read_your_writes.py", [out, mode], nnodes=2,
+                                         node_rank=node, master_addr=addr_a)
+                    if label != "plain":
+                        argv = shimmed(argv, out)
+                    env = job_env(GLOO_SOCKET_IFNAME=dev, TP_SOCKET_IFNAME=dev,
+                                  ACKPT_TEST_DELAY_MS=100 if label != "plain" else None)
+                    jobs.append(start_job("%s-node%d" % (label, node),
+                                          in_netns(ns, _private_shm(argv)), env, base))
+                for j in jobs:
+                    j.wait(240)
+            finally:
+                for j in jobs:
+                    j.kill()
+        for j in jobs:
+            assert j.returncode == 0, j.describe()
+        outs[label] = out
+        lines[label] = sorted(ln for j in jobs for ln in j.stdout().splitlines()
+                              if ln.startswith("rank "))
+    assert lines["plain"] and lines["shim_"] == lines["plain"], (lines["plain"], lines["shim_"])

@@ -215,6 +215,49 @@ def test_child_stat_and_read(tmp_path):
     """))
 
 
+def test_reader_opened_before_another_process_writes(tmp_path):
+    """A descriptor opened for reading before another process staged its
+    writes reads them once that process's write has returned and said so:
+    after the writer closed the file, and while it still holds it open.
+    Checked for read, pread, readinto, sendfile and copy_file_range
+    (docs/DESIGN.md 3.3)."""
+    _differential(tmp_path, _py("""
+        import os, sys
+        os.chdir(sys.argv[1])
+        for name in ("closed.bin", "open.bin"):
+            open(name, "wb").close()
+        fds = {n: os.open(n, os.O_RDONLY) for n in ("closed.bin", "open.bin")}
+        r, w = os.pipe()
+        back_r, back_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            with open("closed.bin", "r+b") as f:
+                f.write(b"c" * 300000)
+            g = open("open.bin", "r+b")
+            g.write(b"o" * 200000)
+            g.flush()
+            os.write(w, b"k")
+            os.read(back_r, 1)   # hold it open until the parent has read
+            g.close()
+            os._exit(0)
+        os.read(r, 1)
+        for n, fd in fds.items():
+            data = os.read(fd, 1 << 20)
+            more = os.pread(fd, 1 << 20, 0)
+            buf = bytearray(100)
+            os.lseek(fd, 5, os.SEEK_SET)
+            got = os.readv(fd, [buf])
+            print(n, len(data), len(more), got, bytes(buf[:3]), os.fstat(fd).st_size)
+            os.lseek(fd, 0, os.SEEK_SET)
+            with open(n + ".copy", "wb") as out:
+                print("copied", os.copy_file_range(fd, out.fileno(), 1 << 20))
+            with open(n + ".sent", "wb") as out:
+                print("sent", os.sendfile(out.fileno(), fd, 0, 1 << 20))
+        os.write(back_w, b"k")
+        os.waitpid(pid, 0)
+    """))
+
+
 # ---- commit markers ------------------------------------------------------
 
 MARKER_SCRIPTS = [

@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #define ACKPT_BAR_MAGIC   0x42504b41u /* "AKPB" */
-#define ACKPT_BAR_VERSION 1
+#define ACKPT_BAR_VERSION 2 /* 2: observers, NAME, QUERY, ANSWER, PROGRESS */
 #define ACKPT_TOKEN_LEN   16
 
 enum ackpt_bar_type {
@@ -21,7 +21,25 @@ enum ackpt_bar_type {
 	BAR_ACK,         /* participant -> coord: barrier `id` durable (status 0) or errno */
 	BAR_DECISION,    /* coord -> requester and all: status 0 commit, else abort */
 	BAR_BYE,         /* participant -> coord: drained and leaving cleanly */
+	/* Other nodes' pending names (docs/DESIGN.md 3.17).  An observer is a
+	 * program process (its shim): it says HELLO with status
+	 * ACKPT_HELLO_OBSERVER and never takes part in a barrier. */
+	BAR_NAME,        /* observer -> coord: a name with pending work: id hash, arg
+			  * the op seq or commit id that settles it, status NAME_*,
+			  * rank the owning helper's participant id (ACKPT_COORD_LOCAL:
+			  * the host), token[0..8) the node id, token[8..16) the owner's
+			  * progress (durable seq or commits done) when sent */
+	BAR_QUERY,       /* observer -> coord: id hash, status NAME_DIR or 0, token[0..8)
+			  * the asker's node id: is it pending on another node? */
+	BAR_ANSWER,      /* coord -> observer: one per NAME or QUERY, in order; status 1
+			  * pending, 0 not */
+	BAR_PROGRESS,    /* participant -> coord: id its durable seq, arg its commits done */
 };
+
+#define ACKPT_HELLO_OBSERVER 1
+#define ACKPT_NAME_COMMIT    0x1 /* arg is a commit id (else an op seq) */
+#define ACKPT_NAME_DIR       0x2 /* the hash is of a directory the name is in */
+#define ACKPT_COORD_LOCAL    0x7fffffff /* participant id of the host's own helper */
 
 struct ackpt_bar_msg {
 	uint32_t magic;
@@ -31,7 +49,7 @@ struct ackpt_bar_msg {
 	uint64_t arg;       /* REQUEST: commit id; DECISION: commit id of the requester */
 	int32_t status;     /* 0 or a positive errno */
 	int32_t rank;
-	uint8_t token[ACKPT_TOKEN_LEN]; /* HELLO only; zero elsewhere */
+	uint8_t token[ACKPT_TOKEN_LEN]; /* HELLO: the job token; NAME, QUERY: see above */
 };
 
 _Static_assert(sizeof(struct ackpt_bar_msg) == 48, "barrier frames are 48 bytes");

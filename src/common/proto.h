@@ -18,8 +18,8 @@
 #include <stdint.h>
 
 #define ACKPT_PROTO_MAGIC   0x74706b63614b4341ull /* "ACKackpt" */
-#define ACKPT_PROTO_VERSION 2 /* 2: one payload struct per op; no TRUNCATE (ftruncate
-				* goes through the kernel); DIRTY */
+#define ACKPT_PROTO_VERSION 3 /* 2: one payload struct per op; no TRUNCATE (ftruncate
+				* goes through the kernel); DIRTY.  3: coord_part, announced_* */
 
 /* Descriptor numbers the helper finds its channels on after exec. */
 #define ACKPT_HELPER_SOCK_FD 3
@@ -162,12 +162,20 @@ struct ackpt_shm {
 	int32_t commit_last_err;    /* helper: errno of the last abort */
 	uint32_t pad2;
 
+	/* other nodes' view (docs/DESIGN.md 3.17) */
+	int32_t coord_part;         /* helper, at start: its participant id at the barrier
+				     * coordinator (ACKPT_COORD_LOCAL: it hosts it), or -1 */
+	uint32_t pad3;
+	uint64_t announced_seq;     /* shim: highest op seq it told the coordinator a name
+				     * waits for; the helper reports progress past it */
+	uint64_t announced_commit;  /* shim: the same for commit ids */
+
 	struct ackpt_file_slot files[ACKPT_MAX_FILES];
 };
 
 _Static_assert(__builtin_offsetof(struct ackpt_shm, durable_seq) == 32 &&
 	       __builtin_offsetof(struct ackpt_shm, staged_seq) == 104 &&
-	       __builtin_offsetof(struct ackpt_shm, files) == 136, "control block layout");
+	       __builtin_offsetof(struct ackpt_shm, files) == 160, "control block layout");
 
 #define ACKPT_HF_URING      0x1  /* io_uring engine (else pwrite pool) */
 #define ACKPT_HF_FIXED_BUFS 0x2  /* arena registered as fixed buffers */

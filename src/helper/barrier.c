@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "../common/barrier.h"
+#include "../common/job.h"
 
 #define LOCAL -1
 #define MAX_PEND 1024
@@ -39,6 +40,9 @@ struct part {
 	int rank;
 	int alive;
 	int hello;
+	int observer;         /* a program process asking about names, not in barriers */
+	uint64_t durable;     /* its last PROGRESS: durable seq, commits done */
+	uint64_t commits;
 	uint64_t hello_by;    /* a connection without a HELLO is closed then */
 	int rlen;
 	unsigned char rbuf[sizeof(struct ackpt_bar_msg)];
@@ -58,6 +62,15 @@ struct bar {
 	struct bar *next;
 };
 
+/* A name with pending work somewhere in the job (BAR_NAME). */
+struct cname {
+	uint64_t hash, key, node;
+	int owner;            /* participant id, or ACKPT_COORD_LOCAL */
+	uint32_t flags;       /* ACKPT_NAME_* */
+};
+
+#define MAX_NAMES 65536
+
 static struct {
 	int global, host, rank, world;
 	const char *broken;   /* why a global barrier cannot work, or NULL */
@@ -67,8 +80,10 @@ static struct {
 	char addr[256];
 	int port;
 	/* participant side */
-	int cfd, crlen;
+	int cfd, crlen, my_id;
 	unsigned char crbuf[sizeof(struct ackpt_bar_msg)];
+	uint64_t sent_durable, sent_commits; /* last PROGRESS sent */
+	int progress_owed;    /* a PROGRESS could not be sent yet */
 	struct { uint64_t bid, target; } pend[MAX_PEND];
 	int npend;
 	struct { uint64_t commit_id, deadline; } req[MAX_REQ];
@@ -81,7 +96,9 @@ static struct {
 	uint64_t next_bid;
 	int lost[64];        /* ranks lost without BYE and not registered again */
 	int nlost;
-} B = { .cfd = -1, .lfd = -1 };
+	struct cname *names;
+	int nnames, capnames;
+} B = { .cfd = -1, .lfd = -1, .my_id = -1 };
 
 static uint64_t now_ns(void)
 {
@@ -89,29 +106,6 @@ static uint64_t now_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
-}
-
-/* 128-bit FNV-1a twice with different seeds: identifies the job, not a MAC. */
-static void derive_token(const char *s, uint8_t out[ACKPT_TOKEN_LEN])
-{
-	uint64_t a = 0xcbf29ce484222325ull, b = 0x84222325cbf29ce4ull;
-	const unsigned char *p;
-
-	for (p = (const unsigned char *)s; *p; p++) {
-		a = (a ^ *p) * 0x100000001b3ull;
-		b = (b ^ (*p + 0x5bu)) * 0x100000001b3ull;
-	}
-	memcpy(out, &a, 8);
-	memcpy(out + 8, &b, 8);
-}
-
-static int env_int(const char *a, const char *b, int dflt)
-{
-	const char *v = getenv(a);
-
-	if ((!v || !*v) && b)
-		v = getenv(b);
-	return v && *v ? atoi(v) : dflt;
 }
 
 static int send_msg(int fd, int type, uint64_t id, uint64_t arg, int status)
@@ -122,13 +116,15 @@ static int send_msg(int fd, int type, uint64_t id, uint64_t arg, int status)
 
 	if (type == BAR_HELLO)
 		memcpy(m.token, B.token, ACKPT_TOKEN_LEN);
+	if (type == BAR_PROGRESS)
+		m.rank = B.my_id;
 	return send(fd, &m, sizeof(m), MSG_NOSIGNAL | MSG_DONTWAIT) == (ssize_t)sizeof(m) ? 0 : -1;
 }
 
 static int valid(const struct ackpt_bar_msg *m)
 {
 	return m->magic == ACKPT_BAR_MAGIC && m->version == ACKPT_BAR_VERSION &&
-	       m->type >= BAR_HELLO && m->type <= BAR_BYE;
+	       m->type >= BAR_HELLO && m->type <= BAR_PROGRESS;
 }
 
 /*
@@ -183,7 +179,8 @@ static void decide(struct bar *b, int status, int culprit_rank)
 		B.h.log(0, "barrier %llu aborted: %s (rank %d); the metadata is not committed",
 			(unsigned long long)b->id, strerror(status), culprit_rank);
 		for (i = 0; i < B.nparts; i++)
-			if (B.parts[i].alive && B.parts[i].hello && i != b->requester) {
+			if (B.parts[i].alive && B.parts[i].hello && !B.parts[i].observer &&
+			    i != b->requester) {
 				struct ackpt_bar_msg d = { .magic = ACKPT_BAR_MAGIC,
 							   .version = ACKPT_BAR_VERSION,
 							   .type = BAR_DECISION, .id = b->id,
@@ -260,7 +257,7 @@ static void bar_start(int requester, uint64_t commit_id)
 	b->next = B.bars;
 	B.bars = b;
 	for (i = 0; i < B.nparts; i++) {
-		if (!B.parts[i].alive || !B.parts[i].hello)
+		if (!B.parts[i].alive || !B.parts[i].hello || B.parts[i].observer)
 			continue;
 		if (send_msg(B.parts[i].fd, BAR_PREPARE, b->id, 0, 0) < 0)
 			continue; /* its loss is noticed when the connection breaks */
@@ -275,6 +272,102 @@ static void bar_start(int requester, uint64_t commit_id)
 		B.pend[B.npend].target = B.h.staged_seq();
 		B.npend++;
 	}
+}
+
+/* ---- other nodes' pending names ---- */
+
+/* How far owner has got (for a commit key or an op seq); 0 when the owner
+ * is gone, so nothing of it can still be pending. */
+static int owner_progress(int owner, uint32_t flags, uint64_t *v)
+{
+	struct part *p;
+
+	if (owner == ACKPT_COORD_LOCAL) {
+		*v = flags & ACKPT_NAME_COMMIT ? B.h.commits_done() : B.h.durable_seq();
+		return 1;
+	}
+	if (owner < 0 || owner >= B.nparts)
+		return 0;
+	p = &B.parts[owner];
+	if (!p->alive || !p->hello || p->observer)
+		return 0;
+	*v = flags & ACKPT_NAME_COMMIT ? p->commits : p->durable;
+	return 1;
+}
+
+static int name_settled(const struct cname *c)
+{
+	uint64_t v;
+
+	return !owner_progress(c->owner, c->flags, &v) || v >= c->key;
+}
+
+static void names_prune(void)
+{
+	int i;
+
+	for (i = 0; i < B.nnames;)
+		if (name_settled(&B.names[i]))
+			B.names[i] = B.names[--B.nnames];
+		else
+			i++;
+}
+
+static void on_name(const struct ackpt_bar_msg *m)
+{
+	struct cname c = { .hash = m->id, .key = m->arg, .owner = m->rank,
+			   .flags = (uint32_t)m->status };
+	uint64_t progress;
+	static int warned;
+
+	memcpy(&c.node, m->token, 8);
+	memcpy(&progress, m->token + 8, 8);
+	if (c.owner >= 0 && c.owner < B.nparts && B.parts[c.owner].hello &&
+	    !B.parts[c.owner].observer) {
+		/* the announcer read its helper's progress after publishing
+		 * what it announces: take it, the helper may have nothing newer
+		 * to report */
+		uint64_t *v = c.flags & ACKPT_NAME_COMMIT ? &B.parts[c.owner].commits :
+							     &B.parts[c.owner].durable;
+
+		if (progress > *v)
+			*v = progress;
+	}
+	names_prune();
+	if (name_settled(&c))
+		return;
+	if (B.nnames == B.capnames) {
+		int cap = B.capnames ? 2 * B.capnames : 256;
+		struct cname *n = cap <= MAX_NAMES ? realloc(B.names, cap * sizeof(*n)) : NULL;
+
+		if (!n) {
+			if (!warned++)
+				B.h.log(1, "coordinator: too many pending names; other nodes may see "
+					"old names until they are done");
+			return;
+		}
+		B.names = n;
+		B.capnames = cap;
+	}
+	B.names[B.nnames++] = c;
+}
+
+static int name_pending_elsewhere(const struct ackpt_bar_msg *m)
+{
+	uint64_t node;
+	int i;
+
+	memcpy(&node, m->token, 8);
+	names_prune();
+	for (i = 0; i < B.nnames; i++) {
+		const struct cname *c = &B.names[i];
+
+		/* the asker's own node answers for itself, from its registry */
+		if (c->hash == m->id && c->node != node &&
+		    (c->flags & ACKPT_NAME_DIR) == ((uint32_t)m->status & ACKPT_NAME_DIR))
+			return 1;
+	}
+	return 0;
 }
 
 static int on_part_msg(const struct ackpt_bar_msg *m, void *arg)
@@ -292,6 +385,11 @@ static int on_part_msg(const struct ackpt_bar_msg *m, void *arg)
 		}
 		p->hello = 1;
 		p->rank = m->rank;
+		if (m->status == ACKPT_HELLO_OBSERVER) {
+			p->observer = 1;
+			send_msg(p->fd, BAR_WELCOME, (uint64_t)i, 0, 0);
+			return 0;
+		}
 		for (int k = 0; k < B.nlost; k++)
 			if (B.lost[k] == p->rank) {
 				B.lost[k] = B.lost[--B.nlost];
@@ -300,7 +398,24 @@ static int on_part_msg(const struct ackpt_bar_msg *m, void *arg)
 		send_msg(p->fd, BAR_WELCOME, (uint64_t)i, 0, 0);
 		return 0;
 	}
+	if (p->observer) {
+		if (m->type == BAR_NAME) {
+			on_name(m);
+			send_msg(p->fd, BAR_ANSWER, m->id, 0, 0);
+		} else if (m->type == BAR_QUERY) {
+			send_msg(p->fd, BAR_ANSWER, m->id, 0, name_pending_elsewhere(m));
+		} else {
+			p->alive = 0; /* an observer never sends anything else */
+		}
+		return !p->alive;
+	}
 	switch (m->type) {
+	case BAR_PROGRESS:
+		if (m->id > p->durable)
+			p->durable = m->id;
+		if (m->arg > p->commits)
+			p->commits = m->arg;
+		break;
 	case BAR_REQUEST:
 		bar_start(i, m->arg);
 		break;
@@ -335,7 +450,7 @@ static void part_lost(int i)
 	p->alive = 0;
 	p->hello = 0;
 	B.nalive--;
-	if (!was)
+	if (!was || p->observer)
 		return;
 	B.h.log(0, "coordinator: rank %d's helper was lost without leaving cleanly; commits are "
 		"refused until that rank registers again", p->rank);
@@ -361,7 +476,13 @@ static void coord_accept(void)
 			return;
 		for (int k = 0; k < B.nparts; k++)
 			if (B.parts[k].fd < 0 && !B.parts[k].alive) {
-				/* a closed slot: no barrier still waits on it */
+				/* a closed slot: no barrier still waits on it, and
+				 * the names its helper owned go with it */
+				for (int n = 0; n < B.nnames;)
+					if (B.names[n].owner == k)
+						B.names[n] = B.names[--B.nnames];
+					else
+						n++;
 				setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 				memset(&B.parts[k], 0, sizeof(B.parts[k]));
 				B.parts[k].fd = fd;
@@ -475,6 +596,7 @@ static int connect_coord(void)
 			close(fd);
 			return -EPROTO;
 		}
+		B.my_id = (int)m.id;
 	}
 	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
 	B.cfd = fd;
@@ -485,13 +607,13 @@ static int connect_coord(void)
 
 int bar_init(const struct bar_hooks *hooks)
 {
-	const char *coord = getenv("ACKPT_COORD"), *tok = getenv("ACKPT_JOB_TOKEN");
 	const char *t = getenv("ACKPT_BARRIER_TIMEOUT");
-	char idbuf[512];
+	struct ackpt_job job;
 
 	B.h = *hooks;
-	B.rank = env_int("RANK", "SLURM_PROCID", 0);
-	B.world = env_int("WORLD_SIZE", "SLURM_NTASKS", 1);
+	ackpt_job_discover(&job);
+	B.rank = job.rank;
+	B.world = job.world;
 	B.timeout_ns = 600ull * 1000000000ull;
 	if (t && *t) {
 		char *end;
@@ -502,33 +624,17 @@ int bar_init(const struct bar_hooks *hooks)
 		else
 			B.timeout_ns = (uint64_t)(v * 1e9);
 	}
-	if (coord && *coord) {
-		const char *colon = strrchr(coord, ':');
-
-		if (!colon || colon == coord || atoi(colon + 1) <= 0 || atoi(colon + 1) > 65535) {
-			B.h.log(0, "ACKPT_COORD=\"%s\" is invalid (expected host:port)", coord);
-			B.global = 1;
-			B.broken = "ACKPT_COORD is invalid";
-			return 0;
-		}
-		snprintf(B.addr, sizeof(B.addr), "%.*s", (int)(colon - coord), coord);
-		B.port = atoi(colon + 1);
-	} else if (getenv("MASTER_ADDR") && getenv("MASTER_PORT")) {
-		snprintf(B.addr, sizeof(B.addr), "%s", getenv("MASTER_ADDR"));
-		B.port = (atoi(getenv("MASTER_PORT")) + ACKPT_COORD_PORT_OFFSET - 1024) % (65536 - 1024) + 1024;
-	}
-	if (B.world <= 1 && !(coord && *coord))
+	if (!job.global)
 		return 0; /* a single process: the barrier is a local drain */
 	B.global = 1;
-	if (!B.port) {
-		B.broken = "a multi-rank job needs ACKPT_COORD=host:port (or torchrun's MASTER_ADDR/MASTER_PORT)";
+	if (job.broken) {
+		B.broken = job.broken;
 		B.h.log(0, "%s; metadata commits will be aborted", B.broken);
 		return 0;
 	}
-	snprintf(idbuf, sizeof(idbuf), "%s|%s|%s:%d", tok ? tok : "",
-		 getenv("TORCHELASTIC_RUN_ID") ? getenv("TORCHELASTIC_RUN_ID") :
-		 getenv("SLURM_JOB_ID") ? getenv("SLURM_JOB_ID") : "", B.addr, B.port);
-	derive_token(idbuf, B.token);
+	snprintf(B.addr, sizeof(B.addr), "%s", job.addr);
+	B.port = job.port;
+	memcpy(B.token, job.token, ACKPT_TOKEN_LEN);
 
 	if (getenv("ACKPT_COORD_HOST") && !strcmp(getenv("ACKPT_COORD_HOST"), "1")) {
 		struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)B.port),
@@ -571,6 +677,37 @@ int bar_init(const struct bar_hooks *hooks)
 }
 
 int bar_is_global(void) { return B.global; }
+
+int bar_part_id(void)
+{
+	if (!B.global)
+		return -1;
+	return B.host ? ACKPT_COORD_LOCAL : B.cfd >= 0 ? B.my_id : -1;
+}
+
+/*
+ * Tell the coordinator how far we have got, when a program process has
+ * announced names that wait for it (ann_*: the highest op seq and commit
+ * id announced).  The caller fences between publishing durable/commits
+ * and reading ann_*; the announcer fences the other way round and sends
+ * the progress it saw, so one of the two always reports it.
+ */
+void bar_progress(uint64_t durable, uint64_t commits, uint64_t ann_seq, uint64_t ann_commit)
+{
+	if (!B.global || B.host || B.cfd < 0)
+		return;
+	if (durable == B.sent_durable && commits == B.sent_commits)
+		return;
+	if (B.sent_durable >= ann_seq && B.sent_commits >= ann_commit && !B.progress_owed)
+		return;
+	if (send_msg(B.cfd, BAR_PROGRESS, durable, commits, 0) < 0) {
+		B.progress_owed = 1; /* the socket is full: again at the next tick */
+		return;
+	}
+	B.progress_owed = 0;
+	B.sent_durable = durable;
+	B.sent_commits = commits;
+}
 int bar_rank(void) { return B.rank; }
 
 int bar_participants(void)
@@ -761,6 +898,8 @@ int bar_tick(void)
 		next = 50;
 	if (B.nreq && (next < 0 || next > 1000))
 		next = 1000;
+	if (B.progress_owed && (next < 0 || next > 10))
+		next = 10;
 	return next;
 }
 
@@ -770,7 +909,7 @@ static int registered(void)
 	int i, n = 0;
 
 	for (i = 0; i < B.nparts; i++)
-		n += B.parts[i].alive && B.parts[i].hello;
+		n += B.parts[i].alive && B.parts[i].hello && !B.parts[i].observer;
 	return n;
 }
 

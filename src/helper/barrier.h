@@ -12,6 +12,7 @@
 struct bar_hooks {
 	uint64_t (*staged_seq)(void);   /* how far the shim has filled our queue */
 	uint64_t (*durable_seq)(void);  /* how far it is durable */
+	uint64_t (*commits_done)(void); /* commit ids <= this are finished */
 	int (*error_since_ack)(void);   /* errno of a write error since the last ack, or 0 */
 	void (*decided)(uint64_t commit_id, int status, const char *why);
 	void (*log)(int level, const char *fmt, ...);
@@ -31,5 +32,9 @@ int bar_tick(void);
 /* Leave cleanly; a host waits (bounded) for its participants to leave first. */
 void bar_shutdown(void);
 int bar_participants(void);
+/* Our participant id at the coordinator (ACKPT_COORD_LOCAL when we host
+ * it), or -1 when not registered. */
+int bar_part_id(void);
+void bar_progress(uint64_t durable, uint64_t commits, uint64_t ann_seq, uint64_t ann_commit);
 
 #endif

@@ -786,6 +786,11 @@ static uint64_t hook_staged(void)
 	return __atomic_load_n(&H.shm->staged_seq, __ATOMIC_ACQUIRE);
 }
 
+static uint64_t hook_commits(void)
+{
+	return H.shm->commits_done;
+}
+
 static uint64_t hook_durable(void)
 {
 	return __atomic_load_n(&H.shm->durable_seq, __ATOMIC_ACQUIRE);
@@ -1251,12 +1256,13 @@ int main(int argc, char **argv)
 	H.next_seq = 1;
 	H.head_seq = 1;
 	{
-		struct bar_hooks hooks = { hook_staged, hook_durable, hook_error, commit_decided,
-					   hook_log };
+		struct bar_hooks hooks = { hook_staged, hook_durable, hook_commits, hook_error,
+					   commit_decided, hook_log };
 
 		/* registers with the coordinator before the shim's open returns */
 		if (bar_init(&hooks) < 0)
 			return 1;
+		H.shm->coord_part = bar_part_id();
 	}
 	__atomic_store_n(&H.shm->helper_pid, H.pid, __ATOMIC_RELEASE);
 	publish();
@@ -1302,6 +1308,13 @@ int main(int argc, char **argv)
 			pfd[nfds].fd = H.sock;
 			pfd[nfds++].events = POLLIN;
 		}
+		/* after publishing progress, before reading what was announced:
+		 * pairs with the fence in the shim's job_announce() */
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		bar_progress(__atomic_load_n(&H.shm->durable_seq, __ATOMIC_RELAXED),
+			     __atomic_load_n(&H.shm->commits_done, __ATOMIC_RELAXED),
+			     __atomic_load_n(&H.shm->announced_seq, __ATOMIC_RELAXED),
+			     __atomic_load_n(&H.shm->announced_commit, __ATOMIC_RELAXED));
 		nbar = bar_pollfds(pfd + nfds, npfd - nfds);
 		timeout = engine_inflight(H.eng) ? 1000 : 5000;
 		if (tick >= 0 && tick < timeout)

@@ -12,6 +12,7 @@
 #include <sys/sysinfo.h>
 
 #include "shim.h"
+#include "job.h"
 
 struct ackpt_config C;
 
@@ -211,6 +212,12 @@ void config_load(void)
 		if (!world || !*world)
 			world = getenv("SLURM_NTASKS");
 		C.multi_rank = (world && atoi(world) > 1) || (getenv("ACKPT_COORD") && *getenv("ACKPT_COORD"));
+		{
+			struct ackpt_job job;
+
+			ackpt_job_discover(&job);
+			C.multi_node = ackpt_job_multi_node(&job);
+		}
 		/* rank 0's first process hosts the coordinator; its children
 		 * (which inherit RANK=0) join as participants */
 		const char *owner = getenv("ACKPT_COORD_OWNER");

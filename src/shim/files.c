@@ -39,6 +39,62 @@ void fd_protect(int fd, int on)
 		atomic_store(&fd_protected[fd], on);
 }
 
+/* ---- readers' descriptors ---- */
+
+/*
+ * A managed file opened for reading while no process of the node had work
+ * pending on it: another process may stage writes to it later, and a read
+ * through this descriptor after that process's write returned must see
+ * them.  Such descriptors are watched: their reads wait in the registry
+ * for the file's pending work, when there is any on the node.  The file's
+ * identity is kept, and checked again with fstat, because the number may
+ * have been closed behind our back and reused.
+ */
+atomic_uchar fd_watched[FD_MAX];
+static struct { uint64_t dev, ino; } *watch_id;
+
+static void watch_set(int fd, const struct stat *st)
+{
+	if ((unsigned)fd >= FD_MAX)
+		return;
+	if (!watch_id) {
+		void *p = calloc(FD_MAX, sizeof(*watch_id));
+		void *none = NULL;
+
+		if (!p)
+			return;
+		if (!__atomic_compare_exchange_n(&watch_id, &none, p, 0, __ATOMIC_ACQ_REL,
+						 __ATOMIC_ACQUIRE))
+			free(p);
+	}
+	watch_id[fd].dev = st->st_dev;
+	watch_id[fd].ino = st->st_ino;
+	atomic_store_explicit(&fd_watched[fd], 1, memory_order_release);
+}
+
+void watch_clear(int fd)
+{
+	if ((unsigned)fd < FD_MAX && atomic_load_explicit(&fd_watched[fd], memory_order_relaxed))
+		atomic_store_explicit(&fd_watched[fd], 0, memory_order_relaxed);
+}
+
+/* Before a read through a watched descriptor. */
+void watch_wait(int fd)
+{
+	struct stat st;
+	int saved = errno;
+
+	if (!registry_any() || real.fstat(fd, &st) < 0)
+		goto out;
+	if (!watch_id || st.st_dev != watch_id[fd].dev || st.st_ino != watch_id[fd].ino) {
+		watch_clear(fd); /* another file now: closed behind our back */
+		goto out;
+	}
+	registry_wait(st.st_dev, st.st_ino);
+out:
+	errno = saved;
+}
+
 /* ---- inodes ---- */
 
 static unsigned hash_of(uint64_t dev, uint64_t ino)
@@ -201,6 +257,7 @@ void files_relocate_protected(int fd)
 			if (i->shadow_fd == fd)
 				i->shadow_fd = nfd;
 	}
+	job_fd_moved(fd, nfd);
 	if (S.sock == fd)
 		S.sock = nfd;
 	if (S.memfd == fd)
@@ -262,10 +319,16 @@ static uint64_t ofd_put(struct ofd *o)
 				commit = marker_commit(ino);
 			if (S.state == SESS_ACTIVE) {
 				ino->closing = 1;
-				if (session_send_simple(ACKPT_OP_CLOSE, ino) == 0)
+				if (session_send_simple(ACKPT_OP_CLOSE, ino) == 0) {
+					const char *paths[] = { ino->path, NULL };
+
 					ino->close_seq = ino->last_seq;
-				else
+					/* other nodes' readers wait for the data */
+					if (ino->path)
+						job_announce(paths, 0, ino->last_seq, 0);
+				} else {
 					ino->close_seq = 0;
+				}
 			}
 			if (S.state != SESS_ACTIVE || ino->last_seq <= session_durable()) {
 				ino->closing = 1;
@@ -342,13 +405,16 @@ int files_post_open(int fd, int flags, const char *how, int force)
 		fd_release(fd);
 		session_unlock();
 	}
+	watch_clear(fd);
 	if (flags & O_PATH)
 		return fd;
 	if (!writable) {
+		if (real.fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
+			return fd;
+		if (C.nroots && fd_path(fd, canon, sizeof(canon)) == 0 && path_is_managed(canon))
+			watch_set(fd, &st); /* later writes by others: its reads wait */
 		/* a reader of a file with pending work waits for it */
 		if (!S.ninodes && !registry_any())
-			return fd;
-		if (real.fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
 			return fd;
 		registry_wait(st.st_dev, st.st_ino);
 		if (!S.ninodes || session_lock() < 0)

@@ -27,7 +27,8 @@ static atomic_int ns_count;
 /* A deferred rename or commit anywhere on the node (cheap when none). */
 int ns_pending_any(void)
 {
-	return atomic_load_explicit(&ns_count, memory_order_relaxed) > 0 || registry_names_any();
+	return atomic_load_explicit(&ns_count, memory_order_relaxed) > 0 || registry_names_any() ||
+	       job_multi_node();
 }
 
 void ns_prune(uint64_t durable)
@@ -79,6 +80,11 @@ void ns_add(const char *oldp, const char *newp, uint64_t seq, uint64_t commit_id
 		return;
 	}
 	e->reg_idx = registry_name_add(oldp, newp, seq, commit_id);
+	{
+		const char *paths[] = { oldp, newp, NULL };
+
+		job_announce(paths, 1, seq, commit_id);
+	}
 	e->next = ns_list;
 	ns_list = e;
 	atomic_fetch_add(&ns_count, 1);
@@ -123,6 +129,9 @@ static void ns_wait_matching(const char *canon)
 
 int ns_wait_path(const char *canon)
 {
+	job_names_wait(canon, 0);
+	if (!atomic_load_explicit(&ns_count, memory_order_relaxed) && !registry_names_any())
+		return 0;
 	registry_names_wait(canon, 0);
 	ns_wait_matching(canon);
 	if (session_lock() == 0) {
@@ -382,11 +391,12 @@ static void wait_dir_renames(const char *path, int dirfd)
 	if (!C.enabled || !ns_pending_any())
 		return;
 	ns_wait_matching(NULL);
-	if (registry_names_any()) {
-		if (dirfd >= 0) {
-			if (fd_path(dirfd, canon, sizeof(canon)) == 0)
-				registry_names_wait(canon, 1);
-		} else if (path && realpath(path, canon)) {
+	if (registry_names_any() || job_multi_node()) {
+		int ok = dirfd >= 0 ? fd_path(dirfd, canon, sizeof(canon)) == 0 :
+				      path && realpath(path, canon);
+
+		if (ok) {
+			job_names_wait(canon, 1);
 			registry_names_wait(canon, 1);
 		}
 	}

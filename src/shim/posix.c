@@ -316,6 +316,7 @@ ACKPT_EXPORT int close(int fd)
 		errno = EBADF; /* never the program's: it did not open it */
 		return -1;
 	}
+	watch_clear(fd);
 	if (LIKELY(!fd_peek(fd)))
 		return real.close(fd);
 	if (session_lock() < 0)

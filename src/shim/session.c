@@ -352,6 +352,7 @@ static int session_start(void)
 	S.arena = (char *)S.shm + hdr;
 	S.shm->magic = ACKPT_PROTO_MAGIC;
 	S.shm->version = ACKPT_PROTO_VERSION;
+	S.shm->coord_part = -1;
 	S.shm->hdr_size = hdr;
 	S.shm->arena_size = S.arena_size;
 	S.max_chunk = S.arena_size / 4 < (16ull << 20) ? S.arena_size / 4 : (16ull << 20);
@@ -1059,6 +1060,7 @@ static void atfork_child(void)
 	S.owner = getpid();
 	C.coord_host = 0; /* the parent's helper hosts the coordinator */
 	cuda_fork_child(); /* a CUDA context does not survive fork */
+	job_fork_child();
 	if (S.state == SESS_NONE || S.state == SESS_FAILED)
 		return;
 	/* The parent's helper and arena stay the parent's; this child starts

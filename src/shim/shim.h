@@ -199,6 +199,7 @@ struct ackpt_config {
 	char **metadata;         /* metadata (commit marker) name patterns */
 	int nmetadata;
 	int multi_rank;          /* a job with a global barrier */
+	int multi_node;          /* ... that may span nodes (job.c) */
 	int coord_host;          /* this process's helper hosts the coordinator */
 	double barrier_timeout;  /* seconds */
 	char **roots;            /* canonical directories, or globs */
@@ -263,6 +264,14 @@ struct ofd {
 /* [atomic] stored under the lock, loaded anywhere */
 extern _Atomic(struct ofd *) fdtab[FD_MAX];
 extern atomic_uchar fd_protected[FD_MAX];
+extern atomic_uchar fd_watched[FD_MAX];
+void watch_clear(int fd);
+void watch_wait(int fd);
+static inline int fd_is_watched(int fd)
+{
+	return (unsigned)fd < FD_MAX &&
+	       atomic_load_explicit(&fd_watched[fd], memory_order_relaxed);
+}
 
 static inline struct ofd *fd_peek(int fd)
 {
@@ -352,6 +361,13 @@ uint64_t files_commit_inherited_markers(void);
 void fd_protect(int fd, int on);
 void files_relocate_protected(int fd); /* lock held */
 /* registry.c */
+/* job.c: pending names on other nodes */
+int job_multi_node(void);
+void job_announce(const char *const *paths, int with_dirs, uint64_t seq, uint64_t commit_id);
+void job_names_wait(const char *canon, int as_dir);
+void job_fork_child(void);
+void job_fd_moved(int from, int to);
+
 void registry_init(void);
 int registry_wait(uint64_t dev, uint64_t ino);
 int registry_name_add(const char *oldp, const char *newp, uint64_t seq, uint64_t commit_id);

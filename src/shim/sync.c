@@ -113,6 +113,8 @@ static void drain_if_tracked(int fd)
 
 		managed_drain_fd(fd);
 		errno = saved;
+	} else if (UNLIKELY(fd_is_watched(fd))) {
+		watch_wait(fd); /* another process may have staged writes since the open */
 	}
 }
 
@@ -130,7 +132,7 @@ ACKPT_EXPORT ssize_t read(int fd, void *buf, size_t n)
 {
 	ssize_t r;
 
-	if (LIKELY(real_ready) && LIKELY(!fd_peek(fd)))
+	if (LIKELY(real_ready) && LIKELY(!fd_peek(fd)) && LIKELY(!fd_is_watched(fd)))
 		return real.read(fd, buf, n);
 	ENSURE_REAL();
 	if (UNLIKELY(!real.read))

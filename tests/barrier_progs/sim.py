@@ -30,8 +30,8 @@ import threading
 import time
 
 MAGIC = 0x42504B41
-VERSION = 1
-HELLO, WELCOME, REQUEST, PREPARE, ACK, DECISION, BYE = range(1, 8)
+VERSION = 2
+HELLO, WELCOME, REQUEST, PREPARE, ACK, DECISION, BYE, NAME, QUERY, ANSWER, PROGRESS = range(1, 12)
 FRAME = struct.Struct("<IHHQQii16s")
 assert FRAME.size == 48
 

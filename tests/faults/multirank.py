@@ -392,9 +392,9 @@ class _Fuzzer:
             return rnd.randbytes(rnd.randrange(1, 400))
         if kind == "magic-random-fields":
             n = rnd.randrange(1, 6)
-            return b"".join(F(rnd.randrange(0, 12), rnd.getrandbits(64), rnd.getrandbits(64),
+            return b"".join(F(rnd.randrange(0, 14), rnd.getrandbits(64), rnd.getrandbits(64),
                               rnd.randrange(-2**31, 2**31), rnd.randrange(-2**31, 2**31),
-                              rnd.randbytes(16), version=rnd.choice([1, 1, 1, 0, 2, 0xFFFF]))
+                              rnd.randbytes(16), version=rnd.choice([sim.VERSION] * 3 + [0, sim.VERSION + 1, 0xFFFF]))
                             for _ in range(n))
         if kind == "hello-random-token":
             return F(sim.HELLO, rank=rnd.randrange(-2**31, 2**31), tok=rnd.randbytes(16)) + \

@@ -1,0 +1,35 @@
+/*
+ * The job a process belongs to, as its environment describes it: rank,
+ * world, how many nodes, where the barrier coordinator listens, and the
+ * job token that admits a connection there.  Shared by the shim (which
+ * asks the coordinator about other nodes' pending names) and the helper
+ * (which takes part in barriers), so both derive the same address and
+ * token from the same variables.
+ */
+#ifndef ACKPT_JOB_H
+#define ACKPT_JOB_H
+
+#include <stdint.h>
+
+#include "barrier.h"
+
+struct ackpt_job {
+	int rank, world;
+	int nodes;            /* nodes in the job; 0 when the environment does not say */
+	int global;           /* a job with a global barrier (world > 1 or ACKPT_COORD) */
+	char addr[256];       /* coordinator host ("" when unknown) */
+	int port;             /* coordinator port (0 when unknown) */
+	uint8_t token[ACKPT_TOKEN_LEN];
+	const char *broken;   /* why the coordinator cannot be reached, or NULL */
+};
+
+/* Fill j from the environment.  Never fails: j->broken says what is wrong. */
+void ackpt_job_discover(struct ackpt_job *j);
+
+/* More than one node may take part: other nodes can hold pending names. */
+static inline int ackpt_job_multi_node(const struct ackpt_job *j)
+{
+	return j->global && j->nodes != 1;
+}
+
+#endif

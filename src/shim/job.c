@@ -1,0 +1,401 @@
+/*
+ * Other nodes: what a process under ackpt must know of pending work on
+ * nodes whose registry it cannot see (docs/DESIGN.md 3.17).
+ *
+ * In a job that may span nodes, the shim keeps one connection per process
+ * to the barrier coordinator, as an observer (never part of a barrier):
+ *  - before a close of a file with staged data, a deferred rename or a
+ *    marker's commit returns, it announces the names involved and waits
+ *    for the coordinator's answer, so anything that happens after the
+ *    program's call (a dist.barrier(), a message) finds them there;
+ *  - before a path lookup that waits for this node's pending names, it
+ *    asks whether the name is pending on another node, and waits while it
+ *    is.
+ * The coordinator settles a name when the owning helper's progress passes
+ * it.  One round trip each, straight to the coordinator: never behind the
+ * helper's queue, so a close never waits for storage.
+ *
+ * If the coordinator cannot be reached (not started yet: then no rank has
+ * anything staged, since every helper registers before its first open
+ * returns; or it is gone: then the job's commits are aborted anyway), the
+ * call goes on without waiting.
+ */
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include "shim.h"
+#include "job.h"
+
+static struct {
+	pthread_mutex_t lock;
+	int fd;
+	pid_t pid;             /* the process that owns fd */
+	int discovered;
+	struct ackpt_job job;
+	uint64_t node;         /* this node's id */
+	int warned;
+} J = { PTHREAD_MUTEX_INITIALIZER, -1, 0, 0, { 0 }, 0, 0 };
+
+/* A signal handler that looks up a path while this thread talks to the
+ * coordinator must not wait for J.lock, which the thread holds. */
+static __thread int tls_in_job;
+
+#define ANSWER_WITHIN_MS 10000
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+static uint64_t fnv(uint64_t h, const void *p, size_t n)
+{
+	const unsigned char *c = p;
+
+	while (n--)
+		h = (h ^ *c++) * 0x100000001b3ull;
+	return h;
+}
+
+/* The node: its boot and its /dev/shm (separate mount namespaces with their
+ * own /dev/shm are separate nodes, as far as the registry goes). */
+static uint64_t node_id(void)
+{
+	uint64_t h = 0xcbf29ce484222325ull;
+	char boot[64] = "";
+	struct stat st;
+	int fd = real.open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC, 0);
+
+	if (fd >= 0) {
+		ssize_t n = real.read(fd, boot, sizeof(boot) - 1);
+
+		if (n > 0)
+			h = fnv(h, boot, (size_t)n);
+		real.close(fd);
+	}
+	if (real.stat("/dev/shm", &st) == 0) {
+		h = fnv(h, &st.st_dev, sizeof(st.st_dev));
+		h = fnv(h, &st.st_ino, sizeof(st.st_ino));
+	}
+	return h | 1;
+}
+
+int job_multi_node(void)
+{
+	return C.multi_node;
+}
+
+/* Called with J.lock held. */
+static void hang_up(void)
+{
+	if (J.fd >= 0) {
+		fd_protect(J.fd, 0);
+		real.close(J.fd);
+	}
+	J.fd = -1;
+}
+
+static void warn_once(const char *what, int err)
+{
+	if (J.warned++)
+		return;
+	alog(L_WARN, "cannot reach the barrier coordinator at %s:%d to %s (%s); other nodes' "
+	     "pending names are not waited for", J.job.addr, J.job.port, what, strerror(err));
+}
+
+static int send_all(const void *buf, size_t n)
+{
+	const char *p = buf;
+
+	while (n) {
+		ssize_t r = send(J.fd, p, n, MSG_NOSIGNAL);
+
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return -(r < 0 ? errno : EPIPE);
+		p += r;
+		n -= (size_t)r;
+	}
+	return 0;
+}
+
+static int recv_frame(struct ackpt_bar_msg *m)
+{
+	uint64_t deadline = now_ns() + ANSWER_WITHIN_MS * 1000000ull;
+	size_t got = 0;
+
+	while (got < sizeof(*m)) {
+		struct pollfd p = { .fd = J.fd, .events = POLLIN };
+		uint64_t now = now_ns();
+		ssize_t r;
+
+		if (now >= deadline)
+			return -ETIMEDOUT;
+		if (poll(&p, 1, (int)((deadline - now) / 1000000) + 1) < 0 && errno != EINTR)
+			return -errno;
+		r = recv(J.fd, (char *)m + got, sizeof(*m) - got, MSG_DONTWAIT);
+		if (r == 0)
+			return -ECONNRESET;
+		if (r < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				continue;
+			return -errno;
+		}
+		got += (size_t)r;
+	}
+	if (m->magic != ACKPT_BAR_MAGIC || m->version != ACKPT_BAR_VERSION)
+		return -EPROTO;
+	return 0;
+}
+
+static struct ackpt_bar_msg frame(int type)
+{
+	return (struct ackpt_bar_msg){ .magic = ACKPT_BAR_MAGIC, .version = ACKPT_BAR_VERSION,
+				       .type = (uint16_t)type, .rank = J.job.rank };
+}
+
+/* Called with J.lock held.  0, or -errno (no coordinator to ask). */
+static int dial(void)
+{
+	struct addrinfo hints = { .ai_family = AF_INET, .ai_socktype = SOCK_STREAM }, *ai = NULL;
+	struct ackpt_bar_msg m;
+	char port[16];
+	int fd, one = 1, err;
+
+	if (J.fd >= 0 && J.pid == getpid())
+		return 0;
+	if (!J.discovered) {
+		ackpt_job_discover(&J.job);
+		J.node = node_id();
+		J.discovered = 1;
+	}
+	if (J.job.broken || !J.job.port)
+		return -EDESTADDRREQ;
+	snprintf(port, sizeof(port), "%d", J.job.port);
+	if (getaddrinfo(J.job.addr, port, &hints, &ai) != 0 || !ai)
+		return -EHOSTUNREACH;
+	fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (fd < 0) {
+		err = errno;
+		freeaddrinfo(ai);
+		return -err;
+	}
+	if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0 && errno != EINPROGRESS) {
+		err = errno;
+		freeaddrinfo(ai);
+		real.close(fd);
+		return -err;
+	}
+	freeaddrinfo(ai);
+	{
+		struct pollfd p = { .fd = fd, .events = POLLOUT };
+		socklen_t len = sizeof(err);
+
+		err = 0;
+		if (poll(&p, 1, ANSWER_WITHIN_MS) <= 0)
+			err = ETIMEDOUT;
+		else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+			err = errno;
+		if (err) {
+			real.close(fd);
+			return -err;
+		}
+	}
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	{
+		/* out of the program's way: a high number, hidden, protected */
+		int nfd = real.fcntl(fd, F_DUPFD_CLOEXEC, 1000);
+
+		if (nfd >= 0) {
+			real.close(fd);
+			fd = nfd;
+		}
+	}
+	J.fd = fd;
+	J.pid = getpid();
+	fd_protect(fd, 1);
+	m = frame(BAR_HELLO);
+	m.status = ACKPT_HELLO_OBSERVER;
+	memcpy(m.token, J.job.token, ACKPT_TOKEN_LEN);
+	err = send_all(&m, sizeof(m));
+	if (!err)
+		err = recv_frame(&m);
+	if (!err && m.type != BAR_WELCOME)
+		err = -EPROTO;
+	if (err)
+		hang_up();
+	return err;
+}
+
+/* Send n frames, read their n answers; returns the OR of their statuses
+ * (1: pending), or -errno.  Called with J.lock held. */
+static int ask(struct ackpt_bar_msg *m, int n)
+{
+	int err = send_all(m, sizeof(*m) * (size_t)n), i, any = 0;
+
+	for (i = 0; !err && i < n; i++) {
+		struct ackpt_bar_msg a;
+
+		err = recv_frame(&a);
+		if (!err && a.type != BAR_ANSWER)
+			err = -EPROTO;
+		if (!err)
+			any |= a.status;
+	}
+	if (err) {
+		hang_up();
+		return err;
+	}
+	return any;
+}
+
+/* ---- names ---- */
+
+static uint64_t hash_n(const char *p, size_t n)
+{
+	return fnv(0xcbf29ce484222325ull, p, n) | 1;
+}
+
+static uint64_t path_key(const char *canon, int as_dir)
+{
+	const char *slash;
+
+	if (!as_dir)
+		return hash_n(canon, strlen(canon));
+	slash = strrchr(canon, '/');
+	if (!slash)
+		return 0;
+	return hash_n(canon, slash == canon ? 1 : (size_t)(slash - canon));
+}
+
+/*
+ * Announce names (NULL-terminated canonical paths; with_dirs: also as their
+ * directories' content, which a rename changes) that wait for op seq (commit_id 0) or commit
+ * commit_id of this process's helper.  Called with the session lock held
+ * (it orders announcements with the ops they wait for); the answer is one
+ * round trip to the coordinator.
+ */
+void job_announce(const char *const *paths, int with_dirs, uint64_t seq, uint64_t commit_id)
+{
+	struct ackpt_bar_msg m[8];
+	uint64_t progress;
+	int n = 0, i, part, err, saved = errno;
+
+	if (!C.multi_node || S.state != SESS_ACTIVE || !S.shm || !session_is_owner())
+		return;
+	part = __atomic_load_n(&S.shm->coord_part, __ATOMIC_ACQUIRE);
+	if (part < 0)
+		return; /* the helper is not registered: it can commit nothing either */
+	/* publish what we wait for, then read how far the helper is: it does
+	 * the opposite (helper.c), so one of us sees the other */
+	if (commit_id) {
+		if (commit_id > S.shm->announced_commit)
+			__atomic_store_n(&S.shm->announced_commit, commit_id, __ATOMIC_SEQ_CST);
+	} else if (seq > S.shm->announced_seq) {
+		__atomic_store_n(&S.shm->announced_seq, seq, __ATOMIC_SEQ_CST);
+	}
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	progress = commit_id ? __atomic_load_n(&S.shm->commits_done, __ATOMIC_SEQ_CST) :
+			       __atomic_load_n(&S.shm->durable_seq, __ATOMIC_SEQ_CST);
+	if (progress >= (commit_id ? commit_id : seq))
+		return; /* done already */
+	if (tls_in_job || pthread_mutex_lock(&J.lock))
+		return;
+	tls_in_job = 1;
+	for (i = 0; paths[i] && n + 2 <= 8; i++) {
+		int d;
+
+		for (d = 0; d <= with_dirs; d++) {
+			uint64_t key = path_key(paths[i], d);
+
+			if (!key)
+				continue;
+			m[n] = frame(BAR_NAME);
+			m[n].id = key;
+			m[n].arg = commit_id ? commit_id : seq;
+			m[n].status = (commit_id ? ACKPT_NAME_COMMIT : 0) | (d ? ACKPT_NAME_DIR : 0);
+			m[n].rank = part;
+			memcpy(m[n].token, &J.node, 8);
+			memcpy(m[n].token + 8, &progress, 8);
+			n++;
+		}
+	}
+	err = dial();
+	if (!err)
+		err = ask(m, n);
+	if (err < 0)
+		warn_once("announce a pending name", -err);
+	tls_in_job = 0;
+	pthread_mutex_unlock(&J.lock);
+	errno = saved;
+}
+
+/* Wait while canon (as_dir: a name in directory canon) has pending work on
+ * another node.  Called without the session lock. */
+void job_names_wait(const char *canon, int as_dir)
+{
+	struct ackpt_bar_msg q;
+	uint64_t t0 = 0;
+	int saved = errno, said = 0;
+
+	if (!C.multi_node || !session_is_owner() || !path_is_managed(canon))
+		return;
+	q = frame(BAR_QUERY);
+	q.id = as_dir ? hash_n(canon, strlen(canon)) : path_key(canon, 0);
+	q.status = as_dir ? ACKPT_NAME_DIR : 0;
+	for (;;) {
+		struct timespec ts = { 0, 2000000 };
+		int r;
+
+		if (tls_in_job || pthread_mutex_lock(&J.lock))
+			break;
+		tls_in_job = 1;
+		r = dial();
+		memcpy(q.token, &J.node, 8);
+		if (!r)
+			r = ask(&q, 1);
+		tls_in_job = 0;
+		pthread_mutex_unlock(&J.lock);
+		if (r <= 0) {
+			/* ECONNREFUSED: no coordinator yet, so nothing is
+			 * staged anywhere; anything else is worth a line */
+			if (r < 0 && r != -ECONNREFUSED)
+				warn_once("ask about a pending name", -r);
+			break;
+		}
+		if (!t0)
+			t0 = now_ns();
+		else if (!said && now_ns() - t0 > 2000000000ull) {
+			alog(L_INFO, "waiting for another node to finish writing %s%s", canon,
+			     as_dir ? " (a name in it)" : "");
+			said = 1;
+		}
+		nanosleep(&ts, NULL);
+	}
+	errno = saved;
+}
+
+/* A forked child: the connection is the parent's. */
+void job_fork_child(void)
+{
+	pthread_mutex_init(&J.lock, NULL);
+	if (J.fd >= 0) {
+		fd_protect(J.fd, 0);
+		real.close(J.fd);
+	}
+	J.fd = -1;
+}
+
+/* The program dup2()s onto our descriptor: it moves (files_relocate_protected). */
+void job_fd_moved(int from, int to)
+{
+	if (J.fd == from)
+		J.fd = to;
+}
