@@ -88,3 +88,42 @@ def test_every_rank_reads_across_two_nodes(tmp_path, mode):
         lines[label] = sorted(ln for j in jobs for ln in j.stdout().splitlines()
                               if ln.startswith("rank "))
     assert lines["plain"] and lines["shim_"] == lines["plain"], (lines["plain"], lines["shim_"])
+
+
+def test_close_does_not_wait_for_storage_across_nodes(tmp_path):
+    """Announcing a closed file to the coordinator costs a round trip, never
+    the storage: with the writer's helper slowed (1.5 s per write), storage
+    holds less than was written when close() returns on the writer's node,
+    and the reader on the other node still reads all of it after the
+    barrier (docs/BARRIER.md, "Other nodes' pending names")."""
+    import shutil
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    base = tmp_path / "shim_"
+    out = base / "ckpt"
+    out.mkdir(parents=True)
+    with two_nodes() as ((ns_a, addr_a), (ns_b, _addr_b)):
+        port = free_master_port()
+        jobs = []
+        try:
+            for node, ns, dev in ((0, ns_a, "ackptvA"), (1, ns_b, "ackptvB")):
+                argv = shimmed(torchrun_argv(1, port, "read_your_writes.py", [out, "remote"],
+                                             nnodes=2, node_rank=node, master_addr=addr_a), out)
+                env = job_env(GLOO_SOCKET_IFNAME=dev, TP_SOCKET_IFNAME=dev,
+                              ACKPT_TEST_DELAY_MS=1500, ACKPT_TEST_DELAY_RANK=1)
+                jobs.append(start_job("node%d" % node, in_netns(ns, _private_shm(argv)), env, base))
+            for j in jobs:
+                j.wait(240)
+        finally:
+            for j in jobs:
+                j.kill()
+    for j in jobs:
+        assert j.returncode == 0, j.describe()
+    lines = [ln for j in jobs for ln in j.stdout().splitlines()]
+    wrote = [ln for ln in lines if ln.startswith("writer closed")]
+    read = [ln for ln in lines if ln.startswith("rank 0 read")]
+    assert wrote and read, lines
+    held, total = re.match(r"writer closed; storage held (\d+) of (\d+)", wrote[0]).groups()
+    assert int(held) < int(total), ("close() returned only once storage held the data: it "
+                                    "waited for the slow helper\n%s" % wrote[0])
+    assert read[0] == "rank 0 read %s bytes, same" % total, read

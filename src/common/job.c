@@ -62,7 +62,7 @@ void ackpt_job_discover(struct ackpt_job *j)
 
 		if (!colon || colon == coord || atoi(colon + 1) <= 0 || atoi(colon + 1) > 65535) {
 			j->global = 1;
-			j->broken = "ACKPT_COORD is invalid (expected host:port)";
+			snprintf(j->broken, sizeof(j->broken), "ACKPT_COORD is invalid (expected host:port)");
 			return;
 		}
 		snprintf(j->addr, sizeof(j->addr), "%.*s", (int)(colon - coord), coord);
@@ -76,8 +76,8 @@ void ackpt_job_discover(struct ackpt_job *j)
 		return; /* a single process: the barrier is a local drain */
 	j->global = 1;
 	if (!j->port) {
-		j->broken = "a multi-rank job needs ACKPT_COORD=host:port (or torchrun's "
-			    "MASTER_ADDR/MASTER_PORT)";
+		snprintf(j->broken, sizeof(j->broken), "a multi-rank job needs ACKPT_COORD=host:port "
+			 "(or torchrun's MASTER_ADDR/MASTER_PORT)");
 		return;
 	}
 	snprintf(idbuf, sizeof(idbuf), "%s|%s|%s:%d", tok ? tok : "",

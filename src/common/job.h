@@ -20,7 +20,7 @@ struct ackpt_job {
 	char addr[256];       /* coordinator host ("" when unknown) */
 	int port;             /* coordinator port (0 when unknown) */
 	uint8_t token[ACKPT_TOKEN_LEN];
-	const char *broken;   /* why the coordinator cannot be reached, or NULL */
+	char broken[128];     /* why the coordinator cannot be reached, or "" */
 };
 
 /* Fill j from the environment.  Never fails: j->broken says what is wrong. */

@@ -17,9 +17,12 @@
 
 #include <stdint.h>
 
+#include "job.h"
+
 #define ACKPT_PROTO_MAGIC   0x74706b63614b4341ull /* "ACKackpt" */
 #define ACKPT_PROTO_VERSION 3 /* 2: one payload struct per op; no TRUNCATE (ftruncate
-				* goes through the kernel); DIRTY.  3: coord_part, announced_* */
+				* goes through the kernel); DIRTY.  3: coord_part, announced_*,
+				* cfg */
 
 /* Descriptor numbers the helper finds its channels on after exec. */
 #define ACKPT_HELPER_SOCK_FD 3
@@ -125,6 +128,23 @@ struct ackpt_file_slot {
 };
 
 /*
+ * The shim's validated configuration, handed to the helper in the control
+ * block: the helper parses no ACKPT_* variable itself (except ACKPT_FAULT,
+ * the test suite's fault injector).  Written by the shim before the helper
+ * starts; read-only afterwards.
+ */
+struct ackpt_helper_config {
+	int32_t log_level;          /* 0 error, 1 warn, 2 info, 3 debug (ACKPT_LOG) */
+	uint32_t io_pool;           /* 1: pwrite thread pool, not io_uring (ACKPT_IO=pool) */
+	uint32_t direct;            /* 1: O_DIRECT for aligned bulk writes (ACKPT_DIRECT) */
+	uint32_t coord_host;        /* 1: host the job's barrier coordinator */
+	uint64_t barrier_timeout_ns; /* ACKPT_BARRIER_TIMEOUT */
+	uint32_t test_delay_ms;     /* ACKPT_TEST_DELAY_MS, for this rank (ACKPT_TEST_DELAY_RANK) */
+	uint32_t test_skip_dirfsync; /* ACKPT_TEST_SKIP_DIRFSYNC */
+	struct ackpt_job job;       /* discovered when the session started */
+};
+
+/*
  * Control block at offset 0 of the memfd.  Each field is written by one
  * process, named in its comment; "shim, after the helper died" marks what
  * the shim takes over while it replays unconfirmed ops synchronously (the
@@ -170,12 +190,16 @@ struct ackpt_shm {
 				     * waits for; the helper reports progress past it */
 	uint64_t announced_commit;  /* shim: the same for commit ids */
 
+	struct ackpt_helper_config cfg; /* shim, before the helper starts */
+
 	struct ackpt_file_slot files[ACKPT_MAX_FILES];
 };
 
 _Static_assert(__builtin_offsetof(struct ackpt_shm, durable_seq) == 32 &&
 	       __builtin_offsetof(struct ackpt_shm, staged_seq) == 104 &&
-	       __builtin_offsetof(struct ackpt_shm, files) == 160, "control block layout");
+	       __builtin_offsetof(struct ackpt_shm, cfg) == 160 &&
+	       __builtin_offsetof(struct ackpt_shm, files) == 160 + sizeof(struct ackpt_helper_config),
+	       "control block layout");
 
 #define ACKPT_HF_URING      0x1  /* io_uring engine (else pwrite pool) */
 #define ACKPT_HF_FIXED_BUFS 0x2  /* arena registered as fixed buffers */

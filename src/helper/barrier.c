@@ -1,10 +1,9 @@
 /*
  * Global durability barrier (helper side).
  *
- * Job discovery: RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/SLURM_NTASKS;
- * the coordinator address is ACKPT_COORD=host:port, else MASTER_ADDR and
- * MASTER_PORT + ACKPT_COORD_PORT_OFFSET (torch's store owns MASTER_PORT).
- * Rank 0's first helper hosts the coordinator (ACKPT_COORD_HOST=1, set by
+ * The job (rank, world, coordinator address, token) comes from the shim,
+ * which discovered it with src/common/job.c when its session started.
+ * Rank 0's first helper hosts the coordinator (cfg.coord_host, decided by
  * the shim); every other helper registers before its first managed open
  * returns.  A barrier: the coordinator sends PREPARE to every registered
  * participant; each notes how far its queue had been filled at that moment
@@ -30,6 +29,7 @@
 
 #include "../common/barrier.h"
 #include "../common/job.h"
+#include "../common/proto.h"
 
 #define LOCAL -1
 #define MAX_PEND 1024
@@ -605,38 +605,27 @@ static int connect_coord(void)
 
 /* ---- public ---- */
 
-int bar_init(const struct bar_hooks *hooks)
+int bar_init(const struct bar_hooks *hooks, const struct ackpt_helper_config *cfg)
 {
-	const char *t = getenv("ACKPT_BARRIER_TIMEOUT");
-	struct ackpt_job job;
+	const struct ackpt_job *j = &cfg->job;
 
 	B.h = *hooks;
-	ackpt_job_discover(&job);
-	B.rank = job.rank;
-	B.world = job.world;
-	B.timeout_ns = 600ull * 1000000000ull;
-	if (t && *t) {
-		char *end;
-		double v = strtod(t, &end);
-
-		if (*end || v <= 0)
-			B.h.log(0, "ACKPT_BARRIER_TIMEOUT=\"%s\" is invalid (seconds > 0); using 600", t);
-		else
-			B.timeout_ns = (uint64_t)(v * 1e9);
-	}
-	if (!job.global)
+	B.rank = j->rank;
+	B.world = j->world;
+	B.timeout_ns = cfg->barrier_timeout_ns ? cfg->barrier_timeout_ns : 600ull * 1000000000ull;
+	if (!j->global)
 		return 0; /* a single process: the barrier is a local drain */
 	B.global = 1;
-	if (job.broken) {
-		B.broken = job.broken;
+	if (j->broken[0]) {
+		B.broken = j->broken;
 		B.h.log(0, "%s; metadata commits will be aborted", B.broken);
 		return 0;
 	}
-	snprintf(B.addr, sizeof(B.addr), "%s", job.addr);
-	B.port = job.port;
-	memcpy(B.token, job.token, ACKPT_TOKEN_LEN);
+	snprintf(B.addr, sizeof(B.addr), "%s", j->addr);
+	B.port = j->port;
+	memcpy(B.token, j->token, ACKPT_TOKEN_LEN);
 
-	if (getenv("ACKPT_COORD_HOST") && !strcmp(getenv("ACKPT_COORD_HOST"), "1")) {
+	if (cfg->coord_host) {
 		struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)B.port),
 					  .sin_addr.s_addr = htonl(INADDR_ANY) };
 		struct rlimit rl;

@@ -18,8 +18,10 @@ struct bar_hooks {
 	void (*log)(int level, const char *fmt, ...);
 };
 
-/* Returns 0, or -errno when a multi-rank job cannot reach its coordinator. */
-int bar_init(const struct bar_hooks *hooks);
+struct ackpt_helper_config;
+/* Returns 0, or -errno when a multi-rank job cannot reach its coordinator.
+ * cfg: the shim's validated configuration, with the job. */
+int bar_init(const struct bar_hooks *hooks, const struct ackpt_helper_config *cfg);
 int bar_is_global(void);         /* 0: single process, the barrier is a local drain */
 int bar_rank(void);
 /* Ask for a barrier for local commit `commit_id`; the result comes via hooks->decided. */

@@ -41,82 +41,12 @@
 #include "order.h"
 #include "path.h"
 #include "proto.h"
+#include "registry.h"
+#include "helper.h"
 
-#define MAXPEND   4096
-#define PAGE      4096ull
-#define DIRECT_MIN (64 * 1024)
+struct helper H;
 
-enum hop_state { HOP_FREE = 0, HOP_QUEUED, HOP_ISSUED, HOP_DONE };
-
-struct hop {
-	struct ackpt_op op;
-	char *paths;
-	enum hop_state state;
-	uint64_t done_bytes;
-	int used_direct;
-	int fsync_phase;       /* CLOSE: fsync issued */
-	struct hop *fnext;     /* next pending op of the same file */
-};
-
-struct hfile {
-	int fd, dfd;           /* own OFDs: buffered and O_DIRECT (-1 if none) */
-	int open;
-	int dirty;
-	int direct_failed;
-	int err;
-	int reg_idx;
-	int name_durable;      /* its directory entry has been fsynced */
-	uint64_t open_gen;     /* H.open_gen when it was opened */
-	uint64_t dev, ino;
-	char *path;            /* at open, for log lines */
-	struct hop *head, *tail, *qhead;
-};
-
-static struct {
-	struct ackpt_shm *shm;
-	char *arena;
-	uint64_t arena_size;
-	int sock;
-	int log_level;   /* 0 error, 1 warn, 2 info, 3 debug */
-	int use_direct;
-	struct engine *eng;
-	struct hop ring[MAXPEND];
-	uint64_t head_seq;   /* seq of ring slot at head (next to retire) */
-	uint64_t next_seq;   /* seq expected next from the socket */
-	unsigned npend;
-	struct hfile files[ACKPT_MAX_FILES];
-	atomic_int prefault_done;
-	atomic_int exiting;
-	_Atomic uint64_t max_end;
-	int registered;
-	struct ackpt_registry *reg;
-	int reg_helper;
-	long delay_ms;
-	int skip_dirfsync;   /* testing knob: the negative control of the power-loss test */
-	struct timespec started; /* CLOCK_REALTIME at start */
-	uint64_t open_gen;   /* counts OPEN ops */
-	struct { char *dir; uint64_t gen; } dircache[16]; /* directories fsynced, and when */
-	unsigned dircache_next;
-	pid_t pid;
-	uint64_t errors_acked;
-	int last_err;
-	struct commit *cq_head, *cq_tail;
-} H;
-
-/* A metadata commit waiting for the barrier, in request order. */
-struct commit {
-	uint64_t id;
-	char *tmp, *final;
-	int own_temp;
-	uint32_t slot;
-	uint64_t dev, ino;  /* the file in that slot at request time */
-	int file_err;       /* error of the metadata file itself, up to the commit */
-	int state;          /* 0 new, 1 waiting for the barrier, 2 decided */
-	int status;
-	struct commit *next;
-};
-
-static void hlog(int level, const char *fmt, ...)
+void hlog(int level, const char *fmt, ...)
 {
 	static const char *names[] = { "error", "warning", "info", "debug" };
 	char buf[1024];
@@ -142,7 +72,7 @@ static void futex_wake_all(uint32_t *addr)
 	syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-static void publish(void)
+void publish(void)
 {
 	struct timespec ts;
 
@@ -155,171 +85,6 @@ static void publish(void)
 	__atomic_fetch_add(&H.shm->progress_gen, 1, __ATOMIC_RELEASE);
 	futex_wake_all(&H.shm->progress_gen);
 }
-
-static void file_error(uint32_t slot, int err, const char *what)
-{
-	struct hfile *f;
-
-	__atomic_fetch_add(&H.shm->errors, 1, __ATOMIC_RELAXED);
-	H.last_err = err;
-	if (slot == ACKPT_NO_FILE || slot >= ACKPT_MAX_FILES) {
-		hlog(0, "%s failed: %s", what, strerror(err));
-		return;
-	}
-	f = &H.files[slot];
-	if (!f->err)
-		f->err = err;
-	{
-		/* a commit waiting for this very file (its CLOSE's fsync can come
-		 * after the COMMIT) must not go ahead: its own fsync of the file
-		 * would be a retried fsync, and could succeed without the data */
-		struct commit *c;
-
-		for (c = H.cq_head; c; c = c->next)
-			if (c->slot == slot && c->dev == f->dev && c->ino == f->ino && !c->file_err)
-				c->file_err = err;
-	}
-	if (!__atomic_load_n(&H.shm->files[slot].err, __ATOMIC_RELAXED))
-		__atomic_store_n(&H.shm->files[slot].err, err, __ATOMIC_RELEASE);
-	__atomic_fetch_add(&H.shm->files[slot].err_seq, 1, __ATOMIC_RELEASE);
-	hlog(0, "%s of %s failed: %s", what, f->path ? f->path : "(unknown file)", strerror(err));
-	publish();
-}
-
-static void registry_release(struct hfile *f)
-{
-	struct ackpt_registry_entry *e;
-	int32_t pid;
-
-	if (!H.reg || f->reg_idx < 0 || f->reg_idx >= ACKPT_REGISTRY_ENTRIES)
-		return;
-	e = &H.reg->e[f->reg_idx];
-	pid = H.pid;
-	if (e->dev == f->dev && e->ino == f->ino &&
-	    __atomic_load_n(&e->pid, __ATOMIC_ACQUIRE) == pid) {
-		__atomic_store_n(&e->live, 0, __ATOMIC_RELEASE);
-		__atomic_store_n(&e->shared, 0, __ATOMIC_RELAXED);
-	}
-	if (e->dev == f->dev && e->ino == f->ino &&
-	    __atomic_compare_exchange_n(&e->pid, &pid, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
-		__atomic_fetch_sub(&H.reg->used, 1, __ATOMIC_RELAXED);
-	f->reg_idx = -1;
-}
-
-static void file_close(struct hfile *f)
-{
-	if (f->dfd >= 0)
-		close(f->dfd);
-	if (f->fd >= 0)
-		close(f->fd);
-	f->fd = f->dfd = -1;
-	f->open = 0;
-	f->dirty = 0;
-	registry_release(f);
-}
-
-/* fsync, or the error the fault hook makes of it */
-static int fsync_checked(int fd)
-{
-	int ret = fault_check(FAULT_FSYNC, 0);
-
-	if (!ret && fsync(fd) < 0)
-		ret = -errno;
-	return ret;
-}
-
-/* fsync the directory dir; *gone is set when the directory no longer
- * exists, which is not a write error */
-static int fsync_dir(const char *dir, int *gone)
-{
-	int fd, ret;
-
-	if (H.skip_dirfsync)
-		return 0;
-	fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd < 0) {
-		if (gone && (errno == ENOENT || errno == ENOTDIR || errno == ESTALE))
-			*gone = 1;
-		return -errno;
-	}
-	ret = fault_check(FAULT_DIRFSYNC, 0);
-	if (!ret && fsync(fd) < 0)
-		ret = -errno;
-	close(fd);
-	return ret;
-}
-
-/* fsync the directory holding path */
-static int fsync_dir_of(const char *path)
-{
-	char dir[PATH_MAX];
-
-	return path_dir(dir, sizeof(dir), path) ? 0 : fsync_dir(dir, NULL);
-}
-
-/*
- * Make a data file's name durable, not just its bytes: fsync its directory,
- * and that directory's parent (a checkpoint directory the program has just
- * made). Journaling filesystems usually commit the entry with the file's own
- * fsync; others (ext2, some network filesystems) do not, and a commit must
- * never name data whose directory entry a power loss can take away. A
- * directory fsynced after the file was opened is not fsynced again.
- */
-static int dir_synced_since(const char *dir, uint64_t gen)
-{
-	unsigned i;
-
-	for (i = 0; i < sizeof(H.dircache) / sizeof(H.dircache[0]); i++)
-		if (H.dircache[i].dir && H.dircache[i].gen >= gen && !strcmp(H.dircache[i].dir, dir))
-			return 1;
-	return 0;
-}
-
-static int sync_dir_cached(const char *dir, uint64_t gen)
-{
-	unsigned i;
-	int ret, gone = 0;
-
-	if (dir_synced_since(dir, gen))
-		return 0;
-	ret = fsync_dir(dir, &gone);
-	if (gone)
-		return 0; /* removed with its directory: no name left to keep */
-	if (ret)
-		return ret;
-	i = H.dircache_next++ % (sizeof(H.dircache) / sizeof(H.dircache[0]));
-	free(H.dircache[i].dir);
-	H.dircache[i].dir = strdup(dir);
-	H.dircache[i].gen = H.open_gen;
-	return 0;
-}
-
-static void file_name_durable(uint32_t slot)
-{
-	struct hfile *f = &H.files[slot];
-	char link[64], path[PATH_MAX], dir[PATH_MAX], parent[PATH_MAX];
-	ssize_t n;
-	int ret;
-
-	if (f->name_durable || f->err || f->fd < 0)
-		return;
-	/* where the file is now: it may have been renamed since it was opened */
-	snprintf(link, sizeof(link), "/proc/self/fd/%d", f->fd);
-	n = readlink(link, path, sizeof(path) - 1);
-	if (n <= 0 || path[0] != '/')
-		return;
-	path[n] = 0;
-	f->name_durable = 1;
-	if ((n > 10 && !strcmp(path + n - 10, " (deleted)")) || path_dir(dir, sizeof(dir), path))
-		return; /* no name left to keep */
-	ret = sync_dir_cached(dir, f->open_gen);
-	if (!ret && strcmp(dir, "/") && !path_dir(parent, sizeof(parent), dir))
-		ret = sync_dir_cached(parent, f->open_gen);
-	if (ret)
-		file_error(slot, -ret, "directory fsync");
-}
-
-/* ---- op bookkeeping ---- */
 
 static struct hop *ring_at(uint64_t seq) { return &H.ring[seq % MAXPEND]; }
 
@@ -515,268 +280,6 @@ static void run_rename(struct hop *h)
 	}
 	if (ret)
 		file_error(h->op.file, -ret, "directory fsync after rename");
-}
-
-/* The shim's hidden temporary for metadata: ".<name>.ackpt.<pid>.<n>". */
-static int is_metadata_temp(const char *path)
-{
-	const char *base = path ? strrchr(path, '/') : NULL;
-	const char *tag;
-	unsigned pid, n;
-	char end;
-
-	if (!base || base[1] != '.')
-		return 0;
-	tag = strstr(base, ".ackpt.");
-	return tag && sscanf(tag, ".ackpt.%u.%u%c", &pid, &n, &end) == 2;
-}
-
-/* ---- metadata commits ---- */
-
-static void commit_enqueue(struct hop *h)
-{
-	struct commit *c = calloc(1, sizeof(*c));
-	const char *tmp = h->paths;
-
-	if (!c || !tmp) {
-		free(c);
-		__atomic_fetch_add(&H.shm->commit_failures, 1, __ATOMIC_RELAXED);
-		__atomic_store_n(&H.shm->commit_last_err, ENOMEM, __ATOMIC_RELAXED);
-		__atomic_store_n(&H.shm->commits_done, h->op.u.commit.id, __ATOMIC_RELEASE);
-		if (H.reg && H.reg_helper >= 0)
-			__atomic_store_n(&H.reg->helpers[H.reg_helper].commits_done, h->op.u.commit.id,
-					 __ATOMIC_RELEASE);
-		return;
-	}
-	c->id = h->op.u.commit.id;
-	c->tmp = strdup(tmp);
-	c->final = strdup(tmp + strlen(tmp) + 1);
-	c->own_temp = !!(h->op.u.commit.flags & ACKPT_COMMIT_OWN_TEMP);
-	c->slot = h->op.file;
-	if (c->slot < ACKPT_MAX_FILES) {
-		c->file_err = H.files[c->slot].err;
-		c->dev = H.files[c->slot].dev;
-		c->ino = H.files[c->slot].ino;
-	}
-	if (H.cq_tail)
-		H.cq_tail->next = c;
-	else
-		H.cq_head = c;
-	H.cq_tail = c;
-}
-
-static void commit_decided(uint64_t id, int status, const char *why)
-{
-	struct commit *c;
-
-	for (c = H.cq_head; c; c = c->next)
-		if (c->id == id && c->state == 1) {
-			c->state = 2;
-			c->status = status;
-			if (status)
-				hlog(0, "rank %d: commit of %s aborted: %s%s%s", bar_rank(), c->final,
-				     strerror(status), why ? ": " : "", why ? why : "");
-			return;
-		}
-}
-
-/*
- * Backup links ".<name>.ackpt.prev.<helper pid>" of helpers that died (or a
- * machine that lost power) between making the link and removing it: once a
- * new commit of <name> is durable nobody needs them, and nobody else would
- * remove them. Only links made before this helper started, by a pid that no
- * longer exists, are removed: on a filesystem shared between nodes a pid
- * says nothing about another node's helper, whose link would be fresh.
- */
-static void remove_stale_backups(const char *final)
-{
-	char dirpath[PATH_MAX], prefix[NAME_MAX + 16];
-	const char *base = strrchr(final, '/');
-	struct dirent *de;
-	DIR *d;
-	size_t plen;
-
-	if (!base || (size_t)(base - final) >= sizeof(dirpath))
-		return;
-	snprintf(dirpath, sizeof(dirpath), "%.*s", (int)(base - final) ? (int)(base - final) : 1, final);
-	if (snprintf(prefix, sizeof(prefix), ".%s.ackpt.prev.", base + 1) >= (int)sizeof(prefix))
-		return;
-	plen = strlen(prefix);
-	d = opendir(dirpath);
-	if (!d)
-		return;
-	while ((de = readdir(d))) {
-		struct stat st;
-		char *end;
-		long pid;
-
-		if (strncmp(de->d_name, prefix, plen))
-			continue;
-		pid = strtol(de->d_name + plen, &end, 10);
-		if (*end || pid <= 0 || pid == H.pid || !(kill((pid_t)pid, 0) < 0 && errno == ESRCH))
-			continue;
-		if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
-		    st.st_ctim.tv_sec > H.started.tv_sec ||
-		    (st.st_ctim.tv_sec == H.started.tv_sec && st.st_ctim.tv_nsec >= H.started.tv_nsec))
-			continue;
-		if (unlinkat(dirfd(d), de->d_name, 0) == 0)
-			hlog(2, "removed %s/%s, left by a helper that died during a commit", dirpath,
-			     de->d_name);
-	}
-	closedir(d);
-}
-
-static int storage_errno(int e)
-{
-	return e == EIO || e == ENOSPC || e == EDQUOT || e == EROFS;
-}
-
-/*
- * The previous metadata, kept as backup while the new name is not yet
- * durable: a hard link, or where the filesystem has none (FUSE, some network
- * filesystems) a copy, fsynced. Returns 0 with a backup, 1 without one for a
- * harmless reason (the previous file unreadable or gone), or a storage
- * error, which aborts the commit like any other error on the way to it.
- */
-static int make_backup(const char *final, const char *backup, const struct stat *st)
-{
-	char buf[65536];
-	int in, out, ret = 0;
-	ssize_t n;
-
-	unlink(backup);
-	if (link(final, backup) == 0)
-		return 0;
-	in = open(final, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-	if (in < 0)
-		return storage_errno(errno) ? -errno : 1;
-	out = open(backup, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, st->st_mode & 07777);
-	if (out < 0) {
-		ret = storage_errno(errno) ? -errno : 1;
-		close(in);
-		return ret;
-	}
-	while (!ret && (n = read(in, buf, sizeof(buf))) != 0) {
-		if (n < 0) {
-			ret = -errno;
-			break;
-		}
-		errno = 0;
-		if (write(out, buf, (size_t)n) != n)
-			ret = errno ? -errno : -ENOSPC;
-	}
-	if (!ret)
-		ret = fsync_checked(out);
-	close(in);
-	close(out);
-	if (ret)
-		unlink(backup);
-	return ret;
-}
-
-static int commit_apply(struct commit *c)
-{
-	char backup[4096];
-	const char *base;
-	struct stat st;
-	int fd, ret = 0, have_backup = 0, had_prev = 0;
-
-	if (c->file_err)
-		return -c->file_err; /* the metadata's own bytes did not all land */
-	/* the data of the metadata file itself, then the name, then the name's
-	 * directory: a loader that sees the name sees complete contents */
-	fd = open(c->tmp, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-	if (fd < 0)
-		return -errno;
-	ret = fsync_checked(fd);
-	close(fd);
-	if (ret)
-		return ret;
-	/* keep the previous metadata reachable until the new name is durable */
-	base = strrchr(c->final, '/');
-	base = base ? base + 1 : c->final;
-	had_prev = lstat(c->final, &st) == 0;
-	if (had_prev && S_ISREG(st.st_mode) &&
-	    snprintf(backup, sizeof(backup), "%.*s.%s.ackpt.prev.%d", (int)(base - c->final),
-		     c->final, base, (int)H.pid) < (int)sizeof(backup)) {
-		ret = make_backup(c->final, backup, &st);
-		if (ret < 0)
-			return ret;
-		have_backup = ret == 0;
-		ret = 0;
-	}
-	ret = fault_check(FAULT_RENAME, 0);
-	if (!ret && rename(c->tmp, c->final) < 0)
-		ret = -errno;
-	if (!ret) {
-		ret = fsync_dir_of(c->final);
-		if (ret) {
-			/* not known durable: put the previous state back; with
-			 * no copy of it, keep the new one (its data is durable)
-			 * rather than leave no metadata at all */
-			if (have_backup)
-				rename(backup, c->final);
-			else if (!had_prev)
-				unlink(c->final);
-			have_backup = 0;
-			fsync_dir_of(c->final);
-		}
-	}
-	if (have_backup)
-		unlink(backup);
-	if (!ret)
-		remove_stale_backups(c->final);
-	return ret;
-}
-
-/* Run the oldest commit as far as it can go; commits finish in order. */
-static void commit_pump(void)
-{
-	while (H.cq_head) {
-		struct commit *c = H.cq_head;
-
-		if (c->state == 0) {
-			c->state = 1;
-			bar_request(c->id); /* may decide at once (single process) */
-		}
-		if (c->state != 2)
-			return;
-		if (!c->status && c->slot < ACKPT_MAX_FILES) {
-			struct hfile *f = &H.files[c->slot];
-
-			/* the metadata file's own writes and fsync (its CLOSE
-			 * follows the COMMIT) finish first, so their errors count */
-			if (f->head && f->dev == c->dev && f->ino == c->ino)
-				return;
-		}
-		if (!c->status) {
-			int ret = commit_apply(c);
-
-			if (ret) {
-				c->status = -ret;
-				hlog(0, "commit of %s failed: %s", c->final, strerror(-ret));
-			} else {
-				hlog(3, "committed %s", c->final);
-			}
-		}
-		if (c->status) {
-			if (c->own_temp)
-				unlink(c->tmp);
-			__atomic_fetch_add(&H.shm->commit_failures, 1, __ATOMIC_RELAXED);
-			__atomic_store_n(&H.shm->commit_last_err, c->status, __ATOMIC_RELAXED);
-		}
-		__atomic_store_n(&H.shm->commits_done, c->id, __ATOMIC_RELEASE);
-		if (H.reg && H.reg_helper >= 0)
-			__atomic_store_n(&H.reg->helpers[H.reg_helper].commits_done, c->id,
-					 __ATOMIC_RELEASE);
-		H.cq_head = c->next;
-		if (!H.cq_head)
-			H.cq_tail = NULL;
-		free(c->tmp);
-		free(c->final);
-		free(c);
-		publish();
-	}
 }
 
 /* ---- barrier hooks ---- */
@@ -1111,70 +614,21 @@ static void *prefault_main(void *arg)
 
 static void registry_map(void)
 {
-	struct stat st;
-	uint64_t zero = 0;
-	char p[64];
-	int fd;
-
-	snprintf(p, sizeof(p), ACKPT_REGISTRY_PATH, (unsigned)getuid());
-	fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-	if (fd < 0)
-		return;
-	if (fstat(fd, &st) == 0 && st.st_size < (off_t)sizeof(struct ackpt_registry) &&
-	    ftruncate(fd, sizeof(struct ackpt_registry)) < 0) {
-		close(fd);
-		return;
-	}
-	H.reg = mmap(NULL, sizeof(struct ackpt_registry), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	close(fd);
-	if (H.reg != MAP_FAILED)
-		__atomic_compare_exchange_n(&H.reg->magic, &zero, ACKPT_REGISTRY_MAGIC, 0,
-					    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
-	if (H.reg == MAP_FAILED || H.reg->magic != ACKPT_REGISTRY_MAGIC) {
-		H.reg = NULL;
-		return;
-	}
-	for (unsigned i = 0; i < ACKPT_REGISTRY_HELPERS; i++) {
-		struct ackpt_registry_helper *h = &H.reg->helpers[i];
-		int32_t old = __atomic_load_n(&h->pid, __ATOMIC_RELAXED);
-
-		if (old && !(kill(old, 0) < 0 && errno == ESRCH))
-			continue;
-		if (__atomic_compare_exchange_n(&h->pid, &old, H.pid, 0, __ATOMIC_ACQ_REL,
-						__ATOMIC_RELAXED)) {
-			h->durable_seq = 0;
-			h->commits_done = 0;
-			H.reg_helper = (int)i;
-			break;
-		}
-	}
-}
-
-static int parse_level(const char *s)
-{
-	if (!s || !*s)
-		return 1;
-	if (!strcmp(s, "error"))
-		return 0;
-	if (!strcmp(s, "info"))
-		return 2;
-	if (!strcmp(s, "debug"))
-		return 3;
-	return 1;
+	H.reg = ackpt_registry_map(1);
+	if (H.reg)
+		H.reg_helper = ackpt_registry_claim_helper(H.reg, H.pid);
 }
 
 int main(int argc, char **argv)
 {
 	struct stat st;
 	pthread_t t;
-	const char *io = getenv("ACKPT_IO");
-	const char *direct = getenv("ACKPT_DIRECT");
 	int eof = 0, ret, reg_tried = 0, npfd = 0, nbar, timeout;
 	struct pollfd *pfd = NULL;
 	pid_t child;
 	unsigned i;
 
-	H.log_level = parse_level(getenv("ACKPT_LOG"));
+	H.log_level = 1; /* until the control block says */
 	H.sock = ACKPT_HELPER_SOCK_FD;
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGINT, SIG_IGN);
@@ -1216,20 +670,14 @@ int main(int argc, char **argv)
 	}
 	H.arena = (char *)H.shm + H.shm->hdr_size;
 	H.arena_size = H.shm->arena_size;
-	H.use_direct = !(direct && !strcmp(direct, "0"));
-	fault_init(getenv("ACKPT_FAULT"));
-	if (getenv("ACKPT_TEST_DELAY_MS"))
-		H.delay_ms = strtol(getenv("ACKPT_TEST_DELAY_MS"), NULL, 10);
+	/* the shim's validated configuration: nothing here parses ACKPT_* */
+	H.log_level = H.shm->cfg.log_level;
+	H.use_direct = H.shm->cfg.direct != 0;
+	H.delay_ms = H.shm->cfg.test_delay_ms;
 	/* testing knob: skip every directory fsync, so the power-loss test can
 	 * show that it catches a commit that is not durable */
-	H.skip_dirfsync = getenv("ACKPT_TEST_SKIP_DIRFSYNC") && !strcmp(getenv("ACKPT_TEST_SKIP_DIRFSYNC"), "1");
-	if (getenv("ACKPT_TEST_DELAY_RANK") && *getenv("ACKPT_TEST_DELAY_RANK")) {
-		/* slow only one rank's helper */
-		const char *r = getenv("RANK") ? getenv("RANK") : getenv("SLURM_PROCID");
-
-		if (!r || atoi(r) != atoi(getenv("ACKPT_TEST_DELAY_RANK")))
-			H.delay_ms = 0;
-	}
+	H.skip_dirfsync = H.shm->cfg.test_skip_dirfsync != 0;
+	fault_init(getenv("ACKPT_FAULT")); /* the test suite's fault injector */
 	for (i = 0; i < ACKPT_MAX_FILES; i++) {
 		H.files[i].fd = H.files[i].dfd = -1;
 		H.files[i].reg_idx = -1;
@@ -1238,10 +686,10 @@ int main(int argc, char **argv)
 	registry_map();
 	H.shm->reg_helper = H.reg_helper;
 
-	if (!(io && !strcmp(io, "pool")))
+	if (!H.shm->cfg.io_pool)
 		H.eng = engine_open_uring(256, &ret);
 	if (!H.eng) {
-		if (!(io && !strcmp(io, "pool")))
+		if (!H.shm->cfg.io_pool)
 			hlog(1, "io_uring unavailable (%s); using a pwrite thread pool", strerror(-ret));
 		H.eng = engine_open_pool(4, &ret);
 		if (!H.eng) {
@@ -1260,7 +708,7 @@ int main(int argc, char **argv)
 					   commit_decided, hook_log };
 
 		/* registers with the coordinator before the shim's open returns */
-		if (bar_init(&hooks) < 0)
+		if (bar_init(&hooks, &H.shm->cfg) < 0)
 			return 1;
 		H.shm->coord_part = bar_part_id();
 	}

@@ -128,19 +128,30 @@ void config_load(void)
 		bad("ACKPT_DIRECT", v, "expected 0 or 1");
 		return;
 	}
+	C.direct = !(v && !strcmp(v, "0"));
 	v = getenv("ACKPT_TEST_SKIP_DIRFSYNC");
 	if (v && *v && strcmp(v, "0") && strcmp(v, "1")) {
 		bad("ACKPT_TEST_SKIP_DIRFSYNC", v, "expected 0 or 1");
 		return;
 	}
+	C.test_skip_dirfsync = v && !strcmp(v, "1");
 	v = getenv("ACKPT_TEST_DELAY_MS");
 	if (v && *v) {
 		char *end;
 		long ms = strtol(v, &end, 10);
+		const char *only = getenv("ACKPT_TEST_DELAY_RANK");
 
-		if (*end || ms < 0) {
-			bad("ACKPT_TEST_DELAY_MS", v, "expected milliseconds >= 0");
+		if (*end || ms < 0 || ms > 600000) {
+			bad("ACKPT_TEST_DELAY_MS", v, "expected milliseconds from 0 to 600000");
 			return;
+		}
+		C.test_delay_ms = (int)ms;
+		if (only && *only) {
+			/* slow only one rank's helper */
+			const char *r = getenv("RANK") ? getenv("RANK") : getenv("SLURM_PROCID");
+
+			if (!r || atoi(r) != atoi(only))
+				C.test_delay_ms = 0;
 		}
 	}
 	v = getenv("ACKPT_PIN");
@@ -153,6 +164,7 @@ void config_load(void)
 		bad("ACKPT_IO", v, "expected uring or pool");
 		return;
 	}
+	C.io_pool = v && !strcmp(v, "pool");
 	v = getenv("ACKPT_METADATA");
 	if (v && *v) {
 		char *copy = strdup(v), *save = NULL, *tok;
@@ -279,4 +291,19 @@ int name_is_metadata(const char *canon)
 		if (!fnmatch(C.metadata[i], base, 0))
 			return 1;
 	return 0;
+}
+
+/* What the helper needs of the configuration, validated here, and the job
+ * as the environment describes it now (the session is starting). */
+void config_for_helper(struct ackpt_helper_config *h)
+{
+	memset(h, 0, sizeof(*h));
+	h->log_level = C.log_level;
+	h->io_pool = (uint32_t)C.io_pool;
+	h->direct = (uint32_t)C.direct;
+	h->coord_host = (uint32_t)C.coord_host;
+	h->barrier_timeout_ns = (uint64_t)(C.barrier_timeout * 1e9);
+	h->test_delay_ms = (uint32_t)C.test_delay_ms;
+	h->test_skip_dirfsync = (uint32_t)C.test_skip_dirfsync;
+	ackpt_job_discover(&h->job);
 }

@@ -29,6 +29,7 @@
 
 #include "shim.h"
 #include "job.h"
+#include "registry.h"
 
 static struct {
 	pthread_mutex_t lock;
@@ -176,7 +177,7 @@ static int dial(void)
 		J.node = node_id();
 		J.discovered = 1;
 	}
-	if (J.job.broken || !J.job.port)
+	if (J.job.broken[0] || !J.job.port)
 		return -EDESTADDRREQ;
 	snprintf(port, sizeof(port), "%d", J.job.port);
 	if (getaddrinfo(J.job.addr, port, &hints, &ai) != 0 || !ai)
@@ -258,21 +259,9 @@ static int ask(struct ackpt_bar_msg *m, int n)
 
 /* ---- names ---- */
 
-static uint64_t hash_n(const char *p, size_t n)
-{
-	return fnv(0xcbf29ce484222325ull, p, n) | 1;
-}
-
 static uint64_t path_key(const char *canon, int as_dir)
 {
-	const char *slash;
-
-	if (!as_dir)
-		return hash_n(canon, strlen(canon));
-	slash = strrchr(canon, '/');
-	if (!slash)
-		return 0;
-	return hash_n(canon, slash == canon ? 1 : (size_t)(slash - canon));
+	return as_dir ? ackpt_dir_hash(canon) : ackpt_path_hash(canon);
 }
 
 /*
@@ -348,7 +337,7 @@ void job_names_wait(const char *canon, int as_dir)
 	if (!C.multi_node || !session_is_owner() || !path_is_managed(canon))
 		return;
 	q = frame(BAR_QUERY);
-	q.id = as_dir ? hash_n(canon, strlen(canon)) : path_key(canon, 0);
+	q.id = ackpt_path_hash(canon); /* a directory is matched by its own path */
 	q.status = as_dir ? ACKPT_NAME_DIR : 0;
 	for (;;) {
 		struct timespec ts = { 0, 2000000 };

@@ -19,6 +19,7 @@
 #include <time.h>
 
 #include "shim.h"
+#include "registry.h"
 
 static struct ackpt_registry *reg;
 static uint64_t reg_tried;
@@ -34,8 +35,6 @@ static uint64_t now_ns(void)
 
 static struct ackpt_registry *registry_map(int create)
 {
-	char p[64];
-	int fd;
 	struct ackpt_registry *r;
 
 	if (reg)
@@ -49,34 +48,9 @@ static struct ackpt_registry *registry_map(int create)
 			return NULL;
 		reg_tried = t;
 	}
-	snprintf(p, sizeof(p), ACKPT_REGISTRY_PATH, (unsigned)getuid());
-	fd = real.open(p, O_RDWR | O_CLOEXEC | O_NOFOLLOW | (create ? O_CREAT : 0), 0600);
-	if (fd < 0)
+	r = ackpt_registry_map(create);
+	if (!r)
 		return NULL;
-	if (create) {
-		struct stat st;
-
-		if (real.fstat(fd, &st) < 0 ||
-		    (st.st_size < (off_t)sizeof(struct ackpt_registry) &&
-		     real.ftruncate(fd, sizeof(struct ackpt_registry)) < 0)) {
-			real.close(fd);
-			return NULL;
-		}
-	}
-	r = mmap(NULL, sizeof(*r), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	real.close(fd);
-	if (r == MAP_FAILED)
-		return NULL;
-	if (create) {
-		uint64_t zero = 0;
-
-		__atomic_compare_exchange_n(&r->magic, &zero, ACKPT_REGISTRY_MAGIC, 0,
-					    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
-	}
-	if (__atomic_load_n(&r->magic, __ATOMIC_ACQUIRE) != ACKPT_REGISTRY_MAGIC) {
-		munmap(r, sizeof(*r));
-		return NULL;
-	}
 	reg = r;
 	return reg;
 }
@@ -217,46 +191,6 @@ int registry_wait(uint64_t dev, uint64_t ino)
 
 /* ---- pending names ---- */
 
-static uint64_t name_hash(const char *p, size_t n)
-{
-	uint64_t h = 0xcbf29ce484222325ull;
-	size_t i;
-
-	for (i = 0; i < n; i++) {
-		h ^= (unsigned char)p[i];
-		h *= 0x100000001b3ull;
-	}
-	return h | 1; /* never 0: 0 means "no name" */
-}
-
-static uint64_t path_hash(const char *canon)
-{
-	return name_hash(canon, strlen(canon));
-}
-
-static uint64_t dir_hash(const char *canon)
-{
-	const char *slash = strrchr(canon, '/');
-
-	if (!slash)
-		return 0;
-	return name_hash(canon, slash == canon ? 1 : (size_t)(slash - canon));
-}
-
-/* Still pending: its helper is alive and has not got past it. */
-static int name_pending(struct ackpt_registry *r, struct ackpt_registry_name *n, int32_t pid)
-{
-	struct ackpt_registry_helper *h = &r->helpers[n->helper % ACKPT_REGISTRY_HELPERS];
-	uint64_t commit = __atomic_load_n(&n->commit_id, __ATOMIC_ACQUIRE);
-
-	if (__atomic_load_n(&h->pid, __ATOMIC_ACQUIRE) != pid)
-		return 0;
-	if (commit)
-		return __atomic_load_n(&h->commits_done, __ATOMIC_ACQUIRE) < commit;
-	return __atomic_load_n(&h->durable_seq, __ATOMIC_ACQUIRE) <
-	       __atomic_load_n(&n->seq, __ATOMIC_ACQUIRE);
-}
-
 /*
  * Publish a deferred rename (commit_id 0) or metadata commit of oldp to
  * newp (canonical paths), so other processes on the node wait for it.
@@ -279,7 +213,7 @@ int registry_name_add(const char *oldp, const char *newp, uint64_t seq, uint64_t
 		int32_t pid = __atomic_load_n(&n->pid, __ATOMIC_ACQUIRE);
 
 		if (pid && (kill(pid, 0) == 0 || errno != ESRCH) &&
-		    (!__atomic_load_n(&n->live, __ATOMIC_ACQUIRE) || name_pending(r, n, pid)))
+		    (!__atomic_load_n(&n->live, __ATOMIC_ACQUIRE) || ackpt_registry_name_pending(r, n, pid)))
 			continue;
 		/* free, or inert (done, or its helper died): take it */
 		if (!__atomic_compare_exchange_n(&n->pid, &pid, S.helper_pid, 0, __ATOMIC_ACQ_REL,
@@ -289,10 +223,10 @@ int registry_name_add(const char *oldp, const char *newp, uint64_t seq, uint64_t
 			__atomic_fetch_add(&r->names_used, 1, __ATOMIC_RELAXED);
 		__atomic_store_n(&n->live, 0, __ATOMIC_RELEASE);
 		n->helper = (uint32_t)helper;
-		n->old_hash = path_hash(oldp);
-		n->new_hash = path_hash(newp);
-		n->old_dir = dir_hash(oldp);
-		n->new_dir = dir_hash(newp);
+		n->old_hash = ackpt_path_hash(oldp);
+		n->new_hash = ackpt_path_hash(newp);
+		n->old_dir = ackpt_dir_hash(oldp);
+		n->new_dir = ackpt_dir_hash(newp);
 		__atomic_store_n(&n->seq, seq, __ATOMIC_RELEASE);
 		__atomic_store_n(&n->commit_id, commit_id, __ATOMIC_RELEASE);
 		__atomic_store_n(&n->live, 1, __ATOMIC_RELEASE);
@@ -349,7 +283,7 @@ void registry_names_wait(const char *canon, int as_dir)
 
 	if (!r || !__atomic_load_n(&r->names_used, __ATOMIC_RELAXED))
 		return;
-	h = as_dir ? name_hash(canon, strlen(canon)) : path_hash(canon);
+	h = ackpt_path_hash(canon); /* a directory is matched by its own path */
 	for (i = 0; i < ACKPT_REGISTRY_NAMES; i++) {
 		struct ackpt_registry_name *n = &r->names[i];
 
@@ -363,7 +297,7 @@ void registry_names_wait(const char *canon, int as_dir)
 				break;
 			match = as_dir ? (n->old_dir == h || n->new_dir == h) :
 					 (n->old_hash == h || n->new_hash == h);
-			if (!match || !name_pending(r, n, pid))
+			if (!match || !ackpt_registry_name_pending(r, n, pid))
 				break;
 			if (kill(pid, 0) < 0 && errno == ESRCH)
 				break; /* its helper is gone: what it did is all there is */

@@ -200,6 +200,10 @@ struct ackpt_config {
 	int nmetadata;
 	int multi_rank;          /* a job with a global barrier */
 	int multi_node;          /* ... that may span nodes (job.c) */
+	int io_pool;             /* ACKPT_IO=pool */
+	int direct;              /* ACKPT_DIRECT (default 1) */
+	int test_delay_ms;       /* ACKPT_TEST_DELAY_MS for this rank */
+	int test_skip_dirfsync;  /* ACKPT_TEST_SKIP_DIRFSYNC */
 	int coord_host;          /* this process's helper hosts the coordinator */
 	double barrier_timeout;  /* seconds */
 	char **roots;            /* canonical directories, or globs */
@@ -208,6 +212,8 @@ struct ackpt_config {
 };
 extern struct ackpt_config C;
 void config_load(void);
+struct ackpt_helper_config;
+void config_for_helper(struct ackpt_helper_config *h); /* at session start */
 int path_is_managed(const char *canon);
 int name_is_metadata(const char *canon);
 
@@ -306,6 +312,12 @@ struct session {
 extern struct session S;
 extern __thread int tls_busy;            /* this thread holds S.lock */
 
+/*
+ * The session is split by job: session.c (lock, start, waits, fork, exit),
+ * spawn.c (starting the helper), stage.c (arena and staging copy),
+ * oplog.c (numbering, sending and logging ops; replay when the helper
+ * dies), commit.c (commits as the program sees them).
+ */
 int session_lock(void);        /* returns 0 if we may use managed state */
 void session_unlock(void);
 DROPS void session_unlock_wait(uint64_t seq); /* until seq is done */
@@ -332,8 +344,32 @@ LOCKED void session_reap(void);
 int session_sync_all(double timeout_s, int progress);
 void session_init_once(void);
 int session_is_owner(void);
+int helper_alive(void);
+int helper_gone(void);         /* repairs (replay) when it died; 1 if gone */
+int futex_wait_gen(uint32_t old, uint64_t timeout_ns);
+/* spawn.c */
+int fd_move_high(int fd);
+int spawn_helper(int helper_sock);
+/* stage.c */
+void *arena_prefault_main(void *arg);
+/* oplog.c */
+struct ackpt_op;
+LOCKED int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
+		   struct inode_state *ino);
+LOCKED void session_helper_died(void);
+LOCKED void oplog_prune(uint64_t durable);
+LOCKED void oplog_prune_commits(uint64_t done);
+void oplog_reset(void);
+void oplog_fork_child(void);
+/* commit.c */
+int commit_fsync_dir(const char *path);
 
-/* files.c */
+/* files.c: the fd and inode tables, opens, watched readers; write.c: the
+ * write path; share.c: descriptions that reach another process; marker.c:
+ * markers opened for writing */
+LOCKED uint64_t files_marker_commit(struct inode_state *ino);
+struct ofd *lock_writable(int fd); /* returns with the lock held, or NULL */
+LOCKED struct inode_state *inode_create(int fd, const struct stat *st, const char *canon);
 int files_post_open(int fd, int flags, const char *how, int force);
 struct outcome files_open_metadata(const char *canon, int flags, mode_t mode);
 LOCKED struct inode_state *inode_find(uint64_t dev, uint64_t ino);

@@ -367,13 +367,9 @@ static struct outcome managed_ftruncate(int fd, off_t len)
 
 	if (len < 0)
 		return done(-EINVAL);
-	if (session_lock() < 0)
+	o = lock_writable(fd);
+	if (!o)
 		return NOT_OURS;
-	o = fd_peek(fd);
-	if (!o || !o->ino || !o->writable) {
-		session_unlock();
-		return NOT_OURS;
-	}
 	ret = session_check_error_sticky(o->ino);
 	if (!ret) {
 		while (o && o->ino && inode_pending(o->ino)) {

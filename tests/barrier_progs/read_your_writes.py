@@ -1,11 +1,16 @@
 """Every rank reads back what the job just saved, as real training code does.
 
-  read_your_writes.py DIR dcp|torchsave
+  read_your_writes.py DIR dcp|torchsave|remote
 
 dcp: every rank dcp.save()s its shard, dist.barrier(), every rank
 dcp.load()s.  torchsave (the DDP tutorial): rank 0 torch.save()s, barrier,
 every rank torch.load()s.  Each rank prints one line with what it loaded.
+remote: the last rank writes 4 MiB with open/write/close and prints how
+many bytes storage held right after close() returned (seen by stat(1)
+without the shim: under ackpt with a slow helper, fewer than written, as
+close() does not wait for storage); barrier; rank 0 reads the file.
 """
+import subprocess
 import os
 import sys
 import warnings
@@ -44,6 +49,21 @@ def main():
             back = {k: torch.zeros_like(v) for k, v in sd.items()}
             dcp.load(back, checkpoint_id=d)
             say("rank %d step %d loaded %s" % (rank, it, digest(back)))
+    elif mode == "remote":
+        path = os.path.join(out, "remote.bin")
+        data = bytes(range(256)) * (4 << 12)
+        if rank == dist.get_world_size() - 1:
+            with open(path, "wb") as f:
+                f.write(data)
+            env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+            raw = subprocess.run(["stat", "-c", "%s", path], env=env, capture_output=True,
+                                 text=True, check=True).stdout.strip()
+            say("writer closed; storage held %s of %d" % (raw, len(data)))
+        dist.barrier()
+        if rank == 0:
+            with open(path, "rb") as f:
+                got = f.read()
+            say("rank 0 read %d bytes, %s" % (len(got), "same" if got == data else "DIFFERENT"))
     else:
         path = os.path.join(out, "model.pt")
         if rank == 0:

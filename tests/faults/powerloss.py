@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (HELPER, PROGS, VENV_PY, Proc, Tally, ackpt_lines, build_problem_or_none,  # noqa: E402
+from common import (LIB, PROGS, VENV_PY, Proc, Tally, ackpt_lines, build_problem_or_none,  # noqa: E402
                     shim_env, wait_helpers_gone)
 from sweep import expected  # noqa: E402
 
@@ -490,8 +490,9 @@ def _can_run():
 
 
 def _knob_built():
+    """The shim validates the knob and hands it to the helper."""
     try:
-        return KNOB.encode() in Path(HELPER).read_bytes()
+        return KNOB.encode() in Path(LIB).read_bytes()
     except OSError:
         return False
 
@@ -566,7 +567,7 @@ def scenario_powerloss(work: Path, log, quick: bool = False, negative_only: bool
     # negative control: the helper skips every directory fsync; the procedure must notice
     if not _knob_built():
         t.fail("negative control impossible: %s has no %s knob (rebuild with meson compile -C build)"
-               % (HELPER, KNOB))
+               % (LIB, KNOB))
         return t
     base = Path(tempfile.mkdtemp(prefix="s4-neg-", dir=work))
     nst, why = campaign(base, configs_for(quick, negative=True), True, seed + 1, 40, log, fsck=False)

@@ -277,10 +277,10 @@ build_cc() {
 	local sys_inc=
 	[ "$cuda_inc" = /usr/include ] || sys_inc="-isystem $cuda_inc"
 	# shellcheck disable=SC2086
-	cc $cflags $sys_inc -fPIC -shared -o "$b/libackpt.so" src/shim/*.c \
+	cc $cflags $sys_inc -fPIC -shared -o "$b/libackpt.so" src/shim/*.c src/common/*.c \
 		-Wl,--version-script=src/shim/libackpt.map -Wl,-z,nodelete -ldl -lpthread || return 1
 	# shellcheck disable=SC2086
-	cc $cflags $uring_cflags -o "$b/ackpt-helper" src/helper/*.c $uring_libs -lpthread
+	cc $cflags $uring_cflags -o "$b/ackpt-helper" src/helper/*.c src/common/*.c $uring_libs -lpthread
 }
 export -f build_meson find_liburing build_cc
 export repo work cuda_inc

@@ -1,0 +1,124 @@
+/* The node registry, the parts shim and helper share (registry.h). */
+#include "registry.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+struct ackpt_registry *ackpt_registry_map(int create)
+{
+	struct ackpt_registry *r;
+	struct stat st;
+	uint64_t zero = 0;
+	char p[64];
+	long fd;
+
+	snprintf(p, sizeof(p), ACKPT_REGISTRY_PATH, (unsigned)getuid());
+	/* raw system calls: the shim's wrappers must not see its own table */
+	fd = syscall(SYS_openat, AT_FDCWD, p,
+		     O_RDWR | O_CLOEXEC | O_NOFOLLOW | (create ? O_CREAT : 0), 0600);
+	if (fd < 0)
+		return NULL;
+	if (create && (syscall(SYS_fstat, fd, &st) < 0 ||
+		       (st.st_size < (off_t)sizeof(*r) &&
+			syscall(SYS_ftruncate, fd, (long)sizeof(*r)) < 0))) {
+		syscall(SYS_close, fd);
+		return NULL;
+	}
+	r = (void *)syscall(SYS_mmap, NULL, sizeof(*r), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	syscall(SYS_close, fd);
+	if (r == MAP_FAILED)
+		return NULL;
+	if (create)
+		__atomic_compare_exchange_n(&r->magic, &zero, ACKPT_REGISTRY_MAGIC, 0,
+					    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+	if (__atomic_load_n(&r->magic, __ATOMIC_ACQUIRE) != ACKPT_REGISTRY_MAGIC) {
+		syscall(SYS_munmap, r, sizeof(*r));
+		return NULL;
+	}
+	return r;
+}
+
+int ackpt_registry_claim_helper(struct ackpt_registry *r, int32_t pid)
+{
+	unsigned i;
+
+	for (i = 0; i < ACKPT_REGISTRY_HELPERS; i++) {
+		struct ackpt_registry_helper *h = &r->helpers[i];
+		int32_t old = __atomic_load_n(&h->pid, __ATOMIC_RELAXED);
+
+		if (old && !(kill(old, 0) < 0 && errno == ESRCH))
+			continue;
+		if (__atomic_compare_exchange_n(&h->pid, &old, pid, 0, __ATOMIC_ACQ_REL,
+						__ATOMIC_RELAXED)) {
+			h->durable_seq = 0;
+			h->commits_done = 0;
+			return (int)i;
+		}
+	}
+	return -1;
+}
+
+void ackpt_registry_release(struct ackpt_registry *r, int idx, int32_t pid, uint64_t dev,
+			    uint64_t ino)
+{
+	struct ackpt_registry_entry *e;
+
+	if (!r || idx < 0 || idx >= ACKPT_REGISTRY_ENTRIES)
+		return;
+	e = &r->e[idx];
+	if (e->dev != dev || e->ino != ino)
+		return;
+	if (__atomic_load_n(&e->pid, __ATOMIC_ACQUIRE) == pid) {
+		__atomic_store_n(&e->live, 0, __ATOMIC_RELEASE);
+		__atomic_store_n(&e->shared, 0, __ATOMIC_RELAXED);
+	}
+	if (__atomic_compare_exchange_n(&e->pid, &pid, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+		__atomic_fetch_sub(&r->used, 1, __ATOMIC_RELAXED);
+}
+
+uint64_t ackpt_name_hash(const char *p, size_t n)
+{
+	uint64_t h = 0xcbf29ce484222325ull;
+	size_t i;
+
+	for (i = 0; i < n; i++) {
+		h ^= (unsigned char)p[i];
+		h *= 0x100000001b3ull;
+	}
+	return h | 1;
+}
+
+uint64_t ackpt_path_hash(const char *canon)
+{
+	return ackpt_name_hash(canon, strlen(canon));
+}
+
+uint64_t ackpt_dir_hash(const char *canon)
+{
+	const char *slash = strrchr(canon, '/');
+
+	if (!slash)
+		return 0;
+	return ackpt_name_hash(canon, slash == canon ? 1 : (size_t)(slash - canon));
+}
+
+int ackpt_registry_name_pending(const struct ackpt_registry *r,
+				const struct ackpt_registry_name *n, int32_t pid)
+{
+	const struct ackpt_registry_helper *h = &r->helpers[n->helper % ACKPT_REGISTRY_HELPERS];
+	uint64_t commit = __atomic_load_n(&n->commit_id, __ATOMIC_ACQUIRE);
+
+	if (__atomic_load_n(&h->pid, __ATOMIC_ACQUIRE) != pid)
+		return 0;
+	if (commit)
+		return __atomic_load_n(&h->commits_done, __ATOMIC_ACQUIRE) < commit;
+	return __atomic_load_n(&h->durable_seq, __ATOMIC_ACQUIRE) <
+	       __atomic_load_n(&n->seq, __ATOMIC_ACQUIRE);
+}

@@ -1,0 +1,140 @@
+/*
+ * Metadata commits as the program sees them: how many are done, whether
+ * one failed (reported once, as EIO), waiting for one, and committing
+ * without a helper (after it died).  The helper commits behind the
+ * barrier; the ops that ask it to are sent by oplog.c.
+ */
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "shim.h"
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+int commit_fsync_dir(const char *path)
+{
+	char dir[PATH_MAX];
+	int fd, ret = 0;
+
+	if (path_dir(dir, sizeof(dir), path))
+		return 0;
+	fd = real.open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	if (real.fsync(fd) < 0)
+		ret = -errno;
+	real.close(fd);
+	return ret;
+}
+
+/*
+ * Without a helper: a single process's barrier is its own drain, which the
+ * synchronous rewrite has just done, so commit here; a multi-rank job has
+ * no barrier any more and must not commit.
+ */
+void session_commit_now(const char *tmp, const char *final, int own_temp)
+{
+	int fd, ret = 0;
+
+	if (C.multi_rank && access(tmp, F_OK) == 0) {
+		alog(L_ERROR, "commit of %s aborted: the helper died, no barrier is possible", final);
+		ret = -ECONNRESET;
+	} else {
+		files_fsync_all();
+		fd = real.open(tmp, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+		if (fd < 0 && errno == ENOENT) {
+			/* the helper renamed it and died before saying so: make
+			 * what it did durable */
+			fd = real.open(final, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+			if (fd < 0 || real.fsync(fd) < 0)
+				ret = -errno;
+			if (fd >= 0)
+				real.close(fd);
+			if (!ret)
+				ret = commit_fsync_dir(final);
+			if (ret)
+				alog(L_ERROR, "commit of %s failed: %s", final, strerror(-ret));
+			goto out;
+		}
+		if (fd < 0 || real.fsync(fd) < 0)
+			ret = -errno;
+		if (fd >= 0)
+			real.close(fd);
+		if (!ret && real.rename(tmp, final) < 0)
+			ret = -errno;
+		if (!ret)
+			ret = commit_fsync_dir(final);
+		if (ret)
+			alog(L_ERROR, "commit of %s failed: %s", final, strerror(-ret));
+	}
+out:
+	{
+		/* the helper may have died holding the previous metadata's link */
+		const char *base = strrchr(final, '/');
+		char backup[PATH_MAX];
+
+		base = base ? base + 1 : final;
+		if (snprintf(backup, sizeof(backup), "%.*s.%s.ackpt.prev.%d", (int)(base - final), final,
+			     base, (int)S.helper_pid) < (int)sizeof(backup))
+			real.unlink(backup);
+	}
+	if (ret) {
+		if (own_temp)
+			real.unlink(tmp);
+		S.dead_commit_failures++;
+	}
+}
+
+uint64_t session_commits_done(void)
+{
+	if (!S.shm || S.state == SESS_DEAD)
+		return S.commits_requested;
+	return __atomic_load_n(&S.shm->commits_done, __ATOMIC_ACQUIRE);
+}
+
+uint64_t session_commit_failures(void)
+{
+	uint64_t n = S.dead_commit_failures;
+
+	if (S.shm)
+		n += __atomic_load_n(&S.shm->commit_failures, __ATOMIC_ACQUIRE);
+	return n;
+}
+
+/* A failed commit is reported once, as EIO, at the next call on a managed file. */
+int session_check_commit_error(void)
+{
+	uint64_t n = session_commit_failures();
+
+	if (n == S.commit_failures_seen)
+		return 0;
+	S.commit_failures_seen = n;
+	return -EIO;
+}
+
+int session_wait_commit(uint64_t id, double timeout_s)
+{
+	uint64_t t0 = now_ns();
+	uint64_t deadline = timeout_s > 0 ? t0 + (uint64_t)(timeout_s * 1e9) : UINT64_MAX;
+
+	while (session_commits_done() < id) {
+		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
+
+		if (session_commits_done() >= id)
+			break;
+		if (now_ns() >= deadline)
+			return -ETIMEDOUT;
+		if (helper_gone())
+			break;
+		futex_wait_gen(gen, 100000000ull);
+	}
+	return 0;
+}

@@ -1,0 +1,331 @@
+/*
+ * The op log: every op sent to the helper stays here until the helper
+ * confirms it, with what is needed to do it again.  If the helper dies,
+ * replay() rewrites the unconfirmed ops synchronously from the arena and
+ * finishes the commits it had not, so nothing staged is lost.  Also the
+ * one place ops are numbered and sent (send_op).
+ */
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "shim.h"
+
+#define LOGCAP 8192
+
+struct logrec {
+	uint64_t seq;
+	uint32_t type;
+	struct inode_state *ino;
+	uint64_t off, len, arena_pos;
+	char *paths;
+};
+
+/* Commits sent to the helper and not yet reported done, in request order:
+ * if the helper dies they are finished (or aborted) here. */
+struct pcommit {
+	uint64_t id;
+	char *tmp, *final;
+	int own_temp;
+	struct pcommit *next;
+};
+static struct pcommit *pc_head, *pc_tail;
+
+static struct logrec oplog[LOGCAP];
+static uint64_t log_first = 1; /* lowest seq still in the log */
+
+static void replay(void)
+{
+	uint64_t durable = __atomic_load_n(&S.shm->durable_seq, __ATOMIC_ACQUIRE);
+	uint64_t s;
+
+	for (s = durable + 1; s <= S.seq; s++) {
+		struct logrec *r = &oplog[s % LOGCAP];
+		struct inode_state *ino = r->ino;
+		int ret = 0;
+
+		if (r->seq != s)
+			continue;
+		switch (r->type) {
+		case ACKPT_OP_WRITE: {
+			const char *p = S.arena + r->arena_pos % S.arena_size;
+			uint64_t done = 0;
+
+			while (done < r->len) {
+				ssize_t n = real.pwrite(ino->shadow_fd, p + done, r->len - done,
+							(off_t)(r->off + done));
+				if (n <= 0) {
+					ret = n < 0 ? errno : EIO;
+					break;
+				}
+				done += n;
+			}
+			break;
+		}
+		case ACKPT_OP_FSYNC:
+		case ACKPT_OP_CLOSE:
+			if (real.fsync(ino->shadow_fd) < 0)
+				ret = errno;
+			break;
+		case ACKPT_OP_COMMIT:
+			break; /* finished from the pending-commit list below */
+		case ACKPT_OP_RENAME: {
+			const char *newp = r->paths ? r->paths + strlen(r->paths) + 1 : NULL;
+
+			if (!newp)
+				break;
+			if (ino && real.fsync(ino->shadow_fd) < 0)
+				ret = errno;
+			else if (real.rename(r->paths, newp) < 0)
+				ret = errno;
+			/* the helper renamed it and died before saying so */
+			if (ret == ENOENT && real.access(r->paths, F_OK) < 0 &&
+			    real.access(newp, F_OK) == 0)
+				ret = commit_fsync_dir(newp) < 0 ? EIO : 0;
+			break;
+		}
+		default:
+			break;
+		}
+		if (ret && ino) {
+			/* surface it like a helper error: at the next call on the file */
+			S.shm->files[ino->slot].err = ret;
+			S.shm->files[ino->slot].err_seq++;
+			S.shm->errors++;
+			alog(L_ERROR, "synchronous rewrite of %s failed: %s",
+			     ino->path ? ino->path : "?", strerror(ret));
+		}
+	}
+	__atomic_store_n(&S.shm->durable_seq, S.seq, __ATOMIC_RELEASE);
+}
+
+void session_helper_died(void)
+{
+	if (S.state != SESS_ACTIVE)
+		return;
+	alog(L_WARN, "ackpt-helper (pid %d) died; rewriting %llu unconfirmed ops synchronously and "
+	     "continuing without it", (int)S.helper_pid,
+	     (unsigned long long)(S.seq - __atomic_load_n(&S.shm->durable_seq, __ATOMIC_ACQUIRE)));
+	replay();
+	{
+		/* commits the helper had not finished, in order */
+		uint64_t done = __atomic_load_n(&S.shm->commits_done, __ATOMIC_ACQUIRE);
+
+		while (pc_head) {
+			struct pcommit *p = pc_head;
+
+			pc_head = p->next;
+			if (p->id > done && p->tmp && p->final)
+				session_commit_now(p->tmp, p->final, p->own_temp);
+			free(p->tmp);
+			free(p->final);
+			free(p);
+		}
+		pc_tail = NULL;
+	}
+	S.state = SESS_DEAD;
+	session_reap();
+}
+
+static int log_wait_space(void)
+{
+	while (S.seq + 1 - session_durable() >= LOGCAP) {
+		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
+
+		if (S.seq + 1 - session_durable() < LOGCAP)
+			break;
+		if (!helper_alive()) {
+			session_helper_died();
+			return -EPIPE;
+		}
+		futex_wait_gen(gen, 100000000ull);
+	}
+	return 0;
+}
+
+/* Assign the next seq, log the op and hand it to the helper. */
+int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
+		   struct inode_state *ino)
+{
+	char buf[ACKPT_OP_MAX_MSG];
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { buf, sizeof(*op) + plen };
+	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
+	struct logrec *r;
+	ssize_t n;
+
+	if (log_wait_space() < 0)
+		return -EPIPE;
+	op->seq = ++S.seq;
+	__atomic_store_n(&S.shm->staged_seq, op->seq, __ATOMIC_RELEASE);
+	r = &oplog[op->seq % LOGCAP];
+	free(r->paths);
+	*r = (struct logrec){ .seq = op->seq, .type = op->type, .ino = ino };
+	if (op->type == ACKPT_OP_WRITE) {
+		r->off = op->u.write.offset;
+		r->len = op->u.write.len;
+		r->arena_pos = op->u.write.arena_pos;
+	}
+	if (plen) {
+		r->paths = malloc(plen);
+		if (r->paths)
+			memcpy(r->paths, paths, plen);
+	}
+	if (ino) {
+		ino->last_seq = op->seq;
+		registry_note_op(ino->reg_idx, op->seq);
+	}
+	memcpy(buf, op, sizeof(*op));
+	if (plen)
+		memcpy(buf + sizeof(*op), paths, plen);
+	if (fd >= 0) {
+		struct cmsghdr *c;
+
+		m.msg_control = cbuf;
+		m.msg_controllen = sizeof(cbuf);
+		c = CMSG_FIRSTHDR(&m);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(c), &fd, sizeof(int));
+	}
+	do
+		n = real.sendmsg(S.sock, &m, MSG_NOSIGNAL);
+	while (n < 0 && errno == EINTR);
+	if (n < 0) {
+		session_helper_died();
+		return -EPIPE;
+	}
+	/* only now: reaping may free closed inodes, never the one in hand
+	 * (callers pass no inode whose CLOSE was sent) */
+	session_reap();
+	return 0;
+}
+
+int session_send_open(struct inode_state *ino, int fd)
+{
+	struct ackpt_op op = { .type = ACKPT_OP_OPEN, .file = ino->slot,
+			       .u.open = { .dev = ino->dev, .ino = ino->ino, .reg_idx = ino->reg_idx } };
+
+	return send_op(&op, NULL, 0, fd, ino);
+}
+
+/* FSYNC, CLOSE, SYNC_ALL: no payload. */
+int session_send_simple(uint32_t type, struct inode_state *ino)
+{
+	struct ackpt_op op = { .type = type, .file = ino ? ino->slot : ACKPT_NO_FILE };
+
+	return send_op(&op, NULL, 0, -1, ino);
+}
+
+/* Not the inode's last op: readers need not wait for it, it only makes
+ * the helper's next fsync of the file real. */
+int session_send_dirty(struct inode_state *ino)
+{
+	struct ackpt_op op = { .type = ACKPT_OP_DIRTY, .file = ino->slot };
+
+	return send_op(&op, NULL, 0, -1, NULL);
+}
+
+int session_send_rename(struct inode_state *ino, const char *oldp, const char *newp)
+{
+	struct ackpt_op op = { .type = ACKPT_OP_RENAME, .file = ino ? ino->slot : ACKPT_NO_FILE };
+	char paths[2 * PATH_MAX + 2];
+	size_t a = strlen(oldp) + 1, b = strlen(newp) + 1;
+
+	if (a + b > sizeof(paths) || a + b > ACKPT_OP_MAX_MSG - sizeof(op))
+		return -ENAMETOOLONG;
+	memcpy(paths, oldp, a);
+	memcpy(paths + a, newp, b);
+	op.u.rename.path_len = (uint32_t)(a + b);
+	return send_op(&op, paths, a + b, -1, ino);
+}
+
+int session_send_commit(struct inode_state *ino, const char *tmp, const char *final, int own_temp,
+			uint64_t *commit_id)
+{
+	struct ackpt_op op = { .type = ACKPT_OP_COMMIT, .file = ino ? ino->slot : ACKPT_NO_FILE,
+			       .u.commit.flags = own_temp ? ACKPT_COMMIT_OWN_TEMP : 0 };
+	char paths[2 * PATH_MAX + 2];
+	size_t a = strlen(tmp) + 1, b = strlen(final) + 1;
+	int ret;
+
+	if (a + b > sizeof(paths) || a + b > ACKPT_OP_MAX_MSG - sizeof(op))
+		return -ENAMETOOLONG;
+	memcpy(paths, tmp, a);
+	memcpy(paths + a, final, b);
+	op.u.commit.id = S.commits_requested + 1;
+	op.u.commit.path_len = (uint32_t)(a + b);
+	ret = send_op(&op, paths, a + b, -1, ino);
+	if (ret < 0)
+		return ret;
+	*commit_id = ++S.commits_requested;
+	{
+		struct pcommit *p = calloc(1, sizeof(*p));
+
+		if (p) {
+			p->id = *commit_id;
+			p->tmp = strdup(tmp);
+			p->final = strdup(final);
+			p->own_temp = own_temp;
+			if (pc_tail)
+				pc_tail->next = p;
+			else
+				pc_head = p;
+			pc_tail = p;
+		}
+	}
+	return 0;
+}
+
+/* Drop the records the helper has confirmed, and the inodes whose CLOSE
+ * was among them. */
+void oplog_prune(uint64_t durable)
+{
+	while (log_first <= durable && log_first <= S.seq) {
+		struct logrec *r = &oplog[log_first % LOGCAP];
+
+		if (r->seq == log_first) {
+			if (r->type == ACKPT_OP_CLOSE && r->ino && r->ino->closing &&
+			    r->ino->close_seq == r->seq)
+				inode_free(r->ino);
+			free(r->paths);
+			memset(r, 0, sizeof(*r));
+		}
+		log_first++;
+	}
+}
+
+/* Forget the commits the helper has finished (ids <= done). */
+void oplog_prune_commits(uint64_t done)
+{
+	while (pc_head && pc_head->id <= done && S.state == SESS_ACTIVE) {
+		struct pcommit *p = pc_head;
+
+		pc_head = p->next;
+		if (!pc_head)
+			pc_tail = NULL;
+		free(p->tmp);
+		free(p->final);
+		free(p);
+	}
+}
+
+/* A new session: its seqs start at 1. */
+void oplog_reset(void)
+{
+	log_first = 1;
+}
+
+/* A forked child: another thread may have been mid-update; forget the
+ * parent's records, never free them. */
+void oplog_fork_child(void)
+{
+	uint64_t s;
+
+	for (s = log_first; s <= S.seq; s++)
+		memset(&oplog[s % LOGCAP], 0, sizeof(oplog[0]));
+	log_first = 1;
+	pc_head = pc_tail = NULL;
+}

@@ -1,0 +1,374 @@
+/*
+ * The write path: a write, pwrite, writev or pwritev2 to a managed file,
+ * checked against the kernel's limits at the call, staged into the arena
+ * (or written through the kernel when the description is shared with
+ * another process), and the logical offset and size kept; lseek on managed
+ * descriptors; draining before reads that must see the staged data.
+ */
+#include <limits.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+
+#include "shim.h"
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+/*
+ * Wait, with the lock dropped and retaken, until the inode behind fd has no
+ * staged work.  Returns the description again (it may have been closed by
+ * another thread meanwhile: NULL), never a pointer from before the drop.
+ */
+static struct ofd *drain_fd_locked(int fd)
+{
+	struct ofd *o = fd_peek(fd);
+
+	while (o && o->ino && o->ino->last_seq > session_durable()) {
+		inode_drain(o->ino);
+		o = fd_peek(fd);
+	}
+	return o;
+}
+
+/*
+ * A write through a description that another process may also use (after
+ * fork, posix_spawn, SCM_RIGHTS): the kernel's offset, O_APPEND and size
+ * are the only ones every holder sees, so the write goes to the kernel
+ * once the inode's staged data is in the file.  The helper is told the
+ * file is dirty so the next fsync, close or barrier covers these bytes.
+ */
+static ssize_t shared_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos,
+			    int rwf)
+{
+	struct ofd *o = drain_fd_locked(fd);
+	struct stat st;
+	ssize_t n;
+
+	if (!o || !o->ino)
+		return -EBADF;
+	registry_wait(o->ino->dev, o->ino->ino); /* other writers' staged data first */
+	n = real.pwritev2(fd, iov, iovcnt, use_pos ? -1 : off, rwf);
+	if (n < 0)
+		return -errno;
+	if (real.fstat(fd, &st) == 0)
+		o->ino->size = (uint64_t)st.st_size;
+	if (use_pos) {
+		off_t p = real.lseek(fd, 0, SEEK_CUR);
+
+		if (p >= 0)
+			o->pos = (uint64_t)p;
+	}
+	if (S.state == SESS_ACTIVE)
+		session_send_dirty(o->ino);
+	return n;
+}
+
+/* Stage a write.  off < 0 with use_pos: at the logical position. */
+/*
+ * The kernel's limits on one write at `at`, applied at the call as the
+ * kernel would: a request is cut to MAX_RW_COUNT; an end past LLONG_MAX is
+ * EINVAL; past RLIMIT_FSIZE it is cut there, or SIGXFSZ and EFBIG at it;
+ * past the filesystem's largest offset (probed only beyond 1 TiB, with
+ * lseek, which refuses offsets the file cannot have) the same.  Returns
+ * the count to write, or -errno.
+ */
+static ssize_t write_limits(int fd, uint64_t at, size_t total)
+{
+	const uint64_t max_rw = 0x7ffff000;
+	uint64_t lim = rlimit_fsize();
+
+	if (total > max_rw)
+		total = max_rw;
+	if (at > (uint64_t)INT64_MAX || total > (uint64_t)INT64_MAX - at)
+		return -EINVAL;
+	if (total && at + total > lim) {
+		if (at >= lim) {
+			raise(SIGXFSZ);
+			return -EFBIG;
+		}
+		total = lim - at;
+	}
+	if (total && at + total > (1ull << 40)) {
+		off_t cur = real.lseek(fd, 0, SEEK_CUR);
+		uint64_t lo = at, hi = at + total; /* lo is a valid end, hi is probed */
+
+		if (real.lseek(fd, (off_t)at, SEEK_SET) < 0) {
+			total = 0;
+			lo = hi = 0;
+		}
+		while (hi > lo && real.lseek(fd, (off_t)hi, SEEK_SET) < 0) {
+			uint64_t mid = lo + (hi - lo + 1) / 2;
+
+			if (real.lseek(fd, (off_t)mid, SEEK_SET) < 0)
+				hi = mid - 1;
+			else
+				lo = mid;
+		}
+		if (cur >= 0)
+			real.lseek(fd, cur, SEEK_SET);
+		if (hi == 0 && lo == 0)
+			return -EFBIG;
+		if (hi < at + total)
+			total = hi - at;
+		if (!total)
+			return -EFBIG;
+	}
+	return (ssize_t)total;
+}
+
+#define RWF_KNOWN 0xff /* RWF_HIPRI .. RWF_DONTCACHE */
+
+static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, off_t off,
+				  int use_pos, int rwf)
+{
+	struct ofd *o;
+	struct inode_state *ino;
+	uint64_t t0 = now_ns(), at, pos;
+	size_t total = 0, left;
+	ssize_t lim;
+	int i, ret, append;
+
+	o = lock_writable(fd);
+	if (!o)
+		return NOT_OURS;
+	ino = o->ino;
+	for (i = 0; i < iovcnt; i++) {
+		if (iov[i].iov_len > SSIZE_MAX - total) {
+			session_unlock();
+			return done(-EINVAL);
+		}
+		total += iov[i].iov_len;
+	}
+	if (rwf & ~RWF_KNOWN) {
+		session_unlock();
+		return done(-EOPNOTSUPP);
+	}
+	/* after a write error the helper drops the file's later data: fail
+	 * every later write rather than report success without it */
+	ret = session_check_error_sticky(ino);
+	if (ret < 0) {
+		session_unlock();
+		return done(ret);
+	}
+	cuda_probe_late(total);
+	if (!use_pos && off < 0) {
+		session_unlock();
+		return done(-EINVAL);
+	}
+	if (UNLIKELY(!ino->shared) && registry_shared(ino->reg_idx))
+		ino->shared = 1;
+	if (ino->shared) {
+		ret = shared_write(fd, iov, iovcnt, off, use_pos, rwf);
+		S.stall_ns += now_ns() - t0;
+		session_unlock();
+		return done(ret);
+	}
+	/* Linux appends even for pwrite on an O_APPEND description, unless
+	 * RWF_NOAPPEND; RWF_APPEND appends for this call */
+	append = (o->append && !(rwf & RWF_NOAPPEND)) || (rwf & RWF_APPEND);
+	at = append ? ino->size : use_pos ? o->pos : (uint64_t)off;
+	lim = write_limits(fd, at, total);
+	if (lim < 0) {
+		session_unlock();
+		return done(lim);
+	}
+	total = (size_t)lim;
+	pos = at;
+	left = total;
+	if (S.state == SESS_ACTIVE) {
+		for (i = 0; i < iovcnt && left; i++) {
+			size_t len = iov[i].iov_len < left ? iov[i].iov_len : left, staged;
+
+			if (!len)
+				continue;
+			ret = session_stage(ino, iov[i].iov_base, len, pos,
+					    cuda_is_device(iov[i].iov_base), &staged);
+			if (ret == -EFAULT) {
+				/* a bad buffer: the bytes before it, or EFAULT */
+				pos += staged;
+				total = (size_t)(pos - at);
+				if (!total) {
+					session_unlock();
+					return done(-EFAULT);
+				}
+				break;
+			}
+			if (ret < 0 && S.state != SESS_DEAD) {
+				session_unlock();
+				return done(ret);
+			}
+			if (ret < 0) {
+				/* helper died mid-write: the rest goes straight to the file */
+				ssize_t n = real.pwrite(ino->shadow_fd, iov[i].iov_base, len, (off_t)pos);
+
+				if (n < 0) {
+					session_unlock();
+					return done(-errno);
+				}
+			}
+			pos += len;
+			left -= len;
+		}
+	} else {
+		struct iovec cut[IOV_MAX];
+		ssize_t n;
+		int k = 0;
+
+		for (i = 0; i < iovcnt && left && k < IOV_MAX; i++) {
+			cut[k] = iov[i];
+			if (cut[k].iov_len > left)
+				cut[k].iov_len = left;
+			left -= cut[k++].iov_len;
+		}
+		n = real.pwritev(ino->shadow_fd, cut, k, (off_t)at);
+		if (n < 0) {
+			session_unlock();
+			return done(-errno);
+		}
+		total = (size_t)n;
+	}
+	if (at + total > ino->size)
+		ino->size = at + total;
+	clock_gettime(CLOCK_REALTIME, &ino->mtime);
+	if (use_pos) {
+		o->pos = at + total;
+		/* keep the kernel offset in step for inherited fds and exec */
+		real.lseek(fd, (off_t)o->pos, SEEK_SET);
+	}
+	S.stall_ns += now_ns() - t0;
+	session_unlock();
+	return done((ssize_t)total);
+}
+
+/*
+ * A write to a regular file is one system call to a signal handler: it
+ * runs before the write or after all of it, never in the middle (where it
+ * would find the lock held, a half-staged write, or exit() with part of
+ * the data).  So asynchronous signals wait until the write is staged.
+ * Faults raised by the copy itself stay deliverable.
+ */
+struct outcome managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos,
+			     int rwf)
+{
+	sigset_t all, old;
+	struct outcome r;
+
+	sigfillset(&all);
+	sigdelset(&all, SIGSEGV);
+	sigdelset(&all, SIGBUS);
+	sigdelset(&all, SIGFPE);
+	sigdelset(&all, SIGILL);
+	sigdelset(&all, SIGTRAP);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	r = stage_write(fd, iov, iovcnt, off, use_pos, rwf);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return r;
+}
+
+struct outcome managed_lseek(int fd, off_t off, int whence)
+{
+	struct ofd *o;
+	off_t base, r;
+
+	if (session_lock() < 0)
+		return NOT_OURS;
+	o = fd_peek(fd);
+	if (o && o->ino && !o->writable && whence != SEEK_SET && whence != SEEK_CUR) {
+		/* a reader asking where the end or the data is: the writes first */
+		o = drain_fd_locked(fd);
+		session_unlock();
+		return NOT_OURS; /* the kernel answers, now that it knows */
+	}
+	if (!o || !o->ino || !o->writable) {
+		session_unlock();
+		return NOT_OURS;
+	}
+	if (UNLIKELY(!o->ino->shared) && registry_shared(o->ino->reg_idx))
+		o->ino->shared = 1;
+	if (o->ino->shared) {
+		o = drain_fd_locked(fd);
+		if (o)
+			registry_wait(o->ino->dev, o->ino->ino);
+		if (!o) {
+			session_unlock();
+			return done(-EBADF);
+		}
+		r = real.lseek(fd, off, whence);
+		if (r < 0)
+			r = -errno;
+		else
+			o->pos = (uint64_t)r;
+		session_unlock();
+		return done(r);
+	}
+	switch (whence) {
+	case SEEK_SET: base = 0; break;
+	case SEEK_CUR: base = (off_t)o->pos; break;
+	case SEEK_END: base = (off_t)o->ino->size; break;
+	default:
+		/* SEEK_DATA/SEEK_HOLE look at the real file: make it real first */
+		o = drain_fd_locked(fd);
+		if (!o) {
+			session_unlock();
+			return done(-EBADF);
+		}
+		r = real.lseek(fd, off, whence);
+		if (r < 0) {
+			r = -errno;
+		} else {
+			o->pos = (uint64_t)r;
+		}
+		session_unlock();
+		return done(r);
+	}
+	if ((off > 0 && base > INT64_MAX - off) || base + off < 0) {
+		session_unlock();
+		return done(-EINVAL);
+	}
+	o->pos = (uint64_t)(base + off);
+	real.lseek(fd, (off_t)o->pos, SEEK_SET);
+	session_unlock();
+	return done((off_t)o->pos);
+}
+
+/* Make everything written to fd's file real before a pass-through op. */
+int managed_drain_fd(int fd)
+{
+	struct ofd *o;
+
+	if (!fd_peek(fd) || session_lock() < 0)
+		return 0;
+	o = fd_peek(fd);
+	if (o && o->ino)
+		inode_drain(o->ino);
+	session_unlock();
+	return 0;
+}
+
+/* After a pass-through op changed the file: take position and size from the kernel. */
+void managed_resync(int fd)
+{
+	struct ofd *o;
+	struct stat st;
+
+	if (!fd_peek(fd) || session_lock() < 0)
+		return;
+	o = fd_peek(fd);
+	if (o && o->ino) {
+		off_t p = real.lseek(fd, 0, SEEK_CUR);
+
+		if (p >= 0)
+			o->pos = (uint64_t)p;
+		if (real.fstat(fd, &st) == 0)
+			o->ino->size = (uint64_t)st.st_size;
+	}
+	session_unlock();
+}
