@@ -321,6 +321,35 @@ def test_marker_left_open_at_exit(tmp_path):
     """))
 
 
+def test_marker_killed_before_the_helper_saw_it(tmp_path):
+    """SIGKILL after a marker's hidden temporary was created and before the
+    op telling the helper of it went out (strace kills the program as it
+    enters that sendmsg): the helper, which learned the name first, removes
+    the temporary when it exits, so the directory holds what a plain run
+    killed at that point would hold, plus nothing (docs/DESIGN.md 3.7)."""
+    import shutil
+    import subprocess
+    from faultutil import shim_env, wait_helpers
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    env = shim_env(d)
+    lib = env.pop("LD_PRELOAD")
+    trace = tmp_path / "strace.txt"
+    argv = ["strace", "-o", str(trace), "-e", "trace=openat,sendmsg",
+            "-e", "inject=sendmsg:signal=SIGKILL:when=1", "env", "LD_PRELOAD=" + lib, VENV_PY,
+            "-c", "f = open('latest', 'w'); f.write('7'); f.close()"]
+    r = subprocess.run(argv, cwd=str(d), env=env, capture_output=True, text=True, timeout=60)
+    wait_helpers(env["ACKPT_TEST_MARK"])
+    log = trace.read_text()
+    assert r.returncode in (-9, 137), (r.returncode, r.stderr, log[-2000:])
+    assert ".latest.ackpt." in log and "O_CREAT" in log, "the temporary was never created:\n" + log[-2000:]
+    assert "killed by SIGKILL" in log, log[-2000:]
+    left = sorted(os.listdir(d))
+    assert left == [], "left behind: %s" % left
+
+
 # ---- names after a deferred rename ---------------------------------------
 
 @pytest.mark.parametrize("into", [False, True])

@@ -29,6 +29,8 @@
 #define ACKPT_HELPER_SHM_FD  4
 
 #define ACKPT_MAX_FILES      16384 /* file slots in the control block */
+#define ACKPT_MARKER_INTENTS 8     /* markers being created at once (a ring) */
+#define ACKPT_INTENT_PATH    4096
 #define ACKPT_ARENA_ALIGN    4096  /* every staged chunk starts page-aligned */
 #define ACKPT_REG_BUF_MAX    (1ull << 30) /* io_uring fixed-buffer size cap */
 
@@ -192,13 +194,20 @@ struct ackpt_shm {
 
 	struct ackpt_helper_config cfg; /* shim, before the helper starts */
 
+	/* shim, before it creates a marker's hidden temporary: its path, so a
+	 * program killed before the temporary reached the helper (an OPEN op)
+	 * leaves nothing behind; the helper unlinks any that still exist when
+	 * it exits, after its last commit */
+	char marker_intent[ACKPT_MARKER_INTENTS][ACKPT_INTENT_PATH];
+
 	struct ackpt_file_slot files[ACKPT_MAX_FILES];
 };
 
 _Static_assert(__builtin_offsetof(struct ackpt_shm, durable_seq) == 32 &&
 	       __builtin_offsetof(struct ackpt_shm, staged_seq) == 104 &&
 	       __builtin_offsetof(struct ackpt_shm, cfg) == 160 &&
-	       __builtin_offsetof(struct ackpt_shm, files) == 160 + sizeof(struct ackpt_helper_config),
+	       __builtin_offsetof(struct ackpt_shm, files) == 160 + sizeof(struct ackpt_helper_config) +
+								ACKPT_MARKER_INTENTS * ACKPT_INTENT_PATH,
 	       "control block layout");
 
 #define ACKPT_HF_URING      0x1  /* io_uring engine (else pwrite pool) */

@@ -798,6 +798,16 @@ int main(int argc, char **argv)
 		file_name_durable(i);
 		file_close(f);
 	}
+	/* markers the program began to create and never committed (killed
+	 * before their OPEN reached us): every commit is done by now, so a
+	 * temporary still there was never going to be renamed */
+	for (i = 0; i < ACKPT_MARKER_INTENTS; i++) {
+		char *p = H.shm->marker_intent[i];
+
+		p[ACKPT_INTENT_PATH - 1] = 0;
+		if (p[0] && is_metadata_temp(p) && unlink(p) == 0)
+			hlog(3, "removed %s: the program died before writing it", p);
+	}
 	publish();
 	if (H.reg && H.reg_helper >= 0)
 		__atomic_store_n(&H.reg->helpers[H.reg_helper].pid, 0, __ATOMIC_RELEASE);

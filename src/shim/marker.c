@@ -42,6 +42,7 @@ struct outcome files_open_metadata(const char *canon, int flags, mode_t mode)
 	struct stat st;
 	struct ofd *o;
 	int exists, fd, saved;
+	unsigned n;
 
 	if (real.lstat(canon, &st) == 0 && S_ISLNK(st.st_mode)) {
 		char target[PATH_MAX];
@@ -61,9 +62,18 @@ struct outcome files_open_metadata(const char *canon, int flags, mode_t mode)
 		return done(-EEXIST);
 	if ((exists && !(flags & O_TRUNC)) || (!exists && !(flags & O_CREAT)))
 		return NOT_OURS;
+	n = atomic_fetch_add(&counter, 1);
 	if (snprintf(tmp, sizeof(tmp), "%.*s.%s.ackpt.%d.%u", (int)(base - canon), canon, base,
-		     (int)getpid(), atomic_fetch_add(&counter, 1)) >= (int)sizeof(tmp))
+		     (int)getpid(), n) >= (int)sizeof(tmp))
 		return NOT_OURS;
+	/* the helper learns the name before the file exists (a kill in
+	 * between must not leave it behind): the session starts here if this
+	 * is the process's first managed file */
+	if (session_lock() == 0) {
+		if (session_ensure() == 0 && S.shm && strlen(tmp) < ACKPT_INTENT_PATH)
+			memcpy(S.shm->marker_intent[n % ACKPT_MARKER_INTENTS], tmp, strlen(tmp) + 1);
+		session_unlock();
+	}
 	fd = real.openat(AT_FDCWD, tmp, (flags & ~O_TRUNC) | O_CREAT | O_EXCL | O_NOFOLLOW,
 			 mode);
 	if (fd < 0)
