@@ -127,3 +127,28 @@ def test_close_does_not_wait_for_storage_across_nodes(tmp_path):
     assert int(held) < int(total), ("close() returned only once storage held the data: it "
                                     "waited for the slow helper\n%s" % wrote[0])
     assert read[0] == "rank 0 read %s bytes, same" % total, read
+
+
+@pytest.mark.parametrize("master_addr", ["::1", "localhost"])
+def test_coordinator_over_ipv6_and_a_hostname(tmp_path, master_addr):
+    """torchrun's MASTER_ADDR given as an IPv6 address or a hostname: the
+    coordinator listens there (every address the name resolves to on this
+    host), the ranks reach it, DCP's .metadata is committed behind the
+    barrier, and every rank reads the checkpoint back."""
+    import socket
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as e:
+        pytest.skip("no IPv6 loopback here: %s" % e)
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    argv = shimmed(torchrun_argv(2, free_master_port(), "read_your_writes.py", [out, "dcp"],
+                                 master_addr=master_addr), out, log="debug")
+    job = run_job("shim", argv, job_env(), tmp_path, timeout=240)
+    assert job.returncode == 0, job.describe()
+    lines = sorted(ln for ln in job.stdout().splitlines() if ln.startswith("rank "))
+    assert len(lines) == 4, job.describe()
+    for step in (0, 1):
+        assert (out / ("step%d" % step) / ".metadata").exists(), job.describe()
+    assert "coordinator listening on %s" % master_addr in job.stderr(), job.describe()
+    assert "aborted" not in job.stderr(), job.describe()

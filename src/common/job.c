@@ -65,7 +65,10 @@ void ackpt_job_discover(struct ackpt_job *j)
 			snprintf(j->broken, sizeof(j->broken), "ACKPT_COORD is invalid (expected host:port)");
 			return;
 		}
-		snprintf(j->addr, sizeof(j->addr), "%.*s", (int)(colon - coord), coord);
+		if (coord[0] == '[' && colon[-1] == ']') /* [v6-address]:port */
+			snprintf(j->addr, sizeof(j->addr), "%.*s", (int)(colon - coord - 2), coord + 1);
+		else
+			snprintf(j->addr, sizeof(j->addr), "%.*s", (int)(colon - coord), coord);
 		j->port = atoi(colon + 1);
 	} else if (getenv("MASTER_ADDR") && getenv("MASTER_PORT")) {
 		snprintf(j->addr, sizeof(j->addr), "%s", getenv("MASTER_ADDR"));

@@ -32,6 +32,7 @@
 #include "../common/proto.h"
 
 #define LOCAL -1
+#define MAX_LFD 4
 #define MAX_PEND 1024
 #define MAX_REQ 256
 
@@ -89,7 +90,8 @@ static struct {
 	struct { uint64_t commit_id, deadline; } req[MAX_REQ];
 	int nreq;
 	/* coordinator side */
-	int lfd;
+	int lfd[MAX_LFD];     /* listening sockets, -1 when unused */
+	int nlfd;
 	struct part *parts;
 	int nparts, capparts, nalive;
 	struct bar *bars;
@@ -98,7 +100,7 @@ static struct {
 	int nlost;
 	struct cname *names;
 	int nnames, capnames;
-} B = { .cfd = -1, .lfd = -1, .my_id = -1 };
+} B = { .cfd = -1, .my_id = -1 };
 
 static uint64_t now_ns(void)
 {
@@ -466,10 +468,10 @@ static void part_lost(int i)
 	}
 }
 
-static void coord_accept(void)
+static void coord_accept(int lfd)
 {
 	for (;;) {
-		int fd = accept4(B.lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC), one = 1;
+		int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC), one = 1;
 		struct part *p;
 
 		if (fd < 0)
@@ -551,7 +553,8 @@ static int on_coord_msg(const struct ackpt_bar_msg *m, void *arg)
 
 static int connect_coord(void)
 {
-	struct addrinfo hints = { .ai_family = AF_INET, .ai_socktype = SOCK_STREAM }, *ai = NULL;
+	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+				  .ai_flags = AI_NUMERICSERV }, *ai = NULL, *a;
 	uint64_t deadline = now_ns() + (B.timeout_ns < 120000000000ull ? B.timeout_ns : 120000000000ull);
 	char port[16];
 	int fd = -1, one = 1, warned = 0;
@@ -560,14 +563,16 @@ static int connect_coord(void)
 	for (;;) {
 		if (!ai && getaddrinfo(B.addr, port, &hints, &ai) != 0)
 			ai = NULL;
-		if (ai) {
-			fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-			if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) == 0)
+		for (a = ai; a; a = a->ai_next) {
+			fd = socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+			if (fd >= 0 && connect(fd, a->ai_addr, a->ai_addrlen) == 0)
 				break;
 			if (fd >= 0)
 				close(fd);
 			fd = -1;
 		}
+		if (fd >= 0)
+			break;
 		if (now_ns() > deadline) {
 			if (ai)
 				freeaddrinfo(ai);
@@ -603,6 +608,78 @@ static int connect_coord(void)
 	return 0;
 }
 
+static int is_listener(int fd)
+{
+	int i;
+
+	for (i = 0; i < B.nlfd; i++)
+		if (B.lfd[i] == fd)
+			return 1;
+	return 0;
+}
+
+/* One listening socket on sa; 0 or -errno. */
+static int listen_on(const struct sockaddr *sa, socklen_t len, int v6only)
+{
+	int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), one = 1, err;
+
+	if (fd < 0)
+		return -errno;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (sa->sa_family == AF_INET6)
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only));
+	if (bind(fd, sa, len) < 0 || listen(fd, 4096) < 0) {
+		err = errno;
+		close(fd);
+		return -err;
+	}
+	B.lfd[B.nlfd++] = fd;
+	return 0;
+}
+
+/*
+ * Listen where the job talks: on every address of this host that the
+ * coordinator's name or address resolves to (IPv4 or IPv6).  When none of
+ * them is this host's (a name that resolves elsewhere from here, an address
+ * behind NAT), on every interface, dual-stack where the host allows.
+ * Returns 0, or -errno (-EADDRINUSE: something listens there already).
+ */
+static int coord_listen(void)
+{
+	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+				  .ai_flags = AI_NUMERICSERV }, *ai = NULL, *a;
+	char port[16];
+	int ret, first = 0;
+
+	snprintf(port, sizeof(port), "%d", B.port);
+	if (getaddrinfo(B.addr, port, &hints, &ai) == 0) {
+		for (a = ai; a && B.nlfd < MAX_LFD; a = a->ai_next) {
+			ret = listen_on(a->ai_addr, a->ai_addrlen, 1);
+			if (ret < 0 && ret != -EADDRNOTAVAIL && !first)
+				first = ret;
+		}
+		freeaddrinfo(ai);
+	}
+	if (B.nlfd)
+		return 0;
+	if (first)
+		return first;
+	{
+		struct sockaddr_in6 s6 = { .sin6_family = AF_INET6, .sin6_port = htons((uint16_t)B.port),
+					   .sin6_addr = IN6ADDR_ANY_INIT };
+		struct sockaddr_in s4 = { .sin_family = AF_INET, .sin_port = htons((uint16_t)B.port),
+					  .sin_addr.s_addr = htonl(INADDR_ANY) };
+
+		ret = listen_on((struct sockaddr *)&s6, sizeof(s6), 0);
+		if (ret < 0 && ret != -EADDRINUSE)
+			ret = listen_on((struct sockaddr *)&s4, sizeof(s4), 0);
+	}
+	if (!ret)
+		B.h.log(2, "coordinator: %s is not an address of this host; listening on every "
+			"interface", B.addr);
+	return ret;
+}
+
 /* ---- public ---- */
 
 int bar_init(const struct bar_hooks *hooks, const struct ackpt_helper_config *cfg)
@@ -626,32 +703,26 @@ int bar_init(const struct bar_hooks *hooks, const struct ackpt_helper_config *cf
 	memcpy(B.token, j->token, ACKPT_TOKEN_LEN);
 
 	if (cfg->coord_host) {
-		struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)B.port),
-					  .sin_addr.s_addr = htonl(INADDR_ANY) };
 		struct rlimit rl;
-		int one = 1;
+		int ret;
 
 		if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
 			rl.rlim_cur = rl.rlim_max;
 			setrlimit(RLIMIT_NOFILE, &rl);
 		}
-		B.lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-		setsockopt(B.lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-		if (B.lfd >= 0 && bind(B.lfd, (struct sockaddr *)&sa, sizeof(sa)) == 0 &&
-		    listen(B.lfd, 4096) == 0) {
+		ret = coord_listen();
+		if (ret == 0) {
 			B.host = 1;
-			B.h.log(3, "coordinator listening on port %d", B.port);
+			B.h.log(3, "coordinator listening on %s port %d (%d socket%s)", B.addr, B.port,
+				B.nlfd, B.nlfd > 1 ? "s" : "");
 			return 0;
 		}
 		/* an exec'd rank 0 finds its previous image's coordinator there and
 		 * joins it (the job token proves it is ours); anything else fails
 		 * the registration below, loudly */
-		B.h.log(1, "cannot host the barrier coordinator on port %d (%s); joining the one "
+		B.h.log(1, "cannot host the barrier coordinator on %s port %d (%s); joining the one "
 			"there if it is this job's (else set ACKPT_COORD=host:port to a free port)",
-			B.port, strerror(errno));
-		if (B.lfd >= 0)
-			close(B.lfd);
-		B.lfd = -1;
+			B.addr, B.port, strerror(-ret));
 	}
 	{
 		int ret = connect_coord();
@@ -742,8 +813,8 @@ int bar_pollfds(struct pollfd *p, int max)
 		p[n].fd = B.cfd;
 		p[n++].events = POLLIN;
 	}
-	if (B.lfd >= 0 && n < max) {
-		p[n].fd = B.lfd;
+	for (i = 0; i < B.nlfd && n < max; i++) {
+		p[n].fd = B.lfd[i];
 		p[n++].events = POLLIN;
 	}
 	for (i = 0; i < B.nparts && n < max; i++)
@@ -770,8 +841,8 @@ void bar_handle(const struct pollfd *p, int n)
 					B.h.decided(B.req[--B.nreq].commit_id, ENOTCONN,
 						    "the coordinator is gone");
 			}
-		} else if (p[k].fd == B.lfd) {
-			coord_accept();
+		} else if (is_listener(p[k].fd)) {
+			coord_accept(p[k].fd);
 		} else {
 			for (i = 0; i < B.nparts; i++)
 				if (B.parts[i].fd == p[k].fd)
@@ -802,7 +873,7 @@ void bar_handle(const struct pollfd *p, int n)
  */
 static void read_ready_peers(void)
 {
-	int max = B.nparts + 2, n;
+	int max = B.nparts + 2 + MAX_LFD, n;
 	struct pollfd *p = calloc((size_t)max, sizeof(*p));
 
 	if (!p)
@@ -912,11 +983,11 @@ void bar_shutdown(void)
 	if (B.host) {
 		/* others may still need us: wait (bounded) until they leave */
 		uint64_t deadline = now_ns() + B.timeout_ns;
-		struct pollfd *p = calloc(B.capparts + 2, sizeof(*p));
+		struct pollfd *p = calloc(B.capparts + 2 + MAX_LFD, sizeof(*p));
 		int logged = 0;
 
 		while (p && registered() > 0 && now_ns() < deadline) {
-			int n = bar_pollfds(p, B.capparts + 2), t;
+			int n = bar_pollfds(p, B.capparts + 2 + MAX_LFD), t;
 
 			if (!logged) {
 				B.h.log(3, "coordinator: waiting for %d participant(s) to leave", registered());
@@ -927,10 +998,10 @@ void bar_shutdown(void)
 				bar_handle(p, n);
 			/* refresh after possible growth */
 			free(p);
-			p = calloc(B.capparts + 2, sizeof(*p));
+			p = calloc(B.capparts + 2 + MAX_LFD, sizeof(*p));
 		}
 		free(p);
-		close(B.lfd);
-		B.lfd = -1;
+		while (B.nlfd)
+			close(B.lfd[--B.nlfd]);
 	}
 }

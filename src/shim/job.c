@@ -162,10 +162,38 @@ static struct ackpt_bar_msg frame(int type)
 				       .type = (uint16_t)type, .rank = J.job.rank };
 }
 
+/* A connected socket to a, within ANSWER_WITHIN_MS; -1 with *err set. */
+static int connect_within(const struct addrinfo *a, int *err)
+{
+	int fd = socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	struct pollfd p = { .events = POLLOUT };
+	socklen_t len = sizeof(*err);
+
+	if (fd < 0) {
+		*err = errno;
+		return -1;
+	}
+	if (connect(fd, a->ai_addr, a->ai_addrlen) < 0 && errno != EINPROGRESS) {
+		*err = errno;
+		real.close(fd);
+		return -1;
+	}
+	p.fd = fd;
+	if (poll(&p, 1, ANSWER_WITHIN_MS) <= 0)
+		*err = ETIMEDOUT;
+	else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, err, &len) < 0)
+		*err = errno;
+	else if (!*err)
+		return fd;
+	real.close(fd);
+	return -1;
+}
+
 /* Called with J.lock held.  0, or -errno (no coordinator to ask). */
 static int dial(void)
 {
-	struct addrinfo hints = { .ai_family = AF_INET, .ai_socktype = SOCK_STREAM }, *ai = NULL;
+	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+				  .ai_flags = AI_NUMERICSERV }, *ai = NULL, *a;
 	struct ackpt_bar_msg m;
 	char port[16];
 	int fd, one = 1, err;
@@ -182,33 +210,13 @@ static int dial(void)
 	snprintf(port, sizeof(port), "%d", J.job.port);
 	if (getaddrinfo(J.job.addr, port, &hints, &ai) != 0 || !ai)
 		return -EHOSTUNREACH;
-	fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-	if (fd < 0) {
-		err = errno;
-		freeaddrinfo(ai);
-		return -err;
-	}
-	if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0 && errno != EINPROGRESS) {
-		err = errno;
-		freeaddrinfo(ai);
-		real.close(fd);
-		return -err;
-	}
+	fd = -1;
+	err = ECONNREFUSED;
+	for (a = ai; a && fd < 0; a = a->ai_next)
+		fd = connect_within(a, &err);
 	freeaddrinfo(ai);
-	{
-		struct pollfd p = { .fd = fd, .events = POLLOUT };
-		socklen_t len = sizeof(err);
-
-		err = 0;
-		if (poll(&p, 1, ANSWER_WITHIN_MS) <= 0)
-			err = ETIMEDOUT;
-		else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-			err = errno;
-		if (err) {
-			real.close(fd);
-			return -err;
-		}
-	}
+	if (fd < 0)
+		return -err;
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	{
 		/* out of the program's way: a high number, hidden, protected */
