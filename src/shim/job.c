@@ -306,7 +306,8 @@ void job_announce(const char *const *paths, int with_dirs, uint64_t seq, uint64_
 	if (tls_in_job || pthread_mutex_lock(&J.lock))
 		return;
 	tls_in_job = 1;
-	for (i = 0; paths[i] && n + 2 <= 8; i++) {
+	err = dial(); /* first: it learns this node's id */
+	for (i = 0; !err && paths[i] && n + 2 <= 8; i++) {
 		int d;
 
 		for (d = 0; d <= with_dirs; d++) {
@@ -324,7 +325,6 @@ void job_announce(const char *const *paths, int with_dirs, uint64_t seq, uint64_
 			n++;
 		}
 	}
-	err = dial();
 	if (!err)
 		err = ask(m, n);
 	if (err < 0)
