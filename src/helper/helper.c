@@ -805,7 +805,9 @@ int main(int argc, char **argv)
 		char *p = H.shm->marker_intent[i];
 
 		p[ACKPT_INTENT_PATH - 1] = 0;
-		if (p[0] && is_metadata_temp(p) && unlink(p) == 0)
+		/* look first: a normal run has renamed them all, and should
+		 * make no unlink call here */
+		if (p[0] && is_metadata_temp(p) && access(p, F_OK) == 0 && unlink(p) == 0)
 			hlog(3, "removed %s: the program died before writing it", p);
 	}
 	publish();
