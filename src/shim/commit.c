@@ -44,7 +44,7 @@ void session_commit_now(const char *tmp, const char *final, int own_temp)
 {
 	int fd, ret = 0;
 
-	if (C.multi_rank && access(tmp, F_OK) == 0) {
+	if (C.multi_rank && real.access(tmp, F_OK) == 0) {
 		alog(L_ERROR, "commit of %s aborted: the helper died, no barrier is possible", final);
 		ret = -ECONNRESET;
 	} else {

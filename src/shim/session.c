@@ -217,10 +217,13 @@ int helper_gone(void)
 {
 	if (helper_alive())
 		return 0;
-	if (session_is_owner()) {
-		pthread_mutex_lock(&S.lock);
+	/* through session_lock, so that what the repair calls sees the lock
+	 * as held (a wrapper reached from it must not take it again); a
+	 * thread that already holds it (a signal handler re-entering us) does
+	 * not repair in the middle of its own update */
+	if (session_lock() == 0) {
 		session_helper_died();
-		pthread_mutex_unlock(&S.lock);
+		session_unlock();
 	}
 	return 1;
 }

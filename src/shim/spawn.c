@@ -38,7 +38,7 @@ static int find_helper(char *out, size_t n)
 
 	if (env && *env) {
 		snprintf(out, n, "%s", env);
-		return access(out, X_OK) == 0 ? 0 : -ENOENT;
+		return real.access(out, X_OK) == 0 ? 0 : -ENOENT;
 	}
 	if (dladdr((void *)find_helper, &info) && info.dli_fname) {
 		char dir[PATH_MAX];
@@ -50,13 +50,13 @@ static int find_helper(char *out, size_t n)
 			*slash = 0;
 			for (i = 0; rel[i]; i++) {
 				snprintf(out, n, "%s/%s", dir, rel[i]);
-				if (access(out, X_OK) == 0)
+				if (real.access(out, X_OK) == 0)
 					return 0;
 			}
 		}
 	}
 	snprintf(out, n, "%s/ackpt-helper", ACKPT_LIBEXECDIR);
-	return access(out, X_OK) == 0 ? 0 : -ENOENT;
+	return real.access(out, X_OK) == 0 ? 0 : -ENOENT;
 }
 
 struct spawn_args {
