@@ -74,6 +74,7 @@ struct cname {
 
 static struct {
 	int global, host, rank, world;
+	int multi_node;       /* the job may span nodes */
 	const char *broken;   /* why a global barrier cannot work, or NULL */
 	struct bar_hooks h;
 	uint8_t token[ACKPT_TOKEN_LEN];
@@ -637,12 +638,27 @@ static int listen_on(const struct sockaddr *sa, socklen_t len, int v6only)
 	return 0;
 }
 
+static int is_loopback(const struct sockaddr *sa)
+{
+	if (sa->sa_family == AF_INET)
+		return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+	if (sa->sa_family == AF_INET6) {
+		const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+
+		return IN6_IS_ADDR_LOOPBACK(a) || (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+	}
+	return 0;
+}
+
 /*
  * Listen where the job talks: on every address of this host that the
  * coordinator's name or address resolves to (IPv4 or IPv6).  When none of
  * them is this host's (a name that resolves elsewhere from here, an address
- * behind NAT), on every interface, dual-stack where the host allows.
- * Returns 0, or -errno (-EADDRINUSE: something listens there already).
+ * behind NAT), on every interface, dual-stack where the host allows.  A
+ * loopback address does not count for a job that may span nodes: a host
+ * name often resolves to 127.0.1.1 on its own host and to its real address
+ * everywhere else.  Returns 0, or -errno (-EADDRINUSE: something listens
+ * there already).
  */
 static int coord_listen(void)
 {
@@ -654,6 +670,8 @@ static int coord_listen(void)
 	snprintf(port, sizeof(port), "%d", B.port);
 	if (getaddrinfo(B.addr, port, &hints, &ai) == 0) {
 		for (a = ai; a && B.nlfd < MAX_LFD; a = a->ai_next) {
+			if (B.multi_node && is_loopback(a->ai_addr))
+				continue;
 			ret = listen_on(a->ai_addr, a->ai_addrlen, 1);
 			if (ret < 0 && ret != -EADDRNOTAVAIL && !first)
 				first = ret;
@@ -675,8 +693,8 @@ static int coord_listen(void)
 			ret = listen_on((struct sockaddr *)&s4, sizeof(s4), 0);
 	}
 	if (!ret)
-		B.h.log(2, "coordinator: %s is not an address of this host; listening on every "
-			"interface", B.addr);
+		B.h.log(2, "coordinator: no address of %s on this host that other nodes can reach; "
+			"listening on every interface", B.addr);
 	return ret;
 }
 
@@ -689,6 +707,7 @@ int bar_init(const struct bar_hooks *hooks, const struct ackpt_helper_config *cf
 	B.h = *hooks;
 	B.rank = j->rank;
 	B.world = j->world;
+	B.multi_node = ackpt_job_multi_node(j);
 	B.timeout_ns = cfg->barrier_timeout_ns ? cfg->barrier_timeout_ns : 600ull * 1000000000ull;
 	if (!j->global)
 		return 0; /* a single process: the barrier is a local drain */
