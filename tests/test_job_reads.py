@@ -52,39 +52,48 @@ def _private_shm(argv):
 
 
 @pytest.mark.parametrize("mode", ["dcp", "torchsave"])
+def _two_node_job(base, out, mode, shim, **env):
+    """read_your_writes.py DIR mode as one torchrun per simulated node (its
+    own network namespace and /dev/shm), rank 0 on node 0; returns the two
+    finished jobs, each checked for exit status 0."""
+    import shutil
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    with two_nodes() as ((ns_a, addr_a), (ns_b, _addr_b)):
+        port = free_master_port()
+        jobs = []
+        try:
+            for node, ns, dev in ((0, ns_a, "ackptvA"), (1, ns_b, "ackptvB")):
+                argv = torchrun_argv(1, port, "read_your_writes.py", [out, mode], nnodes=2,
+                                     node_rank=node, master_addr=addr_a)
+                if shim:
+                    argv = shimmed(argv, out)
+                jobs.append(start_job("%s-node%d" % (base.name, node),
+                                      in_netns(ns, _private_shm(argv)),
+                                      job_env(GLOO_SOCKET_IFNAME=dev, TP_SOCKET_IFNAME=dev, **env),
+                                      base))
+            for j in jobs:
+                j.wait(240)
+        finally:
+            for j in jobs:
+                j.kill()
+    for j in jobs:
+        assert j.returncode == 0, j.describe()
+    return jobs
+
+
+@pytest.mark.parametrize("mode", ["dcp", "torchsave"])
 def test_every_rank_reads_across_two_nodes(tmp_path, mode):
     """The same, with rank 0 and rank 1 on two simulated nodes: separate
     network namespaces and mount namespaces (each its own /dev/shm, so its own
     node registry), sharing the checkpoint directory."""
-    import shutil
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare (util-linux) is not installed")
-    outs, lines = {}, {}
+    lines = {}
     for label in ("plain", "shim_"):
         base = tmp_path / label
         out = base / "ckpt"
         out.mkdir(parents=True)
-        with two_nodes() as ((ns_a, addr_a), (ns_b, _addr_b)):
-            port = free_master_port()
-            jobs = []
-            try:
-                for node, ns, dev in ((0, ns_a, "ackptvA"), (1, ns_b, "ackptvB")):
-                    argv = torchrun_argv(1, port, "read_your_writes.py", [out, mode], nnodes=2,
-                                         node_rank=node, master_addr=addr_a)
-                    if label != "plain":
-                        argv = shimmed(argv, out)
-                    env = job_env(GLOO_SOCKET_IFNAME=dev, TP_SOCKET_IFNAME=dev,
-                                  ACKPT_TEST_DELAY_MS=100 if label != "plain" else None)
-                    jobs.append(start_job("%s-node%d" % (label, node),
-                                          in_netns(ns, _private_shm(argv)), env, base))
-                for j in jobs:
-                    j.wait(240)
-            finally:
-                for j in jobs:
-                    j.kill()
-        for j in jobs:
-            assert j.returncode == 0, j.describe()
-        outs[label] = out
+        jobs = _two_node_job(base, out, mode, label != "plain",
+                             ACKPT_TEST_DELAY_MS=100 if label != "plain" else None)
         lines[label] = sorted(ln for j in jobs for ln in j.stdout().splitlines()
                               if ln.startswith("rank "))
     assert lines["plain"] and lines["shim_"] == lines["plain"], (lines["plain"], lines["shim_"])
@@ -96,29 +105,11 @@ def test_close_does_not_wait_for_storage_across_nodes(tmp_path):
     holds less than was written when close() returns on the writer's node,
     and the reader on the other node still reads all of it after the
     barrier (docs/BARRIER.md, "Other nodes' pending names")."""
-    import shutil
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare (util-linux) is not installed")
     base = tmp_path / "shim_"
     out = base / "ckpt"
     out.mkdir(parents=True)
-    with two_nodes() as ((ns_a, addr_a), (ns_b, _addr_b)):
-        port = free_master_port()
-        jobs = []
-        try:
-            for node, ns, dev in ((0, ns_a, "ackptvA"), (1, ns_b, "ackptvB")):
-                argv = shimmed(torchrun_argv(1, port, "read_your_writes.py", [out, "remote"],
-                                             nnodes=2, node_rank=node, master_addr=addr_a), out)
-                env = job_env(GLOO_SOCKET_IFNAME=dev, TP_SOCKET_IFNAME=dev,
-                              ACKPT_TEST_DELAY_MS=1500, ACKPT_TEST_DELAY_RANK=1)
-                jobs.append(start_job("node%d" % node, in_netns(ns, _private_shm(argv)), env, base))
-            for j in jobs:
-                j.wait(240)
-        finally:
-            for j in jobs:
-                j.kill()
-    for j in jobs:
-        assert j.returncode == 0, j.describe()
+    jobs = _two_node_job(base, out, "remote", True, ACKPT_TEST_DELAY_MS=1500,
+                         ACKPT_TEST_DELAY_RANK=1)
     lines = [ln for j in jobs for ln in j.stdout().splitlines()]
     wrote = [ln for ln in lines if ln.startswith("writer closed")]
     read = [ln for ln in lines if ln.startswith("rank 0 read")]

@@ -11,14 +11,6 @@
 
 #include "shim.h"
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
-}
-
 int commit_fsync_dir(const char *path)
 {
 	char dir[PATH_MAX];

@@ -47,44 +47,30 @@ static __thread int tls_in_job;
 
 #define ANSWER_WITHIN_MS 10000
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
-}
-
-static uint64_t fnv(uint64_t h, const void *p, size_t n)
-{
-	const unsigned char *c = p;
-
-	while (n--)
-		h = (h ^ *c++) * 0x100000001b3ull;
-	return h;
-}
-
 /* The node: its boot and its /dev/shm (separate mount namespaces with their
  * own /dev/shm are separate nodes, as far as the registry goes). */
 static uint64_t node_id(void)
 {
-	uint64_t h = 0xcbf29ce484222325ull;
-	char boot[64] = "";
+	char id[64 + 2 * sizeof(uint64_t)];
+	size_t len = 0;
 	struct stat st;
 	int fd = real.open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC, 0);
 
 	if (fd >= 0) {
-		ssize_t n = real.read(fd, boot, sizeof(boot) - 1);
+		ssize_t n = real.read(fd, id, 64);
 
 		if (n > 0)
-			h = fnv(h, boot, (size_t)n);
+			len = (size_t)n;
 		real.close(fd);
 	}
 	if (real.stat("/dev/shm", &st) == 0) {
-		h = fnv(h, &st.st_dev, sizeof(st.st_dev));
-		h = fnv(h, &st.st_ino, sizeof(st.st_ino));
+		uint64_t dev = st.st_dev, ino = st.st_ino;
+
+		memcpy(id + len, &dev, sizeof(dev));
+		memcpy(id + len + sizeof(dev), &ino, sizeof(ino));
+		len += 2 * sizeof(uint64_t);
 	}
-	return h | 1;
+	return ackpt_name_hash(id, len);
 }
 
 int job_multi_node(void)

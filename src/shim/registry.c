@@ -25,14 +25,6 @@ static struct ackpt_registry *reg;
 static uint64_t reg_tried;
 static int32_t own_names[ACKPT_REGISTRY_NAMES]; /* names claimed by this process */
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
-}
-
 static struct ackpt_registry *registry_map(int create)
 {
 	struct ackpt_registry *r;

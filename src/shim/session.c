@@ -27,14 +27,6 @@ struct session S = { .lock = PTHREAD_MUTEX_INITIALIZER, .memfd = -1, .sock = -1 
 __thread int tls_busy;
 extern char **environ;
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
-}
-
 int session_is_owner(void)
 {
 	return S.owner == getpid();

@@ -23,6 +23,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "path.h"
@@ -211,6 +212,14 @@ struct ackpt_config {
 	int nroots;
 };
 extern struct ackpt_config C;
+
+static inline uint64_t now_ns(void) /* CLOCK_MONOTONIC */
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
 void config_load(void);
 struct ackpt_helper_config;
 void config_for_helper(struct ackpt_helper_config *h); /* at session start */

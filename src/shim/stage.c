@@ -11,14 +11,6 @@
 #include "arena.h"
 #include "shim.h"
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
-}
-
 /*
  * The helper faults the arena in (and locks it where memlock allows): that
  * first touch is slow on some VMs and must not hold this process's mmap

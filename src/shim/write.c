@@ -14,14 +14,6 @@
 
 #include "shim.h"
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
-}
-
 /*
  * Wait, with the lock dropped and retaken, until the inode behind fd has no
  * staged work.  Returns the description again (it may have been closed by
