@@ -27,14 +27,18 @@ static int ts_after(const struct timespec *a, const struct timespec *b)
  * staged work for it: the logical size, mtime and ctime no older than the
  * last staged write, and the blocks the data will take.  Once the work is
  * written, the kernel's answer stands (a child may have written through a
- * shared description since).
+ * shared description since), but only if the caller asked the kernel after
+ * the work landed: returns 1 when it may have landed in between (no work
+ * pending now, and the kernel's size is not ours), and the caller asks the
+ * kernel again and calls this with final set.
  */
-static void settle(uint64_t dev, uint64_t ino, struct settled *st)
+static int settle(uint64_t dev, uint64_t ino, struct settled *st, int final)
 {
 	struct inode_state *i;
+	int again = 0;
 
 	if (!S.ninodes || session_lock() < 0)
-		return;
+		return 0;
 	i = inode_find(dev, ino);
 	if (i) {
 		if (inode_pending(i)) {
@@ -48,11 +52,14 @@ static void settle(uint64_t dev, uint64_t ino, struct settled *st)
 				st->ctime = i->mtime;
 			if (blocks > st->blocks)
 				st->blocks = blocks;
+		} else if (!final && st->size != i->size) {
+			again = 1;
 		} else {
 			i->size = st->size;
 		}
 	}
 	session_unlock();
+	return again;
 }
 
 /* Another process on the node has staged work for the file: 1 once that
@@ -62,27 +69,34 @@ static int other_pending(uint64_t dev, uint64_t ino, mode_t mode)
 	return S_ISREG(mode) && registry_any() && registry_wait(dev, ino) > 0;
 }
 
-static void fix_stat(struct stat *st)
+/* Returns settle()'s "ask the kernel again". */
+static int fix_stat(struct stat *st, int final)
 {
 	struct settled v = { (uint64_t)st->st_size, (uint64_t)st->st_blocks,
 			     (uint64_t)st->st_blksize, st->st_mtim, st->st_ctim };
 
 	if (S_ISREG(st->st_mode)) {
-		settle(st->st_dev, st->st_ino, &v);
+		if (settle(st->st_dev, st->st_ino, &v, final))
+			return 1;
 		st->st_size = (off_t)v.size;
 		st->st_blocks = (blkcnt_t)v.blocks;
 		st->st_mtim = v.mtime;
 		st->st_ctim = v.ctime;
 	}
+	return 0;
 }
 
 /* After a successful real call: wait for other processes' staged data
- * (redo the call) or report our own logical size. */
+ * (redo the call) or report our own logical size (redo the call if our
+ * work landed while the kernel was asked). */
 #define SETTLE(r, st, call) do { \
 	if ((r) == 0 && other_pending((st)->st_dev, (st)->st_ino, (st)->st_mode)) \
 		(r) = (call); \
-	if ((r) == 0 && S.ninodes) \
-		fix_stat(st); \
+	if ((r) == 0 && S.ninodes && fix_stat(st, 0)) { \
+		(r) = (call); \
+		if ((r) == 0) \
+			fix_stat(st, 1); \
+	} \
 } while (0)
 
 static void before_path(int dirfd, const char *path, int flags)
@@ -171,18 +185,22 @@ ACKPT_EXPORT int statx(int dirfd, const char *path, int flags, unsigned mask, st
 	if (r == 0 && other_pending(makedev(stx->stx_dev_major, stx->stx_dev_minor), stx->stx_ino,
 				    stx->stx_mode))
 		r = real.statx(dirfd, path, flags, mask, stx);
-	if (r == 0 && S.ninodes && S_ISREG(stx->stx_mode)) {
+	for (int final = 0; r == 0 && S.ninodes && S_ISREG(stx->stx_mode); final = 1) {
 		struct settled v = { stx->stx_size, stx->stx_blocks, stx->stx_blksize,
 				     { stx->stx_mtime.tv_sec, stx->stx_mtime.tv_nsec },
 				     { stx->stx_ctime.tv_sec, stx->stx_ctime.tv_nsec } };
 
-		settle(makedev(stx->stx_dev_major, stx->stx_dev_minor), stx->stx_ino, &v);
+		if (settle(makedev(stx->stx_dev_major, stx->stx_dev_minor), stx->stx_ino, &v, final)) {
+			r = real.statx(dirfd, path, flags, mask, stx); /* our work landed meanwhile */
+			continue;
+		}
 		stx->stx_size = v.size;
 		stx->stx_blocks = v.blocks;
 		stx->stx_mtime.tv_sec = v.mtime.tv_sec;
 		stx->stx_mtime.tv_nsec = (uint32_t)v.mtime.tv_nsec;
 		stx->stx_ctime.tv_sec = v.ctime.tv_sec;
 		stx->stx_ctime.tv_nsec = (uint32_t)v.ctime.tv_nsec;
+		break;
 	}
 	return r;
 }
