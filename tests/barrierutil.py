@@ -381,12 +381,14 @@ class Committer:
     execs the real program)."""
 
     def __init__(self, directory, world, port, count, logdir, data_kib=256, timeout_s=None,
-                 log="warn", rank=0, exec_wrapper=False):
+                 log="warn", rank=0, exec_wrapper=False, secret=sim.TEST_SECRET_HEX, env=None):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        extra = {"RANK": rank, "WORLD_SIZE": world, "ACKPT_COORD": "127.0.0.1:%d" % port}
+        extra = {"RANK": rank, "WORLD_SIZE": world, "ACKPT_COORD": "127.0.0.1:%d" % port,
+                 "ACKPT_SECRET": secret}
         if timeout_s:
             extra["ACKPT_BARRIER_TIMEOUT"] = timeout_s
+        extra.update(env or {})
         self.env = job_env(**extra)
         self.mark = self.env["ACKPT_TEST_MARK"]
         self.err = Path(logdir) / ("committer-%d-r%d.err" % (port, rank))

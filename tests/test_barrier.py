@@ -663,15 +663,13 @@ def _closed_by_peer(sock, timeout=3.0):
 
 def test_coordinator_rejects_forged_peers(tmp_path):
     """While a barrier waits for a legitimate participant (which ACKs 1 s
-    late), rogue peers send: a HELLO with a wrong token followed by ACKs
-    (EIO and OK) for the running barrier; ACKs without any HELLO; a HELLO
-    with the right token but a wrong protocol version; a wrong magic.  Each
-    is closed without a WELCOME, and none counts: the commit completes only
+    late), rogue peers send: a HELLO and a PROOF made up without the secret,
+    followed by ACKs (EIO and OK) for the running barrier; ACKs without any
+    HELLO; a HELLO with a wrong protocol version; a wrong magic.  Each is
+    closed without a WELCOME, and none counts: the commit completes only
     after the legitimate ACK, and succeeds."""
     com, s, d, _ = _scale_setup(tmp_path, "forged", 4, modes={0: "delay:1.0"})
     port = s.port
-    good = s.tok
-    wrong = bytes(b ^ 0x5A for b in good)
     try:
         com.p.stdin.write("go\n")
         com.p.stdin.flush()
@@ -681,13 +679,13 @@ def test_coordinator_rejects_forged_peers(tmp_path):
         assert s.prepares, "no PREPARE reached the simulated participants"
         bid = max(s.prepares)
         rogues = {
-            "wrong token + ACKs": sim.pack(sim.HELLO, rank=1, tok=wrong)
+            "made-up proof + ACKs": sim.hello_frame(1) + sim.pack(sim.PROOF, mac=os.urandom(16))
             + sim.pack(sim.ACK, id_=bid, status=5, rank=1) + sim.pack(sim.ACK, id_=bid, rank=1),
             "ACK without HELLO": sim.pack(sim.ACK, id_=bid, status=5, rank=1)
             + sim.pack(sim.ACK, id_=bid, rank=1),
-            "wrong version": sim.pack(sim.HELLO, rank=1, tok=good, version=sim.VERSION + 1)
+            "wrong version": sim.pack(sim.HELLO, rank=1, version=sim.VERSION + 1)
             + sim.pack(sim.ACK, id_=bid, status=5, rank=1),
-            "wrong magic": sim.pack(sim.HELLO, rank=1, tok=good, magic=0x12345678)
+            "wrong magic": sim.pack(sim.HELLO, rank=1, magic=0x12345678)
             + sim.pack(sim.ACK, id_=bid, status=5, rank=1),
             "REQUEST without HELLO": sim.pack(sim.REQUEST, arg=99, rank=1),
         }
@@ -709,8 +707,8 @@ def test_coordinator_rejects_forged_peers(tmp_path):
         rc = _scale_teardown(com, s)
     for name, (closed, got) in results.items():
         assert closed, "rogue peer %r: the coordinator did not close the connection" % name
-        assert len(got) % 48 == 0
-        frames = [sim.unpack(got[i:i + 48]) for i in range(0, len(got), 48)]
+        assert len(got) % sim.SIZE == 0
+        frames = [sim.unpack(got[i:i + sim.SIZE]) for i in range(0, len(got), sim.SIZE)]
         assert not any(f["type"] == sim.WELCOME for f in frames), "rogue %r was welcomed" % name
     assert err == 0, "a forged ACK aborted the commit (errno %d)\n%s" % (err, com.stderr())
     assert line_dt >= 0.9, ("the commit finished %.3fs after the request, before the legitimate "

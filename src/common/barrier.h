@@ -1,8 +1,10 @@
 /*
  * The barrier control plane between helpers (TCP).  Rank 0's helper hosts
  * the coordinator; every other helper registers on start.  Frames are fixed
- * 48 bytes, versioned, and a connection is accepted only after a HELLO
- * carrying the job token, so a stray peer cannot forge an acknowledgement.
+ * 72 bytes and versioned.  A connection counts only after both ends proved
+ * they know the job's secret (HELLO, CHALLENGE, PROOF: src/common/auth.h);
+ * every frame after that carries a sequence number and a MAC, so a stray
+ * peer can neither forge, replay nor inject an acknowledgement.
  */
 #ifndef ACKPT_BARRIER_H
 #define ACKPT_BARRIER_H
@@ -10,12 +12,15 @@
 #include <stdint.h>
 
 #define ACKPT_BAR_MAGIC   0x42504b41u /* "AKPB" */
-#define ACKPT_BAR_VERSION 2 /* 2: observers, NAME, QUERY, ANSWER, PROGRESS */
-#define ACKPT_TOKEN_LEN   16
+#define ACKPT_BAR_VERSION 3 /* 2: observers, NAME, QUERY, ANSWER, PROGRESS;
+			     * 3: CHALLENGE, PROOF, sealed frames */
+#define ACKPT_NONCE_LEN   16
+#define ACKPT_MAC_LEN     16
 
 enum ackpt_bar_type {
-	BAR_HELLO = 1,   /* participant -> coord: token, pid, rank */
-	BAR_WELCOME,     /* coord -> participant: participant id */
+	BAR_HELLO = 1,   /* participant -> coord: rank, status ACKPT_HELLO_OBSERVER or 0,
+			  * arg its pid, data a fresh nonce (not sealed) */
+	BAR_WELCOME,     /* coord -> participant: participant id (the first sealed frame) */
 	BAR_REQUEST,     /* participant -> coord: please run barrier for commit `id` */
 	BAR_PREPARE,     /* coord -> all: note your staged position, ack when durable */
 	BAR_ACK,         /* participant -> coord: barrier `id` durable (status 0) or errno */
@@ -27,13 +32,16 @@ enum ackpt_bar_type {
 	BAR_NAME,        /* observer -> coord: a name with pending work: id hash, arg
 			  * the op seq or commit id that settles it, status NAME_*,
 			  * rank the owning helper's participant id (ACKPT_COORD_LOCAL:
-			  * the host), token[0..8) the node id, token[8..16) the owner's
+			  * the host), data[0..8) the node id, data[8..16) the owner's
 			  * progress (durable seq or commits done) when sent */
-	BAR_QUERY,       /* observer -> coord: id hash, status NAME_DIR or 0, token[0..8)
+	BAR_QUERY,       /* observer -> coord: id hash, status NAME_DIR or 0, data[0..8)
 			  * the asker's node id: is it pending on another node? */
 	BAR_ANSWER,      /* coord -> observer: one per NAME or QUERY, in order; status 1
 			  * pending, 0 not */
 	BAR_PROGRESS,    /* participant -> coord: id its durable seq, arg its commits done */
+	BAR_CHALLENGE,   /* coord -> client: id the secret's fingerprint, data a fresh
+			  * nonce, mac the coordinator's proof (not sealed) */
+	BAR_PROOF,       /* client -> coord: mac the client's proof (not sealed) */
 };
 
 #define ACKPT_HELLO_OBSERVER 1
@@ -49,10 +57,13 @@ struct ackpt_bar_msg {
 	uint64_t arg;       /* REQUEST: commit id; DECISION: commit id of the requester */
 	int32_t status;     /* 0 or a positive errno */
 	int32_t rank;
-	uint8_t token[ACKPT_TOKEN_LEN]; /* HELLO: the job token; NAME, QUERY: see above */
+	uint8_t data[ACKPT_NONCE_LEN]; /* HELLO, CHALLENGE: a nonce; NAME, QUERY: see above */
+	uint64_t seq;       /* sealed frames: this direction's frame number, from 0 */
+	uint8_t mac[ACKPT_MAC_LEN]; /* sealed: MAC of the frame up to here; CHALLENGE,
+				     * PROOF: the proof */
 };
 
-_Static_assert(sizeof(struct ackpt_bar_msg) == 48, "barrier frames are 48 bytes");
+_Static_assert(sizeof(struct ackpt_bar_msg) == 72, "barrier frames are 72 bytes");
 
 /* The coordinator listens on MASTER_PORT + this offset when only torchrun's
  * MASTER_ADDR/MASTER_PORT are known (torch's store owns MASTER_PORT). */

@@ -3,6 +3,8 @@
  * SLURM_PROCID/SLURM_NTASKS; nodes from torchrun's GROUP_WORLD_SIZE,
  * Slurm's SLURM_NNODES, or WORLD_SIZE/LOCAL_WORLD_SIZE.  The coordinator
  * is ACKPT_COORD=host:port, else MASTER_ADDR and MASTER_PORT + offset.
+ * The secret is ACKPT_JOB_TOKEN's, else ACKPT_SECRET's (ackpt-run makes
+ * one per launch), else the job file's (src/common/auth.h).
  */
 #include "job.h"
 
@@ -19,18 +21,45 @@ static int env_int(const char *a, const char *b, int dflt)
 	return v && *v ? atoi(v) : dflt;
 }
 
-/* 128-bit FNV-1a twice with different seeds: identifies the job, not a MAC. */
-static void derive_token(const char *s, uint8_t out[ACKPT_TOKEN_LEN])
+/* FNV-1a: names the job file, nothing more (anyone can compute it). */
+static uint64_t job_name(const char *s)
 {
-	uint64_t a = 0xcbf29ce484222325ull, b = 0x84222325cbf29ce4ull;
-	const unsigned char *p;
+	uint64_t a = 0xcbf29ce484222325ull;
 
-	for (p = (const unsigned char *)s; *p; p++) {
-		a = (a ^ *p) * 0x100000001b3ull;
-		b = (b ^ (*p + 0x5bu)) * 0x100000001b3ull;
+	for (; *s; s++)
+		a = (a ^ (unsigned char)*s) * 0x100000001b3ull;
+	return a;
+}
+
+/* ACKPT_SECRET_FILE, else a file in the first managed root that is a plain
+ * directory (not a glob): on shared storage in a job that spans nodes. */
+static void find_jobfile(struct ackpt_job *j)
+{
+	const char *f = getenv("ACKPT_SECRET_FILE"), *paths = getenv("ACKPT_PATHS"), *end;
+
+	if (f && *f) {
+		if (f[0] != '/')
+			snprintf(j->broken, sizeof(j->broken), "ACKPT_SECRET_FILE must be an absolute path");
+		else
+			snprintf(j->jobfile, sizeof(j->jobfile), "%s", f);
+		return;
 	}
-	memcpy(out, &a, 8);
-	memcpy(out + 8, &b, 8);
+	for (; paths && *paths; paths = *end ? end + 1 : end) {
+		size_t n;
+
+		end = strchr(paths, ':');
+		if (!end)
+			end = paths + strlen(paths);
+		n = (size_t)(end - paths);
+		while (n > 1 && paths[n - 1] == '/')
+			n--;
+		if (paths[0] != '/' || memchr(paths, '*', n) || memchr(paths, '?', n) ||
+		    memchr(paths, '[', n) || n + 32 > sizeof(j->jobfile))
+			continue;
+		snprintf(j->jobfile, sizeof(j->jobfile), "%.*s/.ackpt-job.%016llx", (int)n, paths,
+			 (unsigned long long)j->name);
+		return;
+	}
 }
 
 static int count_nodes(int world)
@@ -51,6 +80,7 @@ static int count_nodes(int world)
 void ackpt_job_discover(struct ackpt_job *j)
 {
 	const char *coord = getenv("ACKPT_COORD"), *tok = getenv("ACKPT_JOB_TOKEN");
+	const char *sec = getenv("ACKPT_SECRET");
 	char idbuf[512];
 
 	memset(j, 0, sizeof(*j));
@@ -83,8 +113,20 @@ void ackpt_job_discover(struct ackpt_job *j)
 			 "(or torchrun's MASTER_ADDR/MASTER_PORT)");
 		return;
 	}
-	snprintf(idbuf, sizeof(idbuf), "%s|%s|%s:%d", tok ? tok : "",
+	snprintf(idbuf, sizeof(idbuf), "%s|%s:%d",
 		 getenv("TORCHELASTIC_RUN_ID") ? getenv("TORCHELASTIC_RUN_ID") :
 		 getenv("SLURM_JOB_ID") ? getenv("SLURM_JOB_ID") : "", j->addr, j->port);
-	derive_token(idbuf, j->token);
+	j->name = job_name(idbuf);
+	if (tok && *tok) {
+		ackpt_secret_from_token(tok, j->secret);
+		j->secret_src = ACKPT_SECRET_TOKEN;
+	} else if (sec && *sec) {
+		if (ackpt_secret_parse(sec, j->secret) < 0) {
+			snprintf(j->broken, sizeof(j->broken), "ACKPT_SECRET is invalid (expected 64 hex "
+				 "digits, as ackpt-run makes it)");
+			return;
+		}
+		j->secret_src = ACKPT_SECRET_ENV;
+	}
+	find_jobfile(j);
 }

@@ -1,7 +1,7 @@
 /*
  * Global durability barrier (helper side).
  *
- * The job (rank, world, coordinator address, token) comes from the shim,
+ * The job (rank, world, coordinator address, secret) comes from the shim,
  * which discovered it with src/common/job.c when its session started.
  * Rank 0's first helper hosts the coordinator (cfg.coord_host, decided by
  * the shim); every other helper registers before its first managed open
@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../common/auth.h"
 #include "../common/barrier.h"
 #include "../common/job.h"
 #include "../common/proto.h"
@@ -40,7 +41,10 @@ struct part {
 	int fd;
 	int rank;
 	int alive;
-	int hello;
+	int hello;            /* authenticated: both ends proved they know the secret */
+	int challenged;       /* its HELLO was answered with a CHALLENGE */
+	struct ackpt_bar_msg hs, chal; /* the handshake so far */
+	struct ackpt_chan ch;
 	int observer;         /* a program process asking about names, not in barriers */
 	uint64_t durable;     /* its last PROGRESS: durable seq, commits done */
 	uint64_t commits;
@@ -49,7 +53,7 @@ struct part {
 	unsigned char rbuf[sizeof(struct ackpt_bar_msg)];
 };
 
-/* how long a new connection may take to say HELLO with the job token */
+/* how long a new connection may take to complete the handshake */
 #define HELLO_WITHIN_NS 10000000000ull
 
 struct bar {
@@ -77,12 +81,13 @@ static struct {
 	int multi_node;       /* the job may span nodes */
 	const char *broken;   /* why a global barrier cannot work, or NULL */
 	struct bar_hooks h;
-	uint8_t token[ACKPT_TOKEN_LEN];
+	struct ackpt_job job; /* with the secret in force */
 	uint64_t timeout_ns;
 	char addr[256];
 	int port;
 	/* participant side */
 	int cfd, crlen, my_id;
+	struct ackpt_chan cch;
 	unsigned char crbuf[sizeof(struct ackpt_bar_msg)];
 	uint64_t sent_durable, sent_commits; /* last PROGRESS sent */
 	int progress_owed;    /* a PROGRESS could not be sent yet */
@@ -101,6 +106,9 @@ static struct {
 	int nlost;
 	struct cname *names;
 	int nnames, capnames;
+	struct ackpt_jobfile pub; /* what we published in the job file */
+	int published;
+	unsigned long rejected; /* peers that failed the handshake or a frame's MAC */
 } B = { .cfd = -1, .my_id = -1 };
 
 static uint64_t now_ns(void)
@@ -111,23 +119,57 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
 }
 
-static int send_msg(int fd, int type, uint64_t id, uint64_t arg, int status)
+/*
+ * Seal a frame for c and send it without blocking.  A frame that does not
+ * fit the socket at all is not counted (the next one takes its sequence
+ * number); one that fits in part tears the stream, so the connection is
+ * shut down and its loss handled like any other.
+ */
+static int send_sealed(int fd, struct ackpt_chan *c, int type, uint64_t id, uint64_t arg,
+		       int status, int rank)
 {
 	struct ackpt_bar_msg m = { .magic = ACKPT_BAR_MAGIC, .version = ACKPT_BAR_VERSION,
 				   .type = (uint16_t)type, .id = id, .arg = arg, .status = status,
-				   .rank = B.rank };
+				   .rank = rank };
+	ssize_t n;
 
-	if (type == BAR_HELLO)
-		memcpy(m.token, B.token, ACKPT_TOKEN_LEN);
-	if (type == BAR_PROGRESS)
-		m.rank = B.my_id;
-	return send(fd, &m, sizeof(m), MSG_NOSIGNAL | MSG_DONTWAIT) == (ssize_t)sizeof(m) ? 0 : -1;
+	ackpt_chan_seal(c, &m);
+	n = send(fd, &m, sizeof(m), MSG_NOSIGNAL | MSG_DONTWAIT);
+	if (n == (ssize_t)sizeof(m)) {
+		ackpt_chan_sent(c);
+		return 0;
+	}
+	if (n > 0)
+		shutdown(fd, SHUT_RDWR);
+	return -1;
+}
+
+/* coordinator -> participant i */
+static int send_part(int i, int type, uint64_t id, uint64_t arg, int status, int rank)
+{
+	return send_sealed(B.parts[i].fd, &B.parts[i].ch, type, id, arg, status, rank);
+}
+
+/* participant -> coordinator */
+static int send_coord(int type, uint64_t id, uint64_t arg, int status)
+{
+	return send_sealed(B.cfd, &B.cch, type, id, arg, status,
+			   type == BAR_PROGRESS ? B.my_id : B.rank);
 }
 
 static int valid(const struct ackpt_bar_msg *m)
 {
 	return m->magic == ACKPT_BAR_MAGIC && m->version == ACKPT_BAR_VERSION &&
-	       m->type >= BAR_HELLO && m->type <= BAR_PROGRESS;
+	       m->type >= BAR_HELLO && m->type <= BAR_PROOF;
+}
+
+/* A peer failed the handshake or a frame's MAC: a line for the first few. */
+static void rejected(const char *why, int rank)
+{
+	B.rejected++;
+	if (B.rejected <= 3 || B.rejected % 1000 == 0)
+		B.h.log(1, "coordinator: rejected a peer (claimed rank %d): %s (%lu so far)", rank, why,
+			B.rejected);
 }
 
 /*
@@ -177,20 +219,14 @@ static void decide(struct bar *b, int status, int culprit_rank)
 	if (b->requester == LOCAL)
 		B.h.decided(b->commit_id, status, NULL);
 	else if (b->requester < B.nparts && B.parts[b->requester].alive)
-		send_msg(B.parts[b->requester].fd, BAR_DECISION, b->id, b->commit_id, status);
+		send_part(b->requester, BAR_DECISION, b->id, b->commit_id, status, B.rank);
 	if (status) {
 		B.h.log(0, "barrier %llu aborted: %s (rank %d); the metadata is not committed",
 			(unsigned long long)b->id, strerror(status), culprit_rank);
 		for (i = 0; i < B.nparts; i++)
 			if (B.parts[i].alive && B.parts[i].hello && !B.parts[i].observer &&
-			    i != b->requester) {
-				struct ackpt_bar_msg d = { .magic = ACKPT_BAR_MAGIC,
-							   .version = ACKPT_BAR_VERSION,
-							   .type = BAR_DECISION, .id = b->id,
-							   .arg = 0, .status = status,
-							   .rank = culprit_rank };
-				send(B.parts[i].fd, &d, sizeof(d), MSG_NOSIGNAL | MSG_DONTWAIT);
-			}
+			    i != b->requester)
+				send_part(i, BAR_DECISION, b->id, 0, status, culprit_rank);
 	}
 	for (pp = &B.bars; *pp; pp = &(*pp)->next)
 		if (*pp == b) {
@@ -236,7 +272,7 @@ static void bar_start(int requester, uint64_t commit_id)
 		if (requester == LOCAL)
 			B.h.decided(commit_id, ECONNRESET, "a rank's helper was lost");
 		else if (B.parts[requester].alive)
-			send_msg(B.parts[requester].fd, BAR_DECISION, 0, commit_id, ECONNRESET);
+			send_part(requester, BAR_DECISION, 0, commit_id, ECONNRESET, B.rank);
 		return;
 	}
 	b = calloc(1, sizeof(*b));
@@ -262,7 +298,7 @@ static void bar_start(int requester, uint64_t commit_id)
 	for (i = 0; i < B.nparts; i++) {
 		if (!B.parts[i].alive || !B.parts[i].hello || B.parts[i].observer)
 			continue;
-		if (send_msg(B.parts[i].fd, BAR_PREPARE, b->id, 0, 0) < 0)
+		if (send_part(i, BAR_PREPARE, b->id, 0, 0, B.rank) < 0)
 			continue; /* its loss is noticed when the connection breaks */
 		b->waiting[i] = 1;
 		b->nwait++;
@@ -323,8 +359,8 @@ static void on_name(const struct ackpt_bar_msg *m)
 	uint64_t progress;
 	static int warned;
 
-	memcpy(&c.node, m->token, 8);
-	memcpy(&progress, m->token + 8, 8);
+	memcpy(&c.node, m->data, 8);
+	memcpy(&progress, m->data + 8, 8);
 	if (c.owner >= 0 && c.owner < B.nparts && B.parts[c.owner].hello &&
 	    !B.parts[c.owner].observer) {
 		/* the announcer read its helper's progress after publishing
@@ -360,7 +396,7 @@ static int name_pending_elsewhere(const struct ackpt_bar_msg *m)
 	uint64_t node;
 	int i;
 
-	memcpy(&node, m->token, 8);
+	memcpy(&node, m->data, 8);
 	names_prune();
 	for (i = 0; i < B.nnames; i++) {
 		const struct cname *c = &B.names[i];
@@ -380,17 +416,36 @@ static int on_part_msg(const struct ackpt_bar_msg *m, void *arg)
 
 	if (!p->alive)
 		return 1;
-	if (!p->hello) {
-		if (m->type != BAR_HELLO || memcmp(m->token, B.token, ACKPT_TOKEN_LEN)) {
-			B.h.log(1, "coordinator: rejected a peer with a wrong job token or protocol");
+	if (!p->hello && !p->challenged) {
+		/* HELLO: answer with our proof over its nonce and ours */
+		if (m->type != BAR_HELLO) {
+			rejected("it did not start with HELLO", m->rank);
 			p->alive = 0;
 			return 1;
 		}
+		p->hs = *m;
+		ackpt_hs_challenge(&p->chal, B.job.secret, m);
+		if (send(p->fd, &p->chal, sizeof(p->chal), MSG_NOSIGNAL | MSG_DONTWAIT) !=
+		    (ssize_t)sizeof(p->chal)) {
+			p->alive = 0;
+			return 1;
+		}
+		p->challenged = 1;
+		return 0;
+	}
+	if (!p->hello) {
+		/* PROOF: the peer knows the secret; from now on every frame is sealed */
+		if (m->type != BAR_PROOF || !ackpt_hs_check(B.job.secret, 'c', &p->hs, &p->chal, m->mac)) {
+			rejected("it does not know the job's secret", p->hs.rank);
+			p->alive = 0;
+			return 1;
+		}
+		ackpt_chan_init(&p->ch, B.job.secret, &p->hs, &p->chal, 's');
 		p->hello = 1;
-		p->rank = m->rank;
-		if (m->status == ACKPT_HELLO_OBSERVER) {
+		p->rank = p->hs.rank;
+		if (p->hs.status == ACKPT_HELLO_OBSERVER) {
 			p->observer = 1;
-			send_msg(p->fd, BAR_WELCOME, (uint64_t)i, 0, 0);
+			send_part(i, BAR_WELCOME, (uint64_t)i, 0, 0, B.rank);
 			return 0;
 		}
 		for (int k = 0; k < B.nlost; k++)
@@ -398,15 +453,20 @@ static int on_part_msg(const struct ackpt_bar_msg *m, void *arg)
 				B.lost[k] = B.lost[--B.nlost];
 				break;
 			}
-		send_msg(p->fd, BAR_WELCOME, (uint64_t)i, 0, 0);
+		send_part(i, BAR_WELCOME, (uint64_t)i, 0, 0, B.rank);
 		return 0;
+	}
+	if (ackpt_chan_open(&p->ch, m)) {
+		rejected("a frame failed authentication (forged, replayed or injected)", p->rank);
+		p->alive = 0;
+		return 1;
 	}
 	if (p->observer) {
 		if (m->type == BAR_NAME) {
 			on_name(m);
-			send_msg(p->fd, BAR_ANSWER, m->id, 0, 0);
+			send_part(i, BAR_ANSWER, m->id, 0, 0, B.rank);
 		} else if (m->type == BAR_QUERY) {
-			send_msg(p->fd, BAR_ANSWER, m->id, 0, name_pending_elsewhere(m));
+			send_part(i, BAR_ANSWER, m->id, 0, name_pending_elsewhere(m), B.rank);
 		} else {
 			p->alive = 0; /* an observer never sends anything else */
 		}
@@ -527,6 +587,11 @@ static int on_coord_msg(const struct ackpt_bar_msg *m, void *arg)
 	int i;
 
 	(void)arg;
+	if (ackpt_chan_open(&B.cch, m)) {
+		B.h.log(0, "a frame from the coordinator failed authentication (forged, replayed or "
+			"injected); dropping the connection");
+		return 1;
+	}
 	switch (m->type) {
 	case BAR_PREPARE:
 		if (B.npend < MAX_PEND) {
@@ -554,57 +619,14 @@ static int on_coord_msg(const struct ackpt_bar_msg *m, void *arg)
 
 static int connect_coord(void)
 {
-	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-				  .ai_flags = AI_NUMERICSERV }, *ai = NULL, *a;
-	uint64_t deadline = now_ns() + (B.timeout_ns < 120000000000ull ? B.timeout_ns : 120000000000ull);
-	char port[16];
-	int fd = -1, one = 1, warned = 0;
+	uint64_t wait = B.timeout_ns < 120000000000ull ? B.timeout_ns : 120000000000ull;
+	struct ackpt_dial d = { .rank = B.rank, .deadline_ns = now_ns() + wait, .log = B.h.log };
+	uint64_t id = 0;
+	int fd = ackpt_coord_dial(&B.job, &d, &B.cch, &id);
 
-	snprintf(port, sizeof(port), "%d", B.port);
-	for (;;) {
-		if (!ai && getaddrinfo(B.addr, port, &hints, &ai) != 0)
-			ai = NULL;
-		for (a = ai; a; a = a->ai_next) {
-			fd = socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-			if (fd >= 0 && connect(fd, a->ai_addr, a->ai_addrlen) == 0)
-				break;
-			if (fd >= 0)
-				close(fd);
-			fd = -1;
-		}
-		if (fd >= 0)
-			break;
-		if (now_ns() > deadline) {
-			if (ai)
-				freeaddrinfo(ai);
-			return -ETIMEDOUT;
-		}
-		if (!warned && now_ns() + B.timeout_ns - deadline > 5000000000ull) {
-			B.h.log(2, "waiting for the coordinator at %s:%d", B.addr, B.port);
-			warned = 1;
-		}
-		usleep(100000);
-	}
-	freeaddrinfo(ai);
-	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	{
-		struct timeval tv = { 10, 0 };
-		struct ackpt_bar_msg m;
-		ssize_t n;
-
-		setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-		if (send_msg(fd, BAR_HELLO, 0, 0, 0) < 0) {
-			close(fd);
-			return -EPIPE;
-		}
-		n = recv(fd, &m, sizeof(m), MSG_WAITALL);
-		if (n != (ssize_t)sizeof(m) || !valid(&m) || m.type != BAR_WELCOME) {
-			close(fd);
-			return -EPROTO;
-		}
-		B.my_id = (int)m.id;
-	}
-	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+	if (fd < 0)
+		return fd;
+	B.my_id = (int)id;
 	B.cfd = fd;
 	return 0;
 }
@@ -619,20 +641,33 @@ static int is_listener(int fd)
 	return 0;
 }
 
-/* One listening socket on sa; 0 or -errno. */
-static int listen_on(const struct sockaddr *sa, socklen_t len, int v6only)
+/* One listening socket on sa, at B.port; 0 or -errno.  With B.port 0 the
+ * kernel picks the port, and B.port becomes it (the others follow). */
+static int listen_on(const struct sockaddr *sa0, socklen_t len, int v6only)
 {
-	int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), one = 1, err;
+	int fd = socket(sa0->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), one = 1, err;
+	struct sockaddr_storage sa;
 
 	if (fd < 0)
 		return -errno;
+	memcpy(&sa, sa0, len);
+	if (sa.ss_family == AF_INET6)
+		((struct sockaddr_in6 *)&sa)->sin6_port = htons((uint16_t)B.port);
+	else
+		((struct sockaddr_in *)&sa)->sin_port = htons((uint16_t)B.port);
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (sa->sa_family == AF_INET6)
+	if (sa.ss_family == AF_INET6)
 		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only));
-	if (bind(fd, sa, len) < 0 || listen(fd, 4096) < 0) {
+	if (bind(fd, (struct sockaddr *)&sa, len) < 0 || listen(fd, 4096) < 0) {
 		err = errno;
 		close(fd);
 		return -err;
+	}
+	if (!B.port) {
+		len = sizeof(sa);
+		if (getsockname(fd, (struct sockaddr *)&sa, &len) == 0)
+			B.port = ntohs(sa.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&sa)->sin6_port :
+								  ((struct sockaddr_in *)&sa)->sin_port);
 	}
 	B.lfd[B.nlfd++] = fd;
 	return 0;
@@ -683,10 +718,8 @@ static int coord_listen(void)
 	if (first)
 		return first;
 	{
-		struct sockaddr_in6 s6 = { .sin6_family = AF_INET6, .sin6_port = htons((uint16_t)B.port),
-					   .sin6_addr = IN6ADDR_ANY_INIT };
-		struct sockaddr_in s4 = { .sin_family = AF_INET, .sin_port = htons((uint16_t)B.port),
-					  .sin_addr.s_addr = htonl(INADDR_ANY) };
+		struct sockaddr_in6 s6 = { .sin6_family = AF_INET6, .sin6_addr = IN6ADDR_ANY_INIT };
+		struct sockaddr_in s4 = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_ANY) };
 
 		ret = listen_on((struct sockaddr *)&s6, sizeof(s6), 0);
 		if (ret < 0 && ret != -EADDRINUSE)
@@ -699,6 +732,93 @@ static int coord_listen(void)
 }
 
 /* ---- public ---- */
+
+static const char *need_secret =
+	"this multi-rank job has no secret: start it with ackpt-run (which makes one), or set "
+	"ACKPT_JOB_TOKEN; a rank 0 can also make one and publish it when the job has a managed "
+	"root (ACKPT_PATHS) or ACKPT_SECRET_FILE";
+
+/*
+ * Host the coordinator: the secret (made here when the job has none),
+ * the port (another one when something that cannot prove it knows the
+ * secret holds ours; joining it when it can: an exec'd rank 0's previous
+ * image), and the job file for whoever must learn either.  1: hosting;
+ * 0: joined the one there (B.cfd); -errno with B.broken set.
+ */
+static int coord_host(const struct ackpt_job *j)
+{
+	static char why[224];
+	int ret, need_file;
+
+	if (B.job.secret_src == ACKPT_SECRET_NONE) {
+		if (!j->jobfile[0]) {
+			B.broken = need_secret;
+			return -ENOKEY;
+		}
+		ackpt_random(B.job.secret, ACKPT_SECRET_LEN);
+		B.job.secret_src = ACKPT_SECRET_MADE;
+	}
+	ret = coord_listen();
+	if (ret == -EADDRINUSE) {
+		struct ackpt_dial d = { .rank = B.rank, .give_up_refused = 1,
+					.deadline_ns = now_ns() + 3000000000ull, .log = B.h.log };
+		uint64_t id;
+		int fd = ackpt_coord_dial(&B.job, &d, &B.cch, &id);
+
+		if (fd >= 0) {
+			B.h.log(2, "coordinator: this job's coordinator already listens on %s port %d "
+				"(an earlier image of this rank); joining it", B.addr, B.port);
+			B.cfd = fd;
+			B.my_id = (int)id;
+			return 0;
+		}
+		if (!j->jobfile[0]) {
+			snprintf(why, sizeof(why), "port %d on %s is taken by a program that does not "
+				 "know the job's secret, and there is no job file to publish another in: "
+				 "set ACKPT_COORD=host:port to a free port", B.port, B.addr);
+			B.broken = why;
+			return -EADDRINUSE;
+		}
+		B.port = 0;
+		ret = coord_listen();
+		if (!ret)
+			B.h.log(1, "coordinator: port %d on %s is taken by a program that does not know "
+				"the job's secret; listening on port %d instead, published in %s",
+				j->port, B.addr, B.port, j->jobfile);
+	}
+	if (ret) {
+		snprintf(why, sizeof(why), "cannot host the barrier coordinator on %s port %d: %s",
+			 B.addr, j->port, strerror(-ret));
+		B.broken = why;
+		return ret;
+	}
+	/* a secret nobody else has, a port nobody expects, or other nodes whose
+	 * own ackpt-run made them another secret: they learn it from the file */
+	need_file = B.job.secret_src == ACKPT_SECRET_MADE || B.port != j->port ||
+		    (B.multi_node && B.job.secret_src != ACKPT_SECRET_TOKEN);
+	if (need_file) {
+		B.pub.port = B.port;
+		B.pub.has_secret = B.job.secret_src != ACKPT_SECRET_TOKEN;
+		memcpy(B.pub.secret, B.job.secret, ACKPT_SECRET_LEN);
+		ret = j->jobfile[0] ? ackpt_jobfile_write(&B.job, &B.pub) : -ENOENT;
+		if (!ret) {
+			B.published = 1;
+		} else if (B.job.secret_src == ACKPT_SECRET_MADE || B.port != j->port) {
+			snprintf(why, sizeof(why), "cannot write the job file %s: %s", j->jobfile,
+				 strerror(-ret));
+			B.broken = why;
+			return ret;
+		} else {
+			B.h.log(1, "coordinator: cannot write the job file %s (%s); other nodes need "
+				"this node's ACKPT_SECRET or ACKPT_JOB_TOKEN", j->jobfile[0] ?
+				j->jobfile : "(no managed root)", strerror(-ret));
+		}
+	}
+	B.host = 1;
+	B.h.log(3, "coordinator listening on %s port %d (%d socket%s)%s", B.addr, B.port, B.nlfd,
+		B.nlfd > 1 ? "s" : "", B.published ? ", published in the job file" : "");
+	return 1;
+}
 
 int bar_init(const struct bar_hooks *hooks, const struct ackpt_helper_config *cfg)
 {
@@ -717,37 +837,39 @@ int bar_init(const struct bar_hooks *hooks, const struct ackpt_helper_config *cf
 		B.h.log(0, "%s; metadata commits will be aborted", B.broken);
 		return 0;
 	}
+	if (ackpt_crypto_init() < 0) {
+		B.broken = "libsodium cannot initialise (no randomness?)";
+		B.h.log(0, "%s; metadata commits will be aborted", B.broken);
+		return 0;
+	}
+	B.job = *j;
 	snprintf(B.addr, sizeof(B.addr), "%s", j->addr);
 	B.port = j->port;
-	memcpy(B.token, j->token, ACKPT_TOKEN_LEN);
 
 	if (cfg->coord_host) {
 		struct rlimit rl;
-		int ret;
 
 		if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
 			rl.rlim_cur = rl.rlim_max;
 			setrlimit(RLIMIT_NOFILE, &rl);
 		}
-		ret = coord_listen();
-		if (ret == 0) {
-			B.host = 1;
-			B.h.log(3, "coordinator listening on %s port %d (%d socket%s)", B.addr, B.port,
-				B.nlfd, B.nlfd > 1 ? "s" : "");
-			return 0;
-		}
-		/* an exec'd rank 0 finds its previous image's coordinator there and
-		 * joins it (the job token proves it is ours); anything else fails
-		 * the registration below, loudly */
-		B.h.log(1, "cannot host the barrier coordinator on %s port %d (%s); joining the one "
-			"there if it is this job's (else set ACKPT_COORD=host:port to a free port)",
-			B.addr, B.port, strerror(-ret));
+		/* a coordinator that cannot be hosted fails every commit, loudly;
+		 * the helper still runs, so writes stay asynchronous */
+		if (coord_host(j) < 0)
+			B.h.log(0, "%s; metadata commits will be aborted", B.broken);
+		return 0;
 	}
 	{
 		int ret = connect_coord();
 
 		if (ret < 0) {
 			B.h.log(0, "cannot register with the coordinator at %s:%d: %s", B.addr, B.port,
+				ret == -EACCES ? "no listener there proves it knows the job's secret "
+						 "(another program on the port?)" :
+				ret == -ENOKEY ? "it holds another secret than this rank, and no job "
+						 "file gives it (start every node with the same "
+						 "ACKPT_JOB_TOKEN, or give the job a managed root on "
+						 "shared storage)" :
 				strerror(-ret));
 			return ret;
 		}
@@ -779,7 +901,7 @@ void bar_progress(uint64_t durable, uint64_t commits, uint64_t ann_seq, uint64_t
 		return;
 	if (B.sent_durable >= ann_seq && B.sent_commits >= ann_commit && !B.progress_owed)
 		return;
-	if (send_msg(B.cfd, BAR_PROGRESS, durable, commits, 0) < 0) {
+	if (send_coord(BAR_PROGRESS, durable, commits, 0) < 0) {
 		B.progress_owed = 1; /* the socket is full: again at the next tick */
 		return;
 	}
@@ -813,7 +935,7 @@ void bar_request(uint64_t commit_id)
 		bar_start(LOCAL, commit_id);
 		return;
 	}
-	if (B.cfd < 0 || send_msg(B.cfd, BAR_REQUEST, 0, commit_id, 0) < 0) {
+	if (B.cfd < 0 || send_coord(BAR_REQUEST, 0, commit_id, 0) < 0) {
 		B.h.decided(commit_id, ENOTCONN, "the coordinator is gone");
 		return;
 	}
@@ -937,7 +1059,7 @@ int bar_tick(void)
 			if (bid & (1ull << 63))
 				bar_ack(bid & ~(1ull << 63), LOCAL, err, B.rank);
 			else if (B.cfd >= 0)
-				send_msg(B.cfd, BAR_ACK, bid, 0, err);
+				send_coord(BAR_ACK, bid, 0, err);
 			B.pend[i] = B.pend[--B.npend];
 			continue;
 		}
@@ -995,7 +1117,7 @@ static int registered(void)
 void bar_shutdown(void)
 {
 	if (B.cfd >= 0) {
-		send_msg(B.cfd, BAR_BYE, 0, 0, 0);
+		send_coord(BAR_BYE, 0, 0, 0);
 		close(B.cfd);
 		B.cfd = -1;
 	}
@@ -1022,5 +1144,7 @@ void bar_shutdown(void)
 		free(p);
 		while (B.nlfd)
 			close(B.lfd[--B.nlfd]);
+		if (B.published)
+			ackpt_jobfile_remove(&B.job, &B.pub);
 	}
 }

@@ -204,6 +204,21 @@ void config_load(void)
 			return;
 		}
 	}
+	v = getenv("ACKPT_SECRET");
+	if (v && *v && !(getenv("ACKPT_JOB_TOKEN") && *getenv("ACKPT_JOB_TOKEN"))) {
+		uint8_t secret[ACKPT_SECRET_LEN];
+
+		if (ackpt_secret_parse(v, secret) < 0) {
+			bad("ACKPT_SECRET", "(not shown)", "expected 64 hex digits, as ackpt-run makes it");
+			return;
+		}
+		memset(secret, 0, sizeof(secret));
+	}
+	v = getenv("ACKPT_SECRET_FILE");
+	if (v && *v && v[0] != '/') {
+		bad("ACKPT_SECRET_FILE", v, "expected an absolute path");
+		return;
+	}
 	C.barrier_timeout = 600;
 	v = getenv("ACKPT_BARRIER_TIMEOUT");
 	if (v && *v) {

@@ -20,10 +20,8 @@
  * returns; or it is gone: then the job's commits are aborted anyway), the
  * call goes on without waiting.
  */
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <poll.h>
+#include <stdarg.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -37,9 +35,11 @@ static struct {
 	pid_t pid;             /* the process that owns fd */
 	int discovered;
 	struct ackpt_job job;
+	struct ackpt_chan ch;  /* fd's session key and sequence numbers */
 	uint64_t node;         /* this node's id */
 	int warned;
-} J = { PTHREAD_MUTEX_INITIALIZER, -1, 0, 0, { 0 }, 0, 0 };
+	uint64_t retry_at;     /* no dialing before this after a failed dial */
+} J = { .lock = PTHREAD_MUTEX_INITIALIZER, .fd = -1 };
 
 /* A signal handler that looks up a path while this thread talks to the
  * coordinator must not wait for J.lock, which the thread holds. */
@@ -86,6 +86,7 @@ static void hang_up(void)
 		real.close(J.fd);
 	}
 	J.fd = -1;
+	memset(&J.ch, 0, sizeof(J.ch));
 }
 
 static void warn_once(const char *what, int err)
@@ -139,7 +140,7 @@ static int recv_frame(struct ackpt_bar_msg *m)
 	}
 	if (m->magic != ACKPT_BAR_MAGIC || m->version != ACKPT_BAR_VERSION)
 		return -EPROTO;
-	return 0;
+	return ackpt_chan_open(&J.ch, m);
 }
 
 static struct ackpt_bar_msg frame(int type)
@@ -148,41 +149,26 @@ static struct ackpt_bar_msg frame(int type)
 				       .type = (uint16_t)type, .rank = J.job.rank };
 }
 
-/* A connected socket to a, within ANSWER_WITHIN_MS; -1 with *err set. */
-static int connect_within(const struct addrinfo *a, int *err)
+/* Once per process: a stranger on the port would otherwise get a line per lookup. */
+static void dial_log(int level, const char *fmt, ...)
 {
-	int fd = socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-	struct pollfd p = { .events = POLLOUT };
-	socklen_t len = sizeof(*err);
+	char line[512];
+	va_list ap;
 
-	if (fd < 0) {
-		*err = errno;
-		return -1;
-	}
-	if (connect(fd, a->ai_addr, a->ai_addrlen) < 0 && errno != EINPROGRESS) {
-		*err = errno;
-		real.close(fd);
-		return -1;
-	}
-	p.fd = fd;
-	if (poll(&p, 1, ANSWER_WITHIN_MS) <= 0)
-		*err = ETIMEDOUT;
-	else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, err, &len) < 0)
-		*err = errno;
-	else if (!*err)
-		return fd;
-	real.close(fd);
-	return -1;
+	if (level > 0 && J.warned++)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	alog(level <= 0 ? L_ERROR : level == 1 ? L_WARN : level == 2 ? L_INFO : L_DEBUG, "%s", line);
 }
 
 /* Called with J.lock held.  0, or -errno (no coordinator to ask). */
 static int dial(void)
 {
-	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-				  .ai_flags = AI_NUMERICSERV }, *ai = NULL, *a;
-	struct ackpt_bar_msg m;
-	char port[16];
-	int fd, one = 1, err;
+	struct ackpt_dial d = { .observer = 1, .give_up_refused = 1, .log = dial_log };
+	uint64_t id;
+	int fd;
 
 	if (J.fd >= 0 && J.pid == getpid())
 		return 0;
@@ -193,17 +179,19 @@ static int dial(void)
 	}
 	if (J.job.broken[0] || !J.job.port)
 		return -EDESTADDRREQ;
-	snprintf(port, sizeof(port), "%d", J.job.port);
-	if (getaddrinfo(J.job.addr, port, &hints, &ai) != 0 || !ai)
-		return -EHOSTUNREACH;
-	fd = -1;
-	err = ECONNREFUSED;
-	for (a = ai; a && fd < 0; a = a->ai_next)
-		fd = connect_within(a, &err);
-	freeaddrinfo(ai);
-	if (fd < 0)
-		return -err;
-	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (J.retry_at && now_ns() < J.retry_at)
+		return -EAGAIN;
+	d.rank = J.job.rank;
+	d.deadline_ns = now_ns() + ANSWER_WITHIN_MS * 1000000ull;
+	fd = ackpt_coord_dial(&J.job, &d, &J.ch, &id);
+	if (fd < 0) {
+		/* nothing listening: the coordinator has not started, ask again
+		 * next time; anything else (a stranger, silence) is not worth
+		 * a wait per lookup: a second later at the earliest */
+		J.retry_at = fd == -ECONNREFUSED ? 0 : now_ns() + 1000000000ull;
+		return fd;
+	}
+	J.retry_at = 0;
 	{
 		/* out of the program's way: a high number, hidden, protected */
 		int nfd = real.fcntl(fd, F_DUPFD_CLOEXEC, 1000);
@@ -216,24 +204,26 @@ static int dial(void)
 	J.fd = fd;
 	J.pid = getpid();
 	fd_protect(fd, 1);
-	m = frame(BAR_HELLO);
-	m.status = ACKPT_HELLO_OBSERVER;
-	memcpy(m.token, J.job.token, ACKPT_TOKEN_LEN);
-	err = send_all(&m, sizeof(m));
-	if (!err)
-		err = recv_frame(&m);
-	if (!err && m.type != BAR_WELCOME)
-		err = -EPROTO;
-	if (err)
-		hang_up();
-	return err;
+	return 0;
+}
+
+/* Seal n frames, send them; 0 or -errno.  Called with J.lock held. */
+static int send_sealed(struct ackpt_bar_msg *m, int n)
+{
+	int i;
+
+	for (i = 0; i < n; i++) {
+		ackpt_chan_seal(&J.ch, &m[i]);
+		ackpt_chan_sent(&J.ch);
+	}
+	return send_all(m, sizeof(*m) * (size_t)n);
 }
 
 /* Send n frames, read their n answers; returns the OR of their statuses
  * (1: pending), or -errno.  Called with J.lock held. */
 static int ask(struct ackpt_bar_msg *m, int n)
 {
-	int err = send_all(m, sizeof(*m) * (size_t)n), i, any = 0;
+	int err = send_sealed(m, n), i, any = 0;
 
 	for (i = 0; !err && i < n; i++) {
 		struct ackpt_bar_msg a;
@@ -306,14 +296,14 @@ void job_announce(const char *const *paths, int with_dirs, uint64_t seq, uint64_
 			m[n].arg = commit_id ? commit_id : seq;
 			m[n].status = (commit_id ? ACKPT_NAME_COMMIT : 0) | (d ? ACKPT_NAME_DIR : 0);
 			m[n].rank = part;
-			memcpy(m[n].token, &J.node, 8);
-			memcpy(m[n].token + 8, &progress, 8);
+			memcpy(m[n].data, &J.node, 8);
+			memcpy(m[n].data + 8, &progress, 8);
 			n++;
 		}
 	}
 	if (!err)
 		err = ask(m, n);
-	if (err < 0)
+	if (err < 0 && err != -EAGAIN)
 		warn_once("announce a pending name", -err);
 	tls_in_job = 0;
 	pthread_mutex_unlock(&J.lock);
@@ -341,7 +331,7 @@ void job_names_wait(const char *canon, int as_dir)
 			break;
 		tls_in_job = 1;
 		r = dial();
-		memcpy(q.token, &J.node, 8);
+		memcpy(q.data, &J.node, 8);
 		if (!r)
 			r = ask(&q, 1);
 		tls_in_job = 0;
@@ -349,7 +339,7 @@ void job_names_wait(const char *canon, int as_dir)
 		if (r <= 0) {
 			/* ECONNREFUSED: no coordinator yet, so nothing is
 			 * staged anywhere; anything else is worth a line */
-			if (r < 0 && r != -ECONNREFUSED)
+			if (r < 0 && r != -ECONNREFUSED && r != -EAGAIN)
 				warn_once("ask about a pending name", -r);
 			break;
 		}
@@ -374,6 +364,7 @@ void job_fork_child(void)
 		real.close(J.fd);
 	}
 	J.fd = -1;
+	memset(&J.ch, 0, sizeof(J.ch));
 }
 
 /* The program dup2()s onto our descriptor: it moves (files_relocate_protected). */

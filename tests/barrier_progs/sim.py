@@ -1,13 +1,18 @@
 """Simulated barrier participants for the ackpt coordinator.
 
 Opens N TCP connections to the coordinator (rank 0's ackpt-helper), each
-sending a HELLO with the job token, and answers every PREPARE with an ACK.
-Wire format: src/common/barrier.h (48-byte little-endian frames).
+authenticating with the job's secret (HELLO, CHALLENGE, PROOF, WELCOME), and
+answers every PREPARE with a sealed ACK.  Wire format: src/common/barrier.h
+(72-byte little-endian frames); handshake and MACs: src/common/auth.c
+(keyed BLAKE2b, which is hashlib.blake2b with key=).
 
-Use as a module (Sim, token, pack, unpack) or from the command line:
+Use as a module (Sim, Chan, handshake, pack, unpack, secret_from_token) or
+from the command line:
 
-  sim.py HOST:PORT N [--mode IDX=MODE ...] [--job-token T] [--run-id R]
+  sim.py HOST:PORT N [--mode IDX=MODE ...] [--secret HEX | --job-token T]
          [--rank-base 1]
+    The secret defaults to TEST_SECRET, which tests give the real program
+    as ACKPT_SECRET.
     MODE per participant index (0-based; default "ack"):
       ack        answer PREPARE with ACK status 0
       eio        answer PREPARE with ACK status 5 (EIO)
@@ -20,7 +25,9 @@ Use as a module (Sim, token, pack, unpack) or from the command line:
   on every connection still open and exits).
 """
 import argparse
+import hashlib
 import json
+import os
 import resource
 import selectors
 import socket
@@ -30,33 +37,113 @@ import threading
 import time
 
 MAGIC = 0x42504B41
-VERSION = 2
-HELLO, WELCOME, REQUEST, PREPARE, ACK, DECISION, BYE, NAME, QUERY, ANSWER, PROGRESS = range(1, 12)
-FRAME = struct.Struct("<IHHQQii16s")
-assert FRAME.size == 48
+VERSION = 3
+(HELLO, WELCOME, REQUEST, PREPARE, ACK, DECISION, BYE, NAME, QUERY, ANSWER, PROGRESS,
+ CHALLENGE, PROOF) = range(1, 14)
+OBSERVER = 1
+FRAME = struct.Struct("<IHHQQii16sQ16s")
+SIZE = FRAME.size
+assert SIZE == 72
+MAC_OFF = 56
 
 MASK = (1 << 64) - 1
 _ACK_TYPE = ACK.to_bytes(2, "little")
 
-
-def token(job_token="", run_id="", host="127.0.0.1", port=0):
-    """The 16-byte job token: two FNV-1a hashes of "tok|runid|host:port"."""
-    s = ("%s|%s|%s:%d" % (job_token or "", run_id or "", host, port)).encode()
-    a, b = 0xCBF29CE484222325, 0x84222325CBF29CE4
-    for c in s:
-        a = ((a ^ c) * 0x100000001B3) & MASK
-        b = ((b ^ (c + 0x5B)) * 0x100000001B3) & MASK
-    return a.to_bytes(8, "little") + b.to_bytes(8, "little")
+# the secret tests give the program as ACKPT_SECRET
+TEST_SECRET_HEX = "5e" * 8 + "c2" * 8 + "e7" * 8 + "01" * 8
+TEST_SECRET = bytes.fromhex(TEST_SECRET_HEX)
 
 
-def pack(type_, id_=0, arg=0, status=0, rank=0, tok=b"\0" * 16, magic=MAGIC, version=VERSION):
-    return FRAME.pack(magic, version, type_, id_ & MASK, arg & MASK, status, rank, tok)
+def _kh(size, key, *parts):
+    h = hashlib.blake2b(digest_size=size, key=key or b"")
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def secret_from_token(job_token):
+    """The secret ACKPT_JOB_TOKEN stands for."""
+    return _kh(32, None, b"ackpt-job-token\0", job_token.encode())
+
+
+def fingerprint(secret):
+    return int.from_bytes(_kh(16, secret, b"ackpt-fingerprint")[:8], "little")
+
+
+def proof(secret, who, hello, chal):
+    """who: b"s" the coordinator's proof, b"c" the client's."""
+    return _kh(16, secret, who, hello, chal[:MAC_OFF] + b"\0" * 16)
+
+
+def pack(type_, id_=0, arg=0, status=0, rank=0, tok=b"\0" * 16, magic=MAGIC, version=VERSION,
+         seq=0, mac=b"\0" * 16):
+    return FRAME.pack(magic, version, type_, id_ & MASK, arg & MASK, status, rank, tok,
+                      seq & MASK, mac)
 
 
 def unpack(b):
-    magic, version, type_, id_, arg, status, rank, tok = FRAME.unpack(b)
+    magic, version, type_, id_, arg, status, rank, tok, seq, mac = FRAME.unpack(b)
     return {"magic": magic, "version": version, "type": type_, "id": id_, "arg": arg,
-            "status": status, "rank": rank, "token": tok}
+            "status": status, "rank": rank, "token": tok, "seq": seq, "mac": mac}
+
+
+class Chan:
+    """One authenticated connection's key and sequence numbers (side b"c")."""
+
+    def __init__(self, secret, hello, chal, side=b"c"):
+        self.key = _kh(32, secret, b"k", hello, chal)
+        self.side = side
+        self.tx = self.rx = 0
+
+    def seal(self, frame):
+        head = frame[:48] + struct.pack("<Q", self.tx)
+        self.tx += 1
+        return head + _kh(16, self.key, self.side, head)
+
+    def open(self, frame):
+        """The frame as a dict, or None when it fails its MAC or sequence."""
+        other = b"s" if self.side == b"c" else b"c"
+        if _kh(16, self.key, other, frame[:MAC_OFF]) != frame[MAC_OFF:SIZE]:
+            return None
+        f = unpack(frame[:SIZE])
+        if f["seq"] != self.rx:
+            return None
+        self.rx += 1
+        return f
+
+
+def hello_frame(rank, observer=False):
+    return pack(HELLO, arg=os.getpid(), status=OBSERVER if observer else 0, rank=rank,
+                tok=os.urandom(16))
+
+
+def recv_exact(sock, n):
+    b = b""
+    while len(b) < n:
+        c = sock.recv(n - len(b))
+        if not c:
+            raise ConnectionError("closed by the peer after %d bytes" % len(b))
+        b += c
+    return b
+
+
+def handshake(sock, secret, rank, observer=False, hello=None):
+    """Authenticate a blocking socket both ways; returns (Chan, WELCOME dict).
+    Raises PermissionError when the listener's proof is wrong."""
+    hello = hello or hello_frame(rank, observer)
+    sock.sendall(hello)
+    chal = recv_exact(sock, SIZE)
+    c = unpack(chal)
+    if c["type"] != CHALLENGE:
+        raise ConnectionError("expected CHALLENGE, got type %d" % c["type"])
+    if c["id"] != fingerprint(secret) or proof(secret, b"s", hello, chal) != c["mac"]:
+        raise PermissionError("the listener does not prove it knows the secret")
+    sock.sendall(pack(PROOF, mac=proof(secret, b"c", hello, chal)))
+    ch = Chan(secret, hello, chal)
+    w = ch.open(recv_exact(sock, SIZE))
+    if not w or w["type"] != WELCOME:
+        raise ConnectionError("no valid WELCOME")
+    return ch, w
 
 
 def raise_nofile(n):
@@ -68,7 +155,8 @@ def raise_nofile(n):
 
 
 class _Part:
-    __slots__ = ("idx", "rank", "sock", "buf", "mode", "welcomed", "open", "prepares", "acks")
+    __slots__ = ("idx", "rank", "sock", "buf", "mode", "welcomed", "open", "prepares", "acks",
+                 "chan", "bad")
 
     def __init__(self, idx, rank, sock, mode):
         self.idx, self.rank, self.sock, self.mode = idx, rank, sock, mode
@@ -77,6 +165,8 @@ class _Part:
         self.open = True
         self.prepares = 0
         self.acks = 0
+        self.chan = None
+        self.bad = 0            # frames that failed their MAC
 
 
 class Sim:
@@ -85,11 +175,11 @@ class Sim:
     stop().  on_decision(frame dict) is called (in that thread) for each
     DECISION frame."""
 
-    def __init__(self, host, port, n, modes=None, job_token="", run_id="", rank_base=1,
-                 tok=None, on_decision=None):
+    def __init__(self, host, port, n, modes=None, secret=None, job_token="", rank_base=1,
+                 on_decision=None):
         self.host, self.port, self.n = host, port, n
         self.modes = modes or {}
-        self.tok = tok if tok is not None else token(job_token, run_id, host, port)
+        self.secret = secret or (secret_from_token(job_token) if job_token else TEST_SECRET)
         self.rank_base = rank_base
         self.on_decision = on_decision
         self.parts = []
@@ -119,16 +209,12 @@ class Sim:
                     time.sleep(0.05)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             p = _Part(i, self.rank_base + i, s, self.modes.get(i, "ack"))
-            s.sendall(pack(HELLO, rank=p.rank, tok=self.tok))
+            s.settimeout(max(1.0, deadline - time.monotonic()))
+            p.chan, _ = handshake(s, self.secret, p.rank)
+            p.welcomed = True
             s.setblocking(False)
             self.parts.append(p)
             self.sel.register(s, selectors.EVENT_READ, p)
-        while not all(p.welcomed for p in self.parts):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("only %d of %d participants welcomed"
-                                   % (sum(p.welcomed for p in self.parts), self.n))
-            self._poll(min(left, 0.5))
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self
@@ -146,7 +232,7 @@ class Sim:
                 if bid is None:
                     self._close(p)
                 else:
-                    self._send(p, pack(ACK, id_=bid, rank=p.rank))
+                    self._send(p, p.chan.seal(pack(ACK, id_=bid, rank=p.rank)))
         for key, _ in self.sel.select(timeout):
             self._readable(key.data)
 
@@ -154,7 +240,7 @@ class Sim:
         if not p.open:
             return
         try:
-            n = p.sock.send(frame)   # 48 bytes: fits an empty socket buffer
+            n = p.sock.send(frame)   # 72 bytes: fits an empty socket buffer
             if n < len(frame):
                 p.sock.setblocking(True)
                 p.sock.sendall(frame[n:])
@@ -191,9 +277,13 @@ class Sim:
             self._close(p, lost=True)
             return
         p.buf += data
-        while len(p.buf) >= 48:
-            f = unpack(p.buf[:48])
-            p.buf = p.buf[48:]
+        while len(p.buf) >= SIZE:
+            f = p.chan.open(p.buf[:SIZE])
+            p.buf = p.buf[SIZE:]
+            if f is None:
+                p.bad += 1
+                self._close(p, lost=True)
+                return
             self._frame(p, f)
             if not p.open:
                 return
@@ -209,10 +299,10 @@ class Sim:
             p.prepares += 1
             mode = p.mode
             if mode == "ack":
-                self._send(p, pack(ACK, id_=bid, rank=p.rank))
+                self._send(p, p.chan.seal(pack(ACK, id_=bid, rank=p.rank)))
                 self.last_ack[bid] = time.monotonic()
             elif mode == "eio":
-                self._send(p, pack(ACK, id_=bid, status=5, rank=p.rank))
+                self._send(p, p.chan.seal(pack(ACK, id_=bid, status=5, rank=p.rank)))
             elif mode == "drop":
                 self.dropped.append(p.idx)
                 self._close(p)
@@ -250,7 +340,7 @@ class Sim:
                 if bye:
                     try:
                         p.sock.setblocking(True)
-                        p.sock.sendall(pack(BYE, rank=p.rank))
+                        p.sock.sendall(p.chan.seal(pack(BYE, rank=p.rank)))
                     except OSError:
                         pass
                 self._close(p)
@@ -261,7 +351,8 @@ class Sim:
                 "prepares": sum(p.prepares for p in self.parts),
                 "acks": sum(p.acks for p in self.parts),
                 "decisions": [(d["id"], d["arg"], d["status"], d["rank"]) for d in self.decisions],
-                "dropped": self.dropped, "lost": self.lost}
+                "dropped": self.dropped, "lost": self.lost,
+                "bad_frames": sum(p.bad for p in self.parts)}
 
 
 def main():
@@ -269,8 +360,8 @@ def main():
     ap.add_argument("coord")
     ap.add_argument("n", type=int)
     ap.add_argument("--mode", action="append", default=[])
+    ap.add_argument("--secret", default="")
     ap.add_argument("--job-token", default="")
-    ap.add_argument("--run-id", default="")
     ap.add_argument("--rank-base", type=int, default=1)
     a = ap.parse_args()
     host, port = a.coord.rsplit(":", 1)
@@ -283,7 +374,8 @@ def main():
         sys.stdout.write("DECISION %d %d %d %d\n" % (f["id"], f["arg"], f["status"], f["rank"]))
         sys.stdout.flush()
 
-    sim = Sim(host, int(port), a.n, modes, a.job_token, a.run_id, a.rank_base, on_decision=show)
+    sim = Sim(host, int(port), a.n, modes, bytes.fromhex(a.secret) if a.secret else None,
+              a.job_token, a.rank_base, on_decision=show)
     sim.start()
     print("READY %d" % a.n, flush=True)
     sys.stdin.read()

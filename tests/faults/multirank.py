@@ -341,7 +341,7 @@ def scenario_multirank(work, log, quick=False):
 FUZZ_WORLD = 4           # 1 real program + 3 simulated participants
 FUZZ_TIMEOUT = 20        # ACKPT_BARRIER_TIMEOUT of the committer
 GARBAGE_KINDS = ["random", "magic-random-fields", "hello-random-token", "torn-frame", "http",
-                 "forged-legit-shape", "near-miss-token", "burst", "idle-half-open",
+                 "forged-legit-shape", "near-miss-secret", "burst", "idle-half-open",
                  "half-close", "sudden-close", "rst", "slow-drip", "flood"]
 STALL_BOUND = 5.0        # a legitimate commit (participants ACK at once) slower than this is a stall
 FLOOD_S = (1.0, 3.0)     # a "flood": valid-magic frames streamed without a HELLO for this long
@@ -351,8 +351,8 @@ FLOOD_GAP = 4.0          # seconds between floods (each moves ~GB over loopback:
 class _Fuzzer:
     """Threads throwing garbage at the coordinator."""
 
-    def __init__(self, port, good_tok, s, seed, nthreads=3):
-        self.port, self.good, self.s = port, good_tok, s
+    def __init__(self, port, secret, s, seed, nthreads=3):
+        self.port, self.good, self.s = port, secret, s
         self.seed = seed
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -417,16 +417,10 @@ class _Fuzzer:
                       F(sim.PREPARE, id_=bid + 1), F(sim.WELCOME, id_=rnd.randrange(4))]
             out = b"".join(rnd.choice(frames) for _ in range(rnd.randrange(1, 20)))
             if rnd.random() < 0.5:
-                bad = bytes(b ^ 0xFF for b in self.good)
-                out = F(sim.HELLO, rank=rank, tok=bad) + out
+                # a HELLO, then a PROOF made up without the secret
+                out = F(sim.HELLO, rank=rank, tok=rnd.randbytes(16)) + \
+                    F(sim.PROOF, mac=rnd.randbytes(16)) + out
             return out
-        if kind == "near-miss-token":
-            tok = bytearray(self.good)
-            i = rnd.randrange(16)
-            tok[i] ^= 1 << rnd.randrange(8)
-            bid = self._bid()
-            return F(sim.HELLO, rank=rnd.randrange(1, FUZZ_WORLD), tok=bytes(tok)) + \
-                F(sim.ACK, id_=bid, status=5, rank=1) * rnd.randrange(1, 5)
         if kind == "burst":
             if rnd.random() < 0.5:
                 return rnd.randbytes(rnd.randrange(64 << 10, 1 << 20))
@@ -440,7 +434,7 @@ class _Fuzzer:
             got = c.recv(65536)
         except (BlockingIOError, OSError):
             return
-        for i in range(0, len(got) - 47, 48):
+        for i in range(0, len(got) - sim.SIZE + 1, sim.SIZE):
             if struct.unpack_from("<IHH", got, i)[2] == sim.WELCOME and \
                     struct.unpack_from("<I", got, i)[0] == sim.MAGIC:
                 with self.lock:
@@ -506,6 +500,21 @@ class _Fuzzer:
                         with self.lock:
                             self.flooding = False
                             self.flood_end = time.monotonic()
+                elif kind == "near-miss-secret":
+                    # a whole handshake with a secret one bit off, then
+                    # ACKs sealed with the session key that secret gives
+                    near = bytearray(self.good)
+                    near[rnd.randrange(len(near))] ^= 1 << rnd.randrange(8)
+                    near = bytes(near)
+                    hello = sim.hello_frame(rnd.randrange(1, FUZZ_WORLD))
+                    c.sendall(hello)
+                    chal = sim.recv_exact(c, sim.SIZE)
+                    out = sim.pack(sim.PROOF, mac=sim.proof(near, b"c", hello, chal))
+                    ch = sim.Chan(near, hello, chal)
+                    out += b"".join(ch.seal(sim.pack(sim.ACK, id_=self._bid(), status=5, rank=1))
+                                    for _ in range(rnd.randrange(1, 5)))
+                    c.sendall(out)
+                    sent += len(hello) + len(out)
                 elif kind == "half-close":
                     c.sendall(sim.pack(sim.HELLO, rank=2, tok=rnd.randbytes(16))[:20])
                     sent += 20
@@ -562,7 +571,7 @@ def scenario_fuzz(work, log, quick=False):
         dt, err = com.commit(timeout=FUZZ_TIMEOUT + 15)
         if err:
             t.fail("the first commit (before any garbage) failed with errno %d" % err)
-        fz = _Fuzzer(port, s.tok, s, seed).start()
+        fz = _Fuzzer(port, s.secret, s, seed).start()
         rnd = random.Random(seed)
         t_end = time.monotonic() + dur
         while time.monotonic() < t_end:

@@ -278,9 +278,9 @@ build_cc() {
 	[ "$cuda_inc" = /usr/include ] || sys_inc="-isystem $cuda_inc"
 	# shellcheck disable=SC2086
 	cc $cflags $sys_inc -fPIC -shared -o "$b/libackpt.so" src/shim/*.c src/common/*.c \
-		-Wl,--version-script=src/shim/libackpt.map -Wl,-z,nodelete -ldl -lpthread || return 1
+		-Wl,--version-script=src/shim/libackpt.map -Wl,-z,nodelete -ldl -lpthread -lsodium || return 1
 	# shellcheck disable=SC2086
-	cc $cflags $uring_cflags -o "$b/ackpt-helper" src/helper/*.c src/common/*.c $uring_libs -lpthread
+	cc $cflags $uring_cflags -o "$b/ackpt-helper" src/helper/*.c src/common/*.c $uring_libs -lpthread -lsodium
 }
 export -f build_meson find_liburing build_cc
 export repo work cuda_inc
@@ -288,7 +288,7 @@ export repo work cuda_inc
 t0=$(date +%s)
 how=
 if [ "${ACKPT_GPU_BUILD:-auto}" != cc ] && command -v meson >/dev/null && command -v ninja >/dev/null &&
-	pkg-config --exists liburing 2>/dev/null &&
+	pkg-config --exists liburing libsodium 2>/dev/null &&
 	{ [ -f /usr/local/cuda/include/cuda.h ] || [ -f /usr/include/cuda.h ]; }; then
 	if run_step build-meson 150 build_meson; then
 		how=meson
