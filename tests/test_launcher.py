@@ -128,6 +128,19 @@ def test_unset_options_leave_environment_alone(fake):
     assert "ACKPT_COMMIT" not in env
 
 
+def test_a_fresh_secret_per_launch(fake):
+    """ackpt-run makes the job's secret: 64 hex digits, another each launch;
+    an ACKPT_SECRET already set (an outer ackpt-run's) is kept, and none is
+    made when ACKPT_JOB_TOKEN is the secret."""
+    lib, helper = fake
+    base = clean_env(ACKPT_LIB=str(lib), ACKPT_HELPER=str(helper))
+    a = run_env([], base)["ACKPT_SECRET"]
+    b = run_env([], base)["ACKPT_SECRET"]
+    assert re.fullmatch(r"[0-9a-f]{64}", a) and re.fullmatch(r"[0-9a-f]{64}", b) and a != b
+    assert run_env([], dict(base, ACKPT_SECRET=a))["ACKPT_SECRET"] == a
+    assert "ACKPT_SECRET" not in run_env([], dict(base, ACKPT_JOB_TOKEN="t" * 40))
+
+
 def test_ld_preload_prepended_once(fake, tmp_path):
     lib, helper = fake
     tmp_path = tmp_path.resolve()

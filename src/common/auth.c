@@ -401,22 +401,26 @@ static int connect_by(const struct addrinfo *a, uint64_t deadline, int *refused)
 static int try_one(const struct addrinfo *a, const uint8_t (*keys)[ACKPT_SECRET_LEN], int nkeys,
 		   const struct ackpt_dial *d, struct ackpt_chan *ch, uint64_t *wid, int *fd_out)
 {
-	uint64_t deadline = mono_ns() + ANSWER_WITHIN_NS;
+	uint64_t now = mono_ns(), deadline = now + ANSWER_WITHIN_NS;
 	struct ackpt_bar_msg hello, chal, m;
 	const uint8_t *key = NULL;
 	int refused, fd, k, one = 1;
 
-	if (deadline > d->deadline_ns && d->deadline_ns > mono_ns() + 1000000000ull)
-		deadline = d->deadline_ns;
+	/* within the caller's deadline, but a second at least for each try */
+	if (deadline > d->deadline_ns)
+		deadline = d->deadline_ns > now + 1000000000ull ? d->deadline_ns : now + 1000000000ull;
 	fd = connect_by(a, deadline, &refused);
 	if (fd < 0)
 		return refused ? TRY_REFUSED : TRY_SILENT;
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	ackpt_hs_hello(&hello, d->rank, d->observer, (uint64_t)getpid());
-	if (send_frame(fd, &hello, deadline) || recv_frame(fd, &chal, deadline) ||
-	    chal.type != BAR_CHALLENGE) {
+	k = send_frame(fd, &hello, deadline);
+	if (!k)
+		k = recv_frame(fd, &chal, deadline);
+	if (k || chal.type != BAR_CHALLENGE) {
 		syscall(SYS_close, fd);
-		return TRY_SILENT;
+		/* an answer that is not a CHALLENGE of our version: not ours */
+		return k == -ETIMEDOUT || k == -ECONNRESET || k == -EPIPE ? TRY_SILENT : TRY_FORGED;
 	}
 	for (k = 0; k < nkeys && !key; k++)
 		if (ackpt_secret_fp(keys[k]) == chal.id)
@@ -516,7 +520,7 @@ int ackpt_coord_dial(const struct ackpt_job *j, const struct ackpt_dial *d, stru
 		ret = forged ? -EACCES : nokey ? -ENOKEY : listener ? -ETIMEDOUT : -ECONNREFUSED;
 		if (!listener && d->give_up_refused)
 			return -ECONNREFUSED;
-		if (mono_ns() >= d->deadline_ns)
+		if (d->one_round || mono_ns() >= d->deadline_ns)
 			return ret;
 		if (!said_wait && mono_ns() - start > 5000000000ull && d->log) {
 			d->log(2, "waiting for the coordinator at %s:%d%s%s", j->addr, j->port,

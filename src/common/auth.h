@@ -102,9 +102,9 @@ void ackpt_jobfile_remove(const struct ackpt_job *j, const struct ackpt_jobfile 
  * file publishes (when there is one) and the job's own port, each address
  * its host name resolves to; a listener that cannot prove it knows the
  * secret is never trusted.  Retries until deadline_ns (CLOCK_MONOTONIC)
- * unless give_up_refused and nothing listens anywhere.  Returns the
- * connected, blocking descriptor with *ch ready and *welcome_id the
- * coordinator's id for us, or -errno:
+ * unless give_up_refused and nothing listens anywhere, or one_round.
+ * Returns the connected, non-blocking descriptor with *ch ready and
+ * *welcome_id the coordinator's id for us, or -errno:
  *   -ECONNREFUSED  nothing listens (only with give_up_refused)
  *   -EACCES        listeners answered, none proved it knows the secret
  *   -ENOKEY        the coordinator holds a secret we have not got
@@ -115,6 +115,7 @@ struct ackpt_dial {
 	int rank;
 	int observer;
 	int give_up_refused;
+	int one_round;         /* every address once, no retries */
 	uint64_t deadline_ns;
 	void (*log)(int level, const char *fmt, ...);
 };

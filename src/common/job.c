@@ -87,6 +87,7 @@ void ackpt_job_discover(struct ackpt_job *j)
 	j->rank = env_int("RANK", "SLURM_PROCID", 0);
 	j->world = env_int("WORLD_SIZE", "SLURM_NTASKS", 1);
 	j->nodes = count_nodes(j->world);
+	j->one_launcher = j->nodes == 1 && getenv("TORCHELASTIC_RUN_ID") != NULL;
 	if (coord && *coord) {
 		const char *colon = strrchr(coord, ':');
 

@@ -18,6 +18,7 @@ struct ackpt_job {
 	int rank, world;
 	int nodes;            /* nodes in the job; 0 when the environment does not say */
 	int global;           /* a job with a global barrier (world > 1 or ACKPT_COORD) */
+	int one_launcher;     /* every rank is a child of one torchrun: one environment */
 	char addr[256];       /* coordinator host ("" when unknown) */
 	int port;             /* coordinator port (0 when unknown) */
 	uint64_t name;        /* names the job file (not a secret) */

@@ -792,10 +792,18 @@ static int coord_host(const struct ackpt_job *j)
 		B.broken = why;
 		return ret;
 	}
-	/* a secret nobody else has, a port nobody expects, or other nodes whose
-	 * own ackpt-run made them another secret: they learn it from the file */
+	/* a secret nobody else has, a port nobody expects, or ranks whose own
+	 * ackpt-run made them another secret (one per node under torchrun, one
+	 * per task under `srun ackpt-run`): they learn it from the file.  Only
+	 * the ranks of one torchrun on one node surely share our environment. */
 	need_file = B.job.secret_src == ACKPT_SECRET_MADE || B.port != j->port ||
-		    (B.multi_node && B.job.secret_src != ACKPT_SECRET_TOKEN);
+		    (B.job.secret_src != ACKPT_SECRET_TOKEN && !j->one_launcher);
+	if (!need_file && j->jobfile[0]) {
+		/* a killed coordinator's file of the same name would send the
+		 * ranks to its old port first */
+		if (unlink(j->jobfile) == 0)
+			B.h.log(3, "coordinator: removed a stale job file %s", j->jobfile);
+	}
 	if (need_file) {
 		B.pub.port = B.port;
 		B.pub.has_secret = B.job.secret_src != ACKPT_SECRET_TOKEN;

@@ -166,7 +166,8 @@ static void dial_log(int level, const char *fmt, ...)
 /* Called with J.lock held.  0, or -errno (no coordinator to ask). */
 static int dial(void)
 {
-	struct ackpt_dial d = { .observer = 1, .give_up_refused = 1, .log = dial_log };
+	struct ackpt_dial d = { .observer = 1, .give_up_refused = 1, .one_round = 1,
+				.log = dial_log };
 	uint64_t id;
 	int fd;
 
