@@ -562,7 +562,7 @@ def _scale_teardown(com, s):
 
 
 def test_scale_1024_participants_commit(tmp_path):
-    """1023 simulated participants register (HELLO with the job token) with
+    """1023 simulated participants register (the handshake with the job secret) with
     the coordinator hosted by the real program's helper and ACK every
     PREPARE; three commits with ACKPT_COMMIT=sync each succeed, every
     participant saw each PREPARE exactly once."""
