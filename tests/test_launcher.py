@@ -57,7 +57,8 @@ def test_help_documents_options_and_variables():
     for word in ["--dir", "--staging", "--log", "--commit", "--help", "--version",
                  "ACKPT_PATHS", "ACKPT_METADATA", "ACKPT_STAGING", "ACKPT_LOG",
                  "ACKPT_COMMIT", "ACKPT_COORD", "ACKPT_BARRIER_TIMEOUT", "ACKPT_DISABLE",
-                 "ACKPT_DIRECT", "ACKPT_IO", "ACKPT_LIB", "ACKPT_HELPER", "inherit"]:
+                 "ACKPT_DIRECT", "ACKPT_IO", "ACKPT_LIB", "ACKPT_HELPER", "inherit", "ACKPT_SECRET",
+                 "ACKPT_JOB_TOKEN", "ACKPT_SECRET_FILE", "ACKPT_WRITE_THROUGH"]:
         assert word in p.stdout, word
     assert run(["-h"], clean_env()).stdout == p.stdout
 

@@ -20,9 +20,9 @@
 #include "job.h"
 
 #define ACKPT_PROTO_MAGIC   0x74706b63614b4341ull /* "ACKackpt" */
-#define ACKPT_PROTO_VERSION 3 /* 2: one payload struct per op; no TRUNCATE (ftruncate
+#define ACKPT_PROTO_VERSION 4 /* 2: one payload struct per op; no TRUNCATE (ftruncate
 				* goes through the kernel); DIRTY.  3: coord_part, announced_*,
-				* cfg */
+				* cfg.  4: the job's secret in cfg, want_mib */
 
 /* Descriptor numbers the helper finds its channels on after exec. */
 #define ACKPT_HELPER_SOCK_FD 3
@@ -174,7 +174,10 @@ struct ackpt_shm {
 	uint64_t helper_cpu_ns;     /* helper */
 	uint64_t prefault_done;     /* helper: bytes of the arena it has populated */
 	int32_t reg_helper;         /* helper, at start: its index in the node registry, or -1 */
-	uint32_t pad1;
+	uint32_t want_mib;          /* shim: how far into the arena staging would have got,
+				     * in MiB, counting what it wrote through the kernel
+				     * because the arena was not faulted in yet; the helper
+				     * faults ahead of it */
 
 	uint64_t staged_seq;        /* shim: last op seq it has sent */
 

@@ -574,14 +574,20 @@ static int receive_one(void)
  */
 static void *prefault_main(void *arg)
 {
-	const uint64_t step = 64ull << 20;
+	/* progress is published per step: the shim writes through the kernel
+	 * what lands past it, so small steps keep that short at start */
+	const uint64_t step = 8ull << 20;
 	int lock_ok = 1;
 	uint64_t off = 0;
 
 	while (off < H.arena_size) {
-		uint64_t end = atomic_load(&H.max_end);
-		uint64_t target = end >= H.arena_size / 2 ? H.arena_size : 2 * end + step;
-		uint64_t len = H.arena_size - off < step ? H.arena_size - off : step;
+		uint64_t end = atomic_load(&H.max_end),
+			 want = (uint64_t)__atomic_load_n(&H.shm->want_mib, __ATOMIC_RELAXED) << 20;
+		uint64_t len = H.arena_size - off < step ? H.arena_size - off : step, target;
+
+		if (want > end)
+			end = want;
+		target = end >= H.arena_size / 2 ? H.arena_size : 2 * end + step;
 
 		if (off >= target) {
 			struct timespec ts = { 0, 10000000 };

@@ -154,6 +154,19 @@ void config_load(void)
 				C.test_delay_ms = 0;
 		}
 	}
+	/* the test knobs that study the helper's path keep every write on it */
+	C.write_through = !getenv("ACKPT_FAULT") && !getenv("ACKPT_TEST_DELAY_MS");
+	v = getenv("ACKPT_WRITE_THROUGH");
+	if (v && *v) {
+		if (!strcmp(v, "auto") || !strcmp(v, "1"))
+			C.write_through = 1;
+		else if (!strcmp(v, "off") || !strcmp(v, "0"))
+			C.write_through = 0;
+		else {
+			bad("ACKPT_WRITE_THROUGH", v, "expected auto or off");
+			return;
+		}
+	}
 	v = getenv("ACKPT_PIN");
 	if (v && *v && strcmp(v, "eager") && strcmp(v, "background")) {
 		bad("ACKPT_PIN", v, "expected eager or background");

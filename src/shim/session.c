@@ -375,7 +375,7 @@ static void atfork_child(void)
 	S.seq = 0;
 	S.head = 0;
 	S.ninodes = 0;
-	S.bytes_staged = S.files = S.stall_ns = 0;
+	S.bytes_staged = S.files = S.stall_ns = S.bytes_through = 0;
 	S.commits_requested = S.commit_failures_seen = S.dead_commit_failures = 0;
 }
 
@@ -411,9 +411,11 @@ static int session_exit_drain(void)
 		double wait = (now_ns() - t0) / 1e9;
 		double cpu = S.shm->helper_cpu_ns / 1e9;
 
-		alog(L_INFO, "%llu files, %.1f MiB staged, stall %.3f s, exit wait %.3f s, "
-		     "%.1f MiB written (helper CPU %.2f s)",
-		     (unsigned long long)S.files, S.bytes_staged / 1048576.0, S.stall_ns / 1e9, wait,
+		alog(L_INFO, "%llu files, %.1f MiB staged, %.1f MiB written through (staging was "
+		     "full or not faulted in yet), stall %.3f s, exit wait %.3f s, %.1f MiB written "
+		     "(helper CPU %.2f s)",
+		     (unsigned long long)S.files, S.bytes_staged / 1048576.0,
+		     S.bytes_through / 1048576.0, S.stall_ns / 1e9, wait,
 		     S.shm->bytes_written / 1048576.0, cpu);
 	}
 	if (session_commit_failures()) {

@@ -203,6 +203,9 @@ struct ackpt_config {
 	int multi_node;          /* ... that may span nodes (job.c) */
 	int io_pool;             /* ACKPT_IO=pool */
 	int direct;              /* ACKPT_DIRECT (default 1) */
+	int write_through;       /* ACKPT_WRITE_THROUGH: a write staging cannot take at
+				  * memcpy speed goes through the kernel (default 1,
+				  * 0 under ACKPT_FAULT or ACKPT_TEST_DELAY_MS) */
 	int test_delay_ms;       /* ACKPT_TEST_DELAY_MS for this rank */
 	int test_skip_dirfsync;  /* ACKPT_TEST_SKIP_DIRFSYNC */
 	int coord_host;          /* this process's helper hosts the coordinator */
@@ -252,6 +255,8 @@ struct inode_state {
 	uint64_t size;           /* logical size */
 	struct timespec mtime;   /* when the last write was staged */
 	uint64_t last_seq;       /* last op touching this inode */
+	uint64_t staged_hi;      /* end of the furthest WRITE staged for it: writing
+				  * through the kernel at or past it overtakes nothing */
 	int nofd;                /* open file descriptions referencing it */
 	int writers;             /* ... of which opened for writing */
 	uint32_t reported_err_seq;
@@ -316,6 +321,7 @@ struct session {
 	uint64_t dead_commit_failures;
 	/* stats */
 	uint64_t bytes_staged, files;
+	uint64_t bytes_through;  /* written through the kernel: staging could not take them at once */
 	uint64_t stall_ns;
 };
 extern struct session S;

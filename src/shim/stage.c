@@ -71,23 +71,100 @@ static int arena_reserve(uint64_t len, uint64_t *pos, uint64_t *end)
 }
 
 /*
+ * Can the arena take len bytes at memcpy speed right now: is there room,
+ * and has the helper faulted that part in?  First touch runs at a fraction
+ * of memcpy speed on some machines, and waiting for room waits for the
+ * disk: either can make a save slower than without ackpt.
+ */
+static int arena_ready(uint64_t len)
+{
+	uint64_t pos, end, in, faulted;
+
+	ackpt_arena_place(S.head, len, S.arena_size, &pos, &end);
+	if (!ackpt_arena_fits(end, __atomic_load_n(&S.shm->arena_tail, __ATOMIC_ACQUIRE),
+			      S.arena_size))
+		return 0;
+	faulted = __atomic_load_n(&S.shm->prefault_done, __ATOMIC_ACQUIRE);
+	in = pos % S.arena_size;
+	return faulted >= S.arena_size || in + len <= faulted;
+}
+
+/*
+ * Write a chunk through the kernel, at the synchronous cost, instead of
+ * waiting for staging.  Only where no staged WRITE of the file that is not
+ * yet durable could land on the same bytes later (at or past staged_hi),
+ * so the file ends up as if every write had been in order.  Returns the
+ * bytes written, or -errno.  The caller queues a DIRTY, so the helper
+ * fsyncs the file before its next barrier, close or fsync.
+ */
+static ssize_t write_through(struct inode_state *ino, const char *src, uint64_t len, uint64_t off)
+{
+	uint64_t done = 0;
+
+	while (done < len) {
+		ssize_t n = real.pwrite(ino->shadow_fd, src + done, len - done, (off_t)(off + done));
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return done ? (ssize_t)done : n < 0 ? -errno : -EIO;
+		done += (uint64_t)n;
+	}
+	return (ssize_t)done;
+}
+
+static int may_write_through(struct inode_state *ino, uint64_t off, uint64_t len, int device)
+{
+	if (!C.write_through || device || arena_ready(len))
+		return 0;
+	return off >= ino->staged_hi || ino->last_seq <= __atomic_load_n(&S.shm->durable_seq,
+									  __ATOMIC_ACQUIRE);
+}
+
+/*
  * Copy len bytes at buf into the arena, in chunks, and queue a WRITE for
- * each.  *staged: bytes queued.  A bad source pointer stops at the page it
- * faulted on, as the kernel's copy does: the chunk's good prefix is queued
- * and -EFAULT returned.
+ * each.  A chunk the arena cannot take at memcpy speed goes through the
+ * kernel instead when that keeps the file's order (may_write_through).
+ * *staged: bytes queued or written.  A bad source pointer stops at the page
+ * it faulted on, as the kernel's copy does: the chunk's good prefix is
+ * queued and -EFAULT returned.  1: the kernel took only *staged bytes (a
+ * short write through it); report those.
  */
 int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off, int device,
 		  size_t *staged)
 {
 	const char *src = buf;
+	int through = 0, ret;
 
 	*staged = 0;
 	while (len) {
 		uint64_t chunk = len < S.max_chunk ? len : S.max_chunk;
 		struct ackpt_op op = { .type = ACKPT_OP_WRITE, .file = ino->slot };
 		uint64_t pos, end, head = S.head;
-		int ret, bad = 0;
+		int bad = 0;
 
+		if (may_write_through(ino, off, chunk, device)) {
+			ssize_t n = write_through(ino, src, chunk, off);
+
+			if (n > 0) {
+				through = 1;
+				S.bytes_through += (uint64_t)n;
+				*staged += (size_t)n;
+				/* demand the helper's prefault must follow */
+				__atomic_store_n(&S.shm->want_mib,
+						 (uint32_t)((S.head + S.bytes_through) >> 20),
+						 __ATOMIC_RELAXED);
+			}
+			if (n < (ssize_t)chunk) {
+				/* as the kernel would: the bytes it took, else its error */
+				ret = *staged ? 1 : (int)n;
+				goto dirty;
+			}
+			src += chunk;
+			off += chunk;
+			len -= chunk;
+			continue;
+		}
 		ret = arena_reserve(chunk, &pos, &end);
 		if (ret < 0)
 			return ret;
@@ -115,13 +192,26 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 		ret = send_op(&op, NULL, 0, -1, ino);
 		if (ret < 0)
 			return ret;
+		if (off + chunk > ino->staged_hi)
+			ino->staged_hi = off + chunk;
 		S.bytes_staged += chunk;
 		*staged += chunk;
-		if (bad)
-			return -EFAULT;
+		if (bad) {
+			ret = -EFAULT;
+			goto dirty;
+		}
 		src += chunk;
 		off += chunk;
 		len -= chunk;
 	}
-	return 0;
+	ret = 0;
+dirty:
+	/* the helper fsyncs what went through the kernel with the rest */
+	if (through) {
+		int r = session_send_simple(ACKPT_OP_DIRTY, ino);
+
+		if (r < 0 && !ret)
+			ret = r;
+	}
+	return ret;
 }

@@ -183,6 +183,12 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 				continue;
 			ret = session_stage(ino, iov[i].iov_base, len, pos,
 					    cuda_is_device(iov[i].iov_base), &staged);
+			if (ret == 1) {
+				/* the kernel took part of it (written through) */
+				pos += staged;
+				total = (size_t)(pos - at);
+				break;
+			}
 			if (ret == -EFAULT) {
 				/* a bad buffer: the bytes before it, or EFAULT */
 				pos += staged;
