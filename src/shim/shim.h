@@ -322,6 +322,9 @@ struct session {
 	/* stats */
 	uint64_t bytes_staged, files;
 	uint64_t bytes_through;  /* written through the kernel: staging could not take them at once */
+	/* with the arena full: bytes and stall time written through, and
+	 * staged after waiting for room (stage.c, through_is_faster) */
+	uint64_t through_bytes, through_ns, waited_bytes, waited_ns;
 	uint64_t stall_ns;
 };
 extern struct session S;

@@ -71,22 +71,57 @@ static int arena_reserve(uint64_t len, uint64_t *pos, uint64_t *end)
 }
 
 /*
- * Can the arena take len bytes at memcpy speed right now: is there room,
- * and has the helper faulted that part in?  First touch runs at a fraction
- * of memcpy speed on some machines, and waiting for room waits for the
- * disk: either can make a save slower than without ackpt.
+ * Can the arena take len bytes at memcpy speed right now?  ARENA_READY: yes;
+ * ARENA_COLD: there is room, but the helper has not faulted that part in
+ * yet (first touch runs at a fraction of memcpy speed on some machines);
+ * ARENA_FULL: no room until the helper writes some out.
  */
-static int arena_ready(uint64_t len)
+enum { ARENA_READY, ARENA_COLD, ARENA_FULL };
+
+static int arena_state(uint64_t len)
 {
 	uint64_t pos, end, in, faulted;
 
 	ackpt_arena_place(S.head, len, S.arena_size, &pos, &end);
 	if (!ackpt_arena_fits(end, __atomic_load_n(&S.shm->arena_tail, __ATOMIC_ACQUIRE),
 			      S.arena_size))
-		return 0;
+		return ARENA_FULL;
 	faulted = __atomic_load_n(&S.shm->prefault_done, __ATOMIC_ACQUIRE);
 	in = pos % S.arena_size;
-	return faulted >= S.arena_size || in + len <= faulted;
+	return faulted >= S.arena_size || in + len <= faulted ? ARENA_READY : ARENA_COLD;
+}
+
+/*
+ * With the arena full, the faster way on: waiting for room goes at the
+ * helper's pace (O_DIRECT, no dirty-page throttling), writing through at
+ * the kernel's (what a run without ackpt gets).  Either can win: the rates
+ * both ways, in bytes per second of the program's stall, decide, halved
+ * now and then so they follow the machine; every 16th decision takes the
+ * other way, so neither rate goes stale.
+ */
+#define RATE_WINDOW (256ull << 20)
+
+static void rate_add(uint64_t *bytes, uint64_t *ns, uint64_t b, uint64_t t)
+{
+	*bytes += b;
+	*ns += t ? t : 1;
+	if (*bytes > RATE_WINDOW) {
+		*bytes /= 2;
+		*ns /= 2;
+	}
+}
+
+static int through_is_faster(void)
+{
+	static unsigned turn;
+
+	if (!S.through_bytes)
+		return 1; /* no figure yet: learn it */
+	if (!S.waited_bytes)
+		return 0;
+	if (++turn % 16 == 0)
+		return (double)S.through_bytes / S.through_ns <= (double)S.waited_bytes / S.waited_ns;
+	return (double)S.through_bytes / S.through_ns > (double)S.waited_bytes / S.waited_ns;
 }
 
 /*
@@ -113,12 +148,23 @@ static ssize_t write_through(struct inode_state *ino, const char *src, uint64_t 
 	return (ssize_t)done;
 }
 
-static int may_write_through(struct inode_state *ino, uint64_t off, uint64_t len, int device)
+static int may_write_through(struct inode_state *ino, uint64_t off, uint64_t len, int device,
+			     int *full)
 {
-	if (!C.write_through || device || arena_ready(len))
+	int st;
+
+	*full = 0;
+	if (!C.write_through || device)
 		return 0;
-	return off >= ino->staged_hi || ino->last_seq <= __atomic_load_n(&S.shm->durable_seq,
-									  __ATOMIC_ACQUIRE);
+	st = arena_state(len);
+	if (st == ARENA_READY)
+		return 0;
+	/* the order rule: nothing staged and not yet durable may land here later */
+	if (off < ino->staged_hi && ino->last_seq > __atomic_load_n(&S.shm->durable_seq,
+								    __ATOMIC_ACQUIRE))
+		return 0;
+	*full = st == ARENA_FULL;
+	return st == ARENA_COLD || through_is_faster();
 }
 
 /*
@@ -140,12 +186,14 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 	while (len) {
 		uint64_t chunk = len < S.max_chunk ? len : S.max_chunk;
 		struct ackpt_op op = { .type = ACKPT_OP_WRITE, .file = ino->slot };
-		uint64_t pos, end, head = S.head;
-		int bad = 0;
+		uint64_t pos, end, head = S.head, t0 = now_ns();
+		int bad = 0, full;
 
-		if (may_write_through(ino, off, chunk, device)) {
+		if (may_write_through(ino, off, chunk, device, &full)) {
 			ssize_t n = write_through(ino, src, chunk, off);
 
+			if (full && n > 0)
+				rate_add(&S.through_bytes, &S.through_ns, (uint64_t)n, now_ns() - t0);
 			if (n > 0) {
 				through = 1;
 				S.bytes_through += (uint64_t)n;
@@ -185,6 +233,8 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 				}
 			}
 		}
+		if (full)
+			rate_add(&S.waited_bytes, &S.waited_ns, chunk, now_ns() - t0);
 		op.u.write.offset = off;
 		op.u.write.len = chunk;
 		op.u.write.arena_pos = pos;
