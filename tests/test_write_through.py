@@ -41,6 +41,17 @@ os.pwrite(fd, b"C" * 70000, 2 << 20)   # early range again, second description
 os.close(fd)
 with open(p, "ab") as f:
     f.write(b"appended")
+q = os.path.join(d, "log.bin")                # an O_APPEND description from the start
+with open(q, "ab") as f:
+    for i in range(8):
+        f.write(blob)
+fd = os.open(q, os.O_WRONLY)                   # and one that becomes O_APPEND later
+os.write(fd, b"head")
+import fcntl
+fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+for i in range(6):
+    os.write(fd, blob)
+os.close(fd)
 with open(p, "rb") as f:               # read back in the same process
     data = f.read()
 print(len(data), data[(2 << 20) - 3:(2 << 20) + 3], data[-8:])
@@ -78,6 +89,7 @@ def test_written_through_file_matches_plain_run(tmp_path, helper):
     shim, rs = _run(tmp_path, "shim", extra)
     assert rs.stdout == rp.stdout, (rp.stdout, rs.stdout)
     assert (shim / "big.bin").read_bytes() == (plain / "big.bin").read_bytes()
+    assert (shim / "log.bin").read_bytes() == (plain / "log.bin").read_bytes()
     summary = [ln for ln in rs.stderr.splitlines() if "written through" in ln]
     assert summary, rs.stderr
     through = float(summary[-1].split("MiB staged, ")[1].split(" MiB written through")[0])

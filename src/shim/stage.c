@@ -163,6 +163,10 @@ static int may_write_through(struct inode_state *ino, uint64_t off, uint64_t len
 	if (off < ino->staged_hi && ino->last_seq > __atomic_load_n(&S.shm->durable_seq,
 								    __ATOMIC_ACQUIRE))
 		return 0;
+	/* pwrite on an O_APPEND description appends: our descriptor shares the
+	 * program's description, whose flags it may change at any time */
+	if (real.fcntl(ino->shadow_fd, F_GETFL) & O_APPEND)
+		return 0;
 	*full = st == ARENA_FULL;
 	return st == ARENA_COLD || through_is_faster();
 }
