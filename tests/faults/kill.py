@@ -219,8 +219,9 @@ def scenario_helper_kill(work, trials, seed, log):
         if len(warn) == 1:
             t.surfaced += 1
         if len(warn) != 1 or len(lines) != 1:
-            t.fail("trial %d: expected exactly one ackpt warning about the helper dying, got %r"
-                   % (k, lines))
+            t.fail("trial %d: expected exactly one ackpt warning about the helper dying, got %r "
+                   "(exit status %s, killed at %.2fs, last output %r, stderr %r)"
+                   % (k, lines, rc, at, list(p.out)[-3:], p.stderr[-600:]))
         if rc not in (0, None):
             t.fail("trial %d: trainer exit status %s after its helper died: %s" % (k, rc, p.stderr[-1500:]))
         _leftovers(t, before)
