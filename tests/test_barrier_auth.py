@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from barrierutil import (Committer, dcp_check, free_master_port, free_port, in_netns, job_env,
-                         run_job, shimmed, sim, start_job, torchrun_argv, two_nodes)
+from barrierutil import (Committer, free_master_port, free_port, in_netns, job_env,
+                         shimmed, sim, start_job, torchrun_argv, two_nodes)
 from faultutil import need_shim
 
 

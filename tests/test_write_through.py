@@ -9,7 +9,6 @@ same file that is not durable yet covers the same bytes, so the file ends
 as if every write had gone in order.  The helper still fsyncs the file
 (the shim queues a DIRTY op), so commits and closes stay durable.
 """
-import os
 import shutil
 import subprocess
 
