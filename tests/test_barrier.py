@@ -74,9 +74,11 @@ def _assert_not_degraded(job):
 
 
 def _staged_lines(job):
-    """The per-process summary lines of ACKPT_LOG=info: [(pid, MiB staged)]."""
-    return [(int(m.group(1)), float(m.group(2))) for m in
-            re.finditer(r"ackpt\[(\d+)\]: info: \d+ files, ([\d.]+) MiB staged", job.stderr())]
+    """The per-process summary lines of ACKPT_LOG=info: [(pid, MiB staged or written
+    through the kernel)]."""
+    return [(int(m.group(1)), float(m.group(2)) + float(m.group(3))) for m in
+            re.finditer(r"ackpt\[(\d+)\]: info: \d+ files, ([\d.]+) MiB staged, ([\d.]+) MiB "
+                        r"written through", job.stderr())]
 
 
 def _dcp_job(world, port, saves, threads=2, extra=()):

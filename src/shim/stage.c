@@ -100,6 +100,7 @@ static int arena_state(uint64_t len)
  * other way, so neither rate goes stale.
  */
 #define RATE_WINDOW (256ull << 20)
+#define COLD_MIN (4ull << 20)
 
 static void rate_add(uint64_t *bytes, uint64_t *ns, uint64_t b, uint64_t t)
 {
@@ -158,6 +159,10 @@ static int may_write_through(struct inode_state *ino, uint64_t off, uint64_t len
 		return 0;
 	st = arena_state(len);
 	if (st == ARENA_READY)
+		return 0;
+	/* a small piece pays little for first touch (at most COLD_MIN at
+	 * 0.2 GB/s, once), and staging it keeps it off the program's path */
+	if (st == ARENA_COLD && len < COLD_MIN)
 		return 0;
 	/* the order rule: nothing staged and not yet durable may land here later */
 	if (off < ino->staged_hi && ino->last_seq > __atomic_load_n(&S.shm->durable_seq,
