@@ -25,6 +25,7 @@
 
 #include <sodium.h>
 
+#include "clock.h"
 #include "job.h"
 
 #define FRAME_SIZE sizeof(struct ackpt_bar_msg)
@@ -32,14 +33,6 @@
 
 /* how long one listener may take to answer a HELLO or a PROOF */
 #define ANSWER_WITHIN_NS 10000000000ull
-
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 int ackpt_crypto_init(void)
 {
@@ -309,7 +302,7 @@ static int io_wait(int fd, short ev, uint64_t deadline)
 {
 	for (;;) {
 		struct pollfd p = { .fd = fd, .events = ev };
-		uint64_t now = mono_ns();
+		uint64_t now = now_ns();
 		int r;
 
 		if (now >= deadline)
@@ -322,13 +315,12 @@ static int io_wait(int fd, short ev, uint64_t deadline)
 	}
 }
 
-static int send_frame(int fd, const struct ackpt_bar_msg *m, uint64_t deadline)
+int ackpt_frames_send(int fd, const struct ackpt_bar_msg *m, int n, uint64_t deadline)
 {
-	size_t done = 0;
+	size_t done = 0, len = FRAME_SIZE * (size_t)n;
 
-	while (done < FRAME_SIZE) {
-		ssize_t r = send(fd, (const char *)m + done, FRAME_SIZE - done,
-				 MSG_NOSIGNAL | MSG_DONTWAIT);
+	while (done < len) {
+		ssize_t r = send(fd, (const char *)m + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
 
 		if (r > 0) {
 			done += (size_t)r;
@@ -346,7 +338,7 @@ static int send_frame(int fd, const struct ackpt_bar_msg *m, uint64_t deadline)
 	return 0;
 }
 
-static int recv_frame(int fd, struct ackpt_bar_msg *m, uint64_t deadline)
+int ackpt_frame_recv(int fd, struct ackpt_bar_msg *m, uint64_t deadline)
 {
 	size_t got = 0;
 
@@ -401,7 +393,7 @@ static int connect_by(const struct addrinfo *a, uint64_t deadline, int *refused)
 static int try_one(const struct addrinfo *a, const uint8_t (*keys)[ACKPT_SECRET_LEN], int nkeys,
 		   const struct ackpt_dial *d, struct ackpt_chan *ch, uint64_t *wid, int *fd_out)
 {
-	uint64_t now = mono_ns(), deadline = now + ANSWER_WITHIN_NS;
+	uint64_t now = now_ns(), deadline = now + ANSWER_WITHIN_NS;
 	struct ackpt_bar_msg hello, chal, m;
 	const uint8_t *key = NULL;
 	int refused, fd, k, one = 1;
@@ -414,9 +406,9 @@ static int try_one(const struct addrinfo *a, const uint8_t (*keys)[ACKPT_SECRET_
 		return refused ? TRY_REFUSED : TRY_SILENT;
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	ackpt_hs_hello(&hello, d->rank, d->observer, (uint64_t)getpid());
-	k = send_frame(fd, &hello, deadline);
+	k = ackpt_frames_send(fd, &hello, 1, deadline);
 	if (!k)
-		k = recv_frame(fd, &chal, deadline);
+		k = ackpt_frame_recv(fd, &chal, deadline);
 	if (k || chal.type != BAR_CHALLENGE) {
 		syscall(SYS_close, fd);
 		/* an answer that is not a CHALLENGE of our version: not ours */
@@ -436,7 +428,7 @@ static int try_one(const struct addrinfo *a, const uint8_t (*keys)[ACKPT_SECRET_
 	m = frame_of(BAR_PROOF);
 	ackpt_hs_proof(key, 'c', &hello, &chal, m.mac);
 	ackpt_chan_init(ch, key, &hello, &chal, 'c');
-	if (send_frame(fd, &m, deadline) || recv_frame(fd, &m, deadline) ||
+	if (ackpt_frames_send(fd, &m, 1, deadline) || ackpt_frame_recv(fd, &m, deadline) ||
 	    ackpt_chan_open(ch, &m) || m.type != BAR_WELCOME) {
 		/* it proved it knows the secret: a coordinator that refused us */
 		syscall(SYS_close, fd);
@@ -462,7 +454,7 @@ static void say_where(const struct addrinfo *a, char *out, size_t n)
 int ackpt_coord_dial(const struct ackpt_job *j, const struct ackpt_dial *d, struct ackpt_chan *ch,
 		     uint64_t *welcome_id)
 {
-	uint64_t start = mono_ns();
+	uint64_t start = now_ns();
 	int said_wait = 0, said_forged = 0, ret = -ETIMEDOUT;
 
 	if (ackpt_crypto_init() < 0)
@@ -520,9 +512,9 @@ int ackpt_coord_dial(const struct ackpt_job *j, const struct ackpt_dial *d, stru
 		ret = forged ? -EACCES : nokey ? -ENOKEY : listener ? -ETIMEDOUT : -ECONNREFUSED;
 		if (!listener && d->give_up_refused)
 			return -ECONNREFUSED;
-		if (d->one_round || mono_ns() >= d->deadline_ns)
+		if (d->one_round || now_ns() >= d->deadline_ns)
 			return ret;
-		if (!said_wait && mono_ns() - start > 5000000000ull && d->log) {
+		if (!said_wait && now_ns() - start > 5000000000ull && d->log) {
 			d->log(2, "waiting for the coordinator at %s:%d%s%s", j->addr, j->port,
 			       nokey ? ": it holds another secret than this process; waiting for the "
 				       "job file " : "",

@@ -77,6 +77,12 @@ static inline void ackpt_chan_sent(struct ackpt_chan *c) { c->tx++; }
  * replayed, reordered or from another connection). */
 int ackpt_chan_open(struct ackpt_chan *c, const struct ackpt_bar_msg *m);
 
+/* Send n whole frames on a non-blocking socket, or read one (checking
+ * magic and version), waiting until deadline_ns; 0 or -errno (-ETIMEDOUT,
+ * -ECONNRESET at end of stream, -EPROTO). */
+int ackpt_frames_send(int fd, const struct ackpt_bar_msg *m, int n, uint64_t deadline_ns);
+int ackpt_frame_recv(int fd, struct ackpt_bar_msg *m, uint64_t deadline_ns);
+
 /*
  * The job file, <first managed root>/.ackpt-job.<job name> (or
  * ACKPT_SECRET_FILE): what the coordinator's host publishes for the rest

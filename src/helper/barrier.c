@@ -29,6 +29,7 @@
 
 #include "../common/auth.h"
 #include "../common/barrier.h"
+#include "../common/clock.h"
 #include "../common/job.h"
 #include "../common/proto.h"
 
@@ -83,8 +84,7 @@ static struct {
 	struct bar_hooks h;
 	struct ackpt_job job; /* with the secret in force */
 	uint64_t timeout_ns;
-	char addr[256];
-	int port;
+	int port;             /* where the coordinator listens (job.port unless it moved) */
 	/* participant side */
 	int cfd, crlen, my_id;
 	struct ackpt_chan cch;
@@ -110,14 +110,6 @@ static struct {
 	int published;
 	unsigned long rejected; /* peers that failed the handshake or a frame's MAC */
 } B = { .cfd = -1, .my_id = -1 };
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
-}
 
 /*
  * Seal a frame for c and send it without blocking.  A frame that does not
@@ -703,7 +695,7 @@ static int coord_listen(void)
 	int ret, first = 0;
 
 	snprintf(port, sizeof(port), "%d", B.port);
-	if (getaddrinfo(B.addr, port, &hints, &ai) == 0) {
+	if (getaddrinfo(B.job.addr, port, &hints, &ai) == 0) {
 		for (a = ai; a && B.nlfd < MAX_LFD; a = a->ai_next) {
 			if (B.multi_node && is_loopback(a->ai_addr))
 				continue;
@@ -727,7 +719,7 @@ static int coord_listen(void)
 	}
 	if (!ret)
 		B.h.log(2, "coordinator: no address of %s on this host that other nodes can reach; "
-			"listening on every interface", B.addr);
+			"listening on every interface", B.job.addr);
 	return ret;
 }
 
@@ -767,7 +759,7 @@ static int coord_host(const struct ackpt_job *j)
 
 		if (fd >= 0) {
 			B.h.log(2, "coordinator: this job's coordinator already listens on %s port %d "
-				"(an earlier image of this rank); joining it", B.addr, B.port);
+				"(an earlier image of this rank); joining it", B.job.addr, B.port);
 			B.cfd = fd;
 			B.my_id = (int)id;
 			return 0;
@@ -775,7 +767,7 @@ static int coord_host(const struct ackpt_job *j)
 		if (!j->jobfile[0]) {
 			snprintf(why, sizeof(why), "port %d on %s is taken by a program that does not "
 				 "know the job's secret, and there is no job file to publish another in: "
-				 "set ACKPT_COORD=host:port to a free port", B.port, B.addr);
+				 "set ACKPT_COORD=host:port to a free port", B.port, B.job.addr);
 			B.broken = why;
 			return -EADDRINUSE;
 		}
@@ -784,11 +776,11 @@ static int coord_host(const struct ackpt_job *j)
 		if (!ret)
 			B.h.log(1, "coordinator: port %d on %s is taken by a program that does not know "
 				"the job's secret; listening on port %d instead, published in %s",
-				j->port, B.addr, B.port, j->jobfile);
+				j->port, B.job.addr, B.port, j->jobfile);
 	}
 	if (ret) {
 		snprintf(why, sizeof(why), "cannot host the barrier coordinator on %s port %d: %s",
-			 B.addr, j->port, strerror(-ret));
+			 B.job.addr, j->port, strerror(-ret));
 		B.broken = why;
 		return ret;
 	}
@@ -823,7 +815,7 @@ static int coord_host(const struct ackpt_job *j)
 		}
 	}
 	B.host = 1;
-	B.h.log(3, "coordinator listening on %s port %d (%d socket%s)%s", B.addr, B.port, B.nlfd,
+	B.h.log(3, "coordinator listening on %s port %d (%d socket%s)%s", B.job.addr, B.port, B.nlfd,
 		B.nlfd > 1 ? "s" : "", B.published ? ", published in the job file" : "");
 	return 1;
 }
@@ -851,7 +843,6 @@ int bar_init(const struct bar_hooks *hooks, const struct ackpt_helper_config *cf
 		return 0;
 	}
 	B.job = *j;
-	snprintf(B.addr, sizeof(B.addr), "%s", j->addr);
 	B.port = j->port;
 
 	if (cfg->coord_host) {
@@ -871,7 +862,7 @@ int bar_init(const struct bar_hooks *hooks, const struct ackpt_helper_config *cf
 		int ret = connect_coord();
 
 		if (ret < 0) {
-			B.h.log(0, "cannot register with the coordinator at %s:%d: %s", B.addr, B.port,
+			B.h.log(0, "cannot register with the coordinator at %s:%d: %s", B.job.addr, B.port,
 				ret == -EACCES ? "no listener there proves it knows the job's secret "
 						 "(another program on the port?)" :
 				ret == -ENOKEY ? "it holds another secret than this rank, and no job "

@@ -20,9 +20,7 @@
  * returns; or it is gone: then the job's commits are aborted anyway), the
  * call goes on without waiting.
  */
-#include <poll.h>
 #include <stdarg.h>
-#include <sys/socket.h>
 #include <time.h>
 
 #include "shim.h"
@@ -97,50 +95,11 @@ static void warn_once(const char *what, int err)
 	     "pending names are not waited for", J.job.addr, J.job.port, what, strerror(err));
 }
 
-static int send_all(const void *buf, size_t n)
-{
-	const char *p = buf;
-
-	while (n) {
-		ssize_t r = send(J.fd, p, n, MSG_NOSIGNAL);
-
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			return -(r < 0 ? errno : EPIPE);
-		p += r;
-		n -= (size_t)r;
-	}
-	return 0;
-}
-
 static int recv_frame(struct ackpt_bar_msg *m)
 {
-	uint64_t deadline = now_ns() + ANSWER_WITHIN_MS * 1000000ull;
-	size_t got = 0;
+	int err = ackpt_frame_recv(J.fd, m, now_ns() + ANSWER_WITHIN_MS * 1000000ull);
 
-	while (got < sizeof(*m)) {
-		struct pollfd p = { .fd = J.fd, .events = POLLIN };
-		uint64_t now = now_ns();
-		ssize_t r;
-
-		if (now >= deadline)
-			return -ETIMEDOUT;
-		if (poll(&p, 1, (int)((deadline - now) / 1000000) + 1) < 0 && errno != EINTR)
-			return -errno;
-		r = recv(J.fd, (char *)m + got, sizeof(*m) - got, MSG_DONTWAIT);
-		if (r == 0)
-			return -ECONNRESET;
-		if (r < 0) {
-			if (errno == EAGAIN || errno == EINTR)
-				continue;
-			return -errno;
-		}
-		got += (size_t)r;
-	}
-	if (m->magic != ACKPT_BAR_MAGIC || m->version != ACKPT_BAR_VERSION)
-		return -EPROTO;
-	return ackpt_chan_open(&J.ch, m);
+	return err ? err : ackpt_chan_open(&J.ch, m);
 }
 
 static struct ackpt_bar_msg frame(int type)
@@ -217,7 +176,7 @@ static int send_sealed(struct ackpt_bar_msg *m, int n)
 		ackpt_chan_seal(&J.ch, &m[i]);
 		ackpt_chan_sent(&J.ch);
 	}
-	return send_all(m, sizeof(*m) * (size_t)n);
+	return ackpt_frames_send(J.fd, m, n, now_ns() + ANSWER_WITHIN_MS * 1000000ull);
 }
 
 /* Send n frames, read their n answers; returns the OR of their statuses

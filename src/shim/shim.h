@@ -26,6 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "path.h"
 #include "proto.h"
 #include "util.h"
@@ -216,13 +217,6 @@ struct ackpt_config {
 };
 extern struct ackpt_config C;
 
-static inline uint64_t now_ns(void) /* CLOCK_MONOTONIC */
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
-}
 void config_load(void);
 struct ackpt_helper_config;
 void config_for_helper(struct ackpt_helper_config *h); /* at session start */
