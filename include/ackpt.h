@@ -25,6 +25,11 @@ struct ackpt_stats {
 	int32_t helper_flags;    /* 1 io_uring, 2 fixed buffers, 4 O_DIRECT */
 	double helper_cpu_seconds;
 	uint64_t staging_bytes;  /* size of the staging arena */
+	/* uploads (ACKPT_UPLOAD): zero without */
+	uint64_t uploaded_bytes;   /* bytes the object store accepted */
+	uint64_t uploaded_objects; /* objects completed */
+	uint64_t upload_failures;  /* objects that failed for good (after retries) */
+	uint64_t uploads_pending;  /* objects queued or in flight */
 };
 
 /*
@@ -33,6 +38,14 @@ struct ackpt_stats {
  * Returns 0, -ETIMEDOUT, or -EIO when the helper reported an error.
  */
 int ackpt_wait(double timeout_s);
+
+/*
+ * With ACKPT_UPLOAD: wait until everything this process staged so far is
+ * durable and every file it closed so far is uploaded (its commit markers
+ * included).  Returns 0, -ETIMEDOUT, -EIO when an upload failed for good
+ * (now or before), or -EINVAL without ACKPT_UPLOAD.
+ */
+int ackpt_wait_uploaded(double timeout_s);
 
 /* Fill *out (size = sizeof(struct ackpt_stats)); returns 0 or -EINVAL. */
 int ackpt_get_stats(struct ackpt_stats *out, size_t size);

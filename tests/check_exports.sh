@@ -13,7 +13,7 @@ if [ -n "$extra" ]; then
 	echo "unexpected exported symbols: $extra"
 	exit 1
 fi
-for must in write open64 fopen64 fclose lseek64 fsync rename statx __xstat ackpt_wait ackpt_get_stats; do
+for must in write open64 fopen64 fclose lseek64 fsync rename statx __xstat ackpt_wait ackpt_get_stats ackpt_wait_uploaded; do
 	nm -D --defined-only "$lib" | awk '{print $3}' | grep -qx "$must" || { echo "missing export: $must"; exit 1; }
 done
 if readelf -d "$lib" | grep NEEDED | grep -Ei 'cuda|cudart'; then

@@ -20,9 +20,9 @@
 #include "job.h"
 
 #define ACKPT_PROTO_MAGIC   0x74706b63614b4341ull /* "ACKackpt" */
-#define ACKPT_PROTO_VERSION 4 /* 2: one payload struct per op; no TRUNCATE (ftruncate
+#define ACKPT_PROTO_VERSION 5 /* 2: one payload struct per op; no TRUNCATE (ftruncate
 				* goes through the kernel); DIRTY.  3: coord_part, announced_*,
-				* cfg.  4: the job's secret in cfg, want_mib */
+				* cfg.  4: the job's secret in cfg, want_mib.  5: uploads */
 
 /* Descriptor numbers the helper finds its channels on after exec. */
 #define ACKPT_HELPER_SOCK_FD 3
@@ -31,6 +31,8 @@
 #define ACKPT_MAX_FILES      16384 /* file slots in the control block */
 #define ACKPT_MARKER_INTENTS 8     /* markers being created at once (a ring) */
 #define ACKPT_INTENT_PATH    4096
+#define ACKPT_UPLOAD_URL_MAX   1024
+#define ACKPT_UPLOAD_ROOTS_MAX 4096
 #define ACKPT_ARENA_ALIGN    4096  /* every staged chunk starts page-aligned */
 #define ACKPT_REG_BUF_MAX    (1ull << 30) /* io_uring fixed-buffer size cap */
 
@@ -144,6 +146,15 @@ struct ackpt_helper_config {
 	uint32_t test_delay_ms;     /* ACKPT_TEST_DELAY_MS, for this rank (ACKPT_TEST_DELAY_RANK) */
 	uint32_t test_skip_dirfsync; /* ACKPT_TEST_SKIP_DIRFSYNC */
 	struct ackpt_job job;       /* discovered when the session started */
+	/* uploads (ACKPT_UPLOAD): empty url when off */
+	uint64_t upload_part_size;  /* ACKPT_UPLOAD_PART_SIZE, 0: the profile's or 16 MiB */
+	uint32_t upload_concurrency; /* ACKPT_UPLOAD_CONCURRENCY, 0: the profile's or 8 */
+	uint32_t pad_upload;
+	char upload_url[ACKPT_UPLOAD_URL_MAX];
+	/* what keys are relative to: per managed root, the directory (for a
+	 * glob, its literal leading directories), NUL-separated, ending in an
+	 * empty string */
+	char upload_roots[ACKPT_UPLOAD_ROOTS_MAX];
 };
 
 /*
@@ -204,6 +215,16 @@ struct ackpt_shm {
 	char marker_intent[ACKPT_MARKER_INTENTS][ACKPT_INTENT_PATH];
 
 	struct ackpt_file_slot files[ACKPT_MAX_FILES];
+
+	/* uploads (docs/UPLOAD.md), all written by the helper */
+	int32_t upload_state;       /* 0 off, 1 running, -1 configured but cannot work */
+	uint32_t pad4;
+	uint64_t uploaded_bytes;
+	uint64_t uploaded_objects;
+	uint64_t upload_failures;   /* objects that failed for good */
+	uint64_t uploads_pending;   /* objects queued or in flight */
+	uint64_t upload_seq;        /* every upload that an op <= this started is over
+				     * (done or failed), and every op <= it is durable */
 };
 
 _Static_assert(__builtin_offsetof(struct ackpt_shm, durable_seq) == 32 &&

@@ -65,6 +65,7 @@ struct bar {
 	int nwait;
 	int nslots;
 	uint8_t *waiting;     /* [nslots] participants, [nslots] = local */
+	uint8_t flags;        /* ACKs' flags, ORed (UPLOAD_F_FAILED) */
 	struct bar *next;
 };
 
@@ -118,13 +119,14 @@ static struct {
  * shut down and its loss handled like any other.
  */
 static int send_sealed(int fd, struct ackpt_chan *c, int type, uint64_t id, uint64_t arg,
-		       int status, int rank)
+		       int status, int rank, uint8_t flags)
 {
 	struct ackpt_bar_msg m = { .magic = ACKPT_BAR_MAGIC, .version = ACKPT_BAR_VERSION,
 				   .type = (uint16_t)type, .id = id, .arg = arg, .status = status,
 				   .rank = rank };
 	ssize_t n;
 
+	m.data[0] = flags; /* ACK, DECISION: ACKPT_BAR_F_* */
 	ackpt_chan_seal(c, &m);
 	n = send(fd, &m, sizeof(m), MSG_NOSIGNAL | MSG_DONTWAIT);
 	if (n == (ssize_t)sizeof(m)) {
@@ -139,14 +141,14 @@ static int send_sealed(int fd, struct ackpt_chan *c, int type, uint64_t id, uint
 /* coordinator -> participant i */
 static int send_part(int i, int type, uint64_t id, uint64_t arg, int status, int rank)
 {
-	return send_sealed(B.parts[i].fd, &B.parts[i].ch, type, id, arg, status, rank);
+	return send_sealed(B.parts[i].fd, &B.parts[i].ch, type, id, arg, status, rank, 0);
 }
 
 /* participant -> coordinator */
-static int send_coord(int type, uint64_t id, uint64_t arg, int status)
+static int send_coord(int type, uint64_t id, uint64_t arg, int status, uint8_t flags)
 {
 	return send_sealed(B.cfd, &B.cch, type, id, arg, status,
-			   type == BAR_PROGRESS ? B.my_id : B.rank);
+			   type == BAR_PROGRESS ? B.my_id : B.rank, flags);
 }
 
 static int valid(const struct ackpt_bar_msg *m)
@@ -208,10 +210,14 @@ static void decide(struct bar *b, int status, int culprit_rank)
 	struct bar **pp;
 	int i;
 
-	if (b->requester == LOCAL)
+	if (b->requester == LOCAL) {
+		if (!status && (b->flags & ACKPT_BAR_F_UPLOAD_FAILED))
+			B.h.upload_failed(b->commit_id);
 		B.h.decided(b->commit_id, status, NULL);
-	else if (b->requester < B.nparts && B.parts[b->requester].alive)
-		send_part(b->requester, BAR_DECISION, b->id, b->commit_id, status, B.rank);
+	} else if (b->requester < B.nparts && B.parts[b->requester].alive) {
+		send_sealed(B.parts[b->requester].fd, &B.parts[b->requester].ch, BAR_DECISION, b->id,
+			    b->commit_id, status, B.rank, b->flags);
+	}
 	if (status) {
 		B.h.log(0, "barrier %llu aborted: %s (rank %d); the metadata is not committed",
 			(unsigned long long)b->id, strerror(status), culprit_rank);
@@ -229,7 +235,7 @@ static void decide(struct bar *b, int status, int culprit_rank)
 	free(b);
 }
 
-static void bar_ack(uint64_t bid, int slot, int status, int rank)
+static void bar_ack(uint64_t bid, int slot, int status, int rank, uint8_t flags)
 {
 	struct bar *b;
 
@@ -238,6 +244,7 @@ static void bar_ack(uint64_t bid, int slot, int status, int rank)
 			break;
 	if (!b)
 		return;
+	b->flags |= flags & ACKPT_BAR_F_UPLOAD_FAILED;
 	if (slot == LOCAL)
 		slot = b->nslots;
 	if (status) {
@@ -475,14 +482,14 @@ static int on_part_msg(const struct ackpt_bar_msg *m, void *arg)
 		bar_start(i, m->arg);
 		break;
 	case BAR_ACK:
-		bar_ack(m->id, i, m->status, p->rank);
+		bar_ack(m->id, i, m->status, p->rank, m->data[0]);
 		break;
 	case BAR_BYE:
 		/* drained and leaving: it owes no barrier anything */
 		for (struct bar *b = B.bars, *n; b; b = n) {
 			n = b->next;
 			if (i < b->nslots && b->waiting[i])
-				bar_ack(b->id, i, 0, p->rank);
+				bar_ack(b->id, i, 0, p->rank, 0);
 		}
 		p->hello = 0;
 		p->alive = 0;
@@ -595,6 +602,8 @@ static int on_coord_msg(const struct ackpt_bar_msg *m, void *arg)
 	case BAR_DECISION:
 		for (i = 0; i < B.nreq; i++)
 			if (m->arg && B.req[i].commit_id == m->arg) {
+				if (!m->status && (m->data[0] & ACKPT_BAR_F_UPLOAD_FAILED))
+					B.h.upload_failed(m->arg);
 				B.h.decided(m->arg, m->status, NULL);
 				B.req[i] = B.req[--B.nreq];
 				return 0;
@@ -900,7 +909,7 @@ void bar_progress(uint64_t durable, uint64_t commits, uint64_t ann_seq, uint64_t
 		return;
 	if (B.sent_durable >= ann_seq && B.sent_commits >= ann_commit && !B.progress_owed)
 		return;
-	if (send_coord(BAR_PROGRESS, durable, commits, 0) < 0) {
+	if (send_coord(BAR_PROGRESS, durable, commits, 0, 0) < 0) {
 		B.progress_owed = 1; /* the socket is full: again at the next tick */
 		return;
 	}
@@ -934,7 +943,7 @@ void bar_request(uint64_t commit_id)
 		bar_start(LOCAL, commit_id);
 		return;
 	}
-	if (B.cfd < 0 || send_coord(BAR_REQUEST, 0, commit_id, 0) < 0) {
+	if (B.cfd < 0 || send_coord(BAR_REQUEST, 0, commit_id, 0, 0) < 0) {
 		B.h.decided(commit_id, ENOTCONN, "the coordinator is gone");
 		return;
 	}
@@ -1051,14 +1060,20 @@ int bar_tick(void)
 	durable = B.h.durable_seq();
 
 	for (i = 0; i < B.npend;) {
-		if (durable >= B.pend[i].target) {
+		uint32_t uflags = 0;
+
+		/* durable, and (uploading) every upload of a file closed
+		 * before the barrier is over: a marker then never reaches
+		 * the object store before the data it names */
+		if (durable >= B.pend[i].target && B.h.uploaded(B.pend[i].target, &uflags)) {
 			int err = B.h.error_since_ack();
 			uint64_t bid = B.pend[i].bid;
+			uint8_t f = (uflags & 1) ? ACKPT_BAR_F_UPLOAD_FAILED : 0;
 
 			if (bid & (1ull << 63))
-				bar_ack(bid & ~(1ull << 63), LOCAL, err, B.rank);
+				bar_ack(bid & ~(1ull << 63), LOCAL, err, B.rank, f);
 			else if (B.cfd >= 0)
-				send_coord(BAR_ACK, bid, 0, err);
+				send_coord(BAR_ACK, bid, 0, err, f);
 			B.pend[i] = B.pend[--B.npend];
 			continue;
 		}
@@ -1116,7 +1131,7 @@ static int registered(void)
 void bar_shutdown(void)
 {
 	if (B.cfd >= 0) {
-		send_coord(BAR_BYE, 0, 0, 0);
+		send_coord(BAR_BYE, 0, 0, 0, 0);
 		close(B.cfd);
 		B.cfd = -1;
 	}

@@ -16,6 +16,10 @@ struct bar_hooks {
 	int (*error_since_ack)(void);   /* errno of a write error since the last ack, or 0 */
 	void (*decided)(uint64_t commit_id, int status, const char *why);
 	void (*log)(int level, const char *fmt, ...);
+	/* uploads (upload.h): are those of ops <= target over?  *flags gets
+	 * 1 when one failed for good; and a commit whose barrier saw that */
+	int (*uploaded)(uint64_t target, uint32_t *flags);
+	void (*upload_failed)(uint64_t commit_id);
 };
 
 struct ackpt_helper_config;

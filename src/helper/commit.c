@@ -20,6 +20,7 @@
 #include "fault.h"
 #include "helper.h"
 #include "path.h"
+#include "upload.h"
 
 /* The shim's hidden temporary for metadata: ".<name>.ackpt.<pid>.<n>". */
 int is_metadata_temp(const char *path)
@@ -53,6 +54,7 @@ void commit_enqueue(struct hop *h)
 		return;
 	}
 	c->id = h->op.u.commit.id;
+	c->seq = h->op.seq;
 	c->tmp = strdup(tmp);
 	c->final = strdup(tmp + strlen(tmp) + 1);
 	c->own_temp = !!(h->op.u.commit.flags & ACKPT_COMMIT_OWN_TEMP);
@@ -82,6 +84,48 @@ void commit_decided(uint64_t id, int status, const char *why)
 				     strerror(status), why ? ": " : "", why ? why : "");
 			return;
 		}
+}
+
+/* The barrier saw a data upload of this checkpoint fail for good. */
+void commit_upload_failed(uint64_t id)
+{
+	struct commit *c;
+
+	for (c = H.cq_head; c; c = c->next)
+		if (c->id == id)
+			c->upload_failed = 1;
+}
+
+/*
+ * Uploading: the marker goes to the object store after every data upload
+ * of this process up to the commit (other ranks': the barrier waited for
+ * them) and before the local commit.  Returns 1 while that is going on.
+ */
+static int commit_upload(struct commit *c)
+{
+	uint32_t flags = 0;
+	int r;
+
+	if (!upload_on() && H.shm->upload_state != -1)
+		return 0;
+	if (c->state == 2) {
+		if (!upload_done_upto(c->seq, &flags))
+			return 1;
+		if (flags & UPLOAD_F_FAILED)
+			c->upload_failed = 1;
+		if (c->upload_failed || !upload_on()) {
+			hlog(0, "%s is committed here but not uploaded: an upload of this "
+			     "checkpoint's data failed for good, so the object store keeps its "
+			     "previous marker", c->final);
+			return 0;
+		}
+		c->state = 3;
+		upload_marker(c->id, c->tmp, c->final);
+	}
+	r = upload_marker_result(c->id);
+	if (r == 1)
+		return 1;
+	return 0; /* uploaded, or failed and said so: the local commit goes on */
 }
 
 /*
@@ -243,7 +287,7 @@ void commit_pump(void)
 			c->state = 1;
 			bar_request(c->id); /* may decide at once (single process) */
 		}
-		if (c->state != 2)
+		if (c->state < 2)
 			return;
 		if (!c->status && c->slot < ACKPT_MAX_FILES) {
 			struct hfile *f = &H.files[c->slot];
@@ -253,6 +297,8 @@ void commit_pump(void)
 			if (f->head && f->dev == c->dev && f->ino == c->ino)
 				return;
 		}
+		if (!c->status && commit_upload(c))
+			return;
 		if (!c->status) {
 			int ret = commit_apply(c);
 

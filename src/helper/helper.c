@@ -36,12 +36,14 @@
 #include <unistd.h>
 
 #include "barrier.h"
+#include "clock.h"
 #include "engine.h"
 #include "fault.h"
 #include "order.h"
 #include "path.h"
 #include "proto.h"
 #include "registry.h"
+#include "upload.h"
 #include "helper.h"
 
 struct helper H;
@@ -82,6 +84,10 @@ void publish(void)
 	if (H.reg && H.reg_helper >= 0)
 		__atomic_store_n(&H.reg->helpers[H.reg_helper].durable_seq,
 				 __atomic_load_n(&H.shm->durable_seq, __ATOMIC_RELAXED), __ATOMIC_RELEASE);
+	if (upload_on())
+		__atomic_store_n(&H.shm->upload_seq,
+				 upload_seq(__atomic_load_n(&H.shm->durable_seq, __ATOMIC_RELAXED)),
+				 __ATOMIC_RELEASE);
 	__atomic_fetch_add(&H.shm->progress_gen, 1, __ATOMIC_RELEASE);
 	futex_wake_all(&H.shm->progress_gen);
 }
@@ -173,6 +179,7 @@ static void issue_write(struct hfile *f, struct hop *h)
 	}
 	h->state = HOP_ISSUED;
 	f->dirty = 1;
+	f->written = 1;
 	if (H.delay_ms) {
 		/* testing knob: a slow disk, so tests can watch commits wait */
 		struct timespec ts = { H.delay_ms / 1000, (H.delay_ms % 1000) * 1000000L };
@@ -278,8 +285,36 @@ static void run_rename(struct hop *h)
 				ret = 0;
 		}
 	}
-	if (ret)
+	if (ret) {
 		file_error(h->op.file, -ret, "directory fsync after rename");
+		return;
+	}
+	/* an object already uploaded (or queued) under the old name moves; a
+	 * file still open is uploaded under its new name at its close */
+	if (h->op.file == ACKPT_NO_FILE || h->op.file >= ACKPT_MAX_FILES ||
+	    !H.files[h->op.file].open)
+		upload_renamed(oldp, newp, h->op.seq);
+}
+
+/*
+ * A file the program wrote is closed and durable: upload it under the name
+ * it has now (a deferred rename may have moved it since its open).
+ */
+void upload_closing(struct hfile *f, uint64_t seq)
+{
+	char link[64], target[PATH_MAX];
+	ssize_t n;
+
+	if (!H.shm->upload_state || !f->open || !f->written || f->err || f->fd < 0)
+		return;
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", f->fd);
+	n = readlink(link, target, sizeof(target) - 1);
+	if (n <= 0 || (size_t)n >= sizeof(target) - 1)
+		return;
+	target[n] = 0;
+	if (n > 10 && !strcmp(target + n - 10, " (deleted)"))
+		return; /* removed before it was closed: nothing to upload */
+	upload_file(f->fd, target, seq);
 }
 
 /* ---- barrier hooks ---- */
@@ -292,6 +327,11 @@ static uint64_t hook_staged(void)
 static uint64_t hook_commits(void)
 {
 	return H.shm->commits_done;
+}
+
+static int hook_uploaded(uint64_t target, uint32_t *flags)
+{
+	return upload_done_upto(target, flags);
 }
 
 static uint64_t hook_durable(void)
@@ -380,12 +420,14 @@ static void dispatch(void)
 			} else {
 				if (f->open)
 					file_name_durable(h->op.file); /* created, never written */
+				upload_closing(f, h->op.seq);
 				file_close(f);
 				mark_done(h);
 			}
 			break;
 		case ACKPT_OP_DIRTY:
 			f->dirty = 1;
+			f->written = 1;
 			mark_done(h);
 			break;
 		default:
@@ -431,8 +473,10 @@ static void on_complete(void *tag, long res, void *arg)
 		file_error(h->op.file, (int)-res, "fsync");
 	else
 		file_name_durable(h->op.file);
-	if (h->op.type == ACKPT_OP_CLOSE)
+	if (h->op.type == ACKPT_OP_CLOSE) {
+		upload_closing(f, h->op.seq);
 		file_close(f);
+	}
 	mark_done(h);
 }
 
@@ -618,6 +662,37 @@ static void *prefault_main(void *arg)
 	return NULL;
 }
 
+/*
+ * After the program is gone: wait for its uploads, still serving the
+ * barrier (a coordinator here answers other ranks meanwhile), with a line
+ * every 10 s.
+ */
+static void wait_uploads(void)
+{
+	uint64_t t0 = now_ns(), next = t0 + 2000000000ull;
+	struct pollfd p[64];
+
+	while (!upload_idle()) {
+		int n = 0, nb;
+
+		p[n].fd = upload_event_fd();
+		p[n++].events = POLLIN;
+		nb = bar_pollfds(p + n, 64 - n);
+		if (poll(p, (nfds_t)(n + nb), 100) < 0 && errno != EINTR)
+			break;
+		upload_events();
+		publish();
+		bar_handle(p + n, nb);
+		bar_tick();
+		if (now_ns() >= next) {
+			hlog(1, "the program has exited; waiting for %llu upload(s) (%.0f s so far)",
+			     (unsigned long long)__atomic_load_n(&H.shm->uploads_pending, __ATOMIC_RELAXED),
+			     (now_ns() - t0) / 1e9);
+			next = now_ns() + 10000000000ull;
+		}
+	}
+}
+
 static void registry_map(void)
 {
 	H.reg = ackpt_registry_map(1);
@@ -707,11 +782,15 @@ int main(int argc, char **argv)
 			      (H.use_direct ? ACKPT_HF_DIRECT : 0);
 	if (pthread_create(&t, NULL, prefault_main, NULL) == 0)
 		pthread_detach(t);
+	/* a bad upload configuration is said here, once; the checkpoints
+	 * are still written, and every upload counts as failed */
+	upload_init(&H.shm->cfg, H.shm);
 	H.next_seq = 1;
 	H.head_seq = 1;
 	{
 		struct bar_hooks hooks = { hook_staged, hook_durable, hook_commits, hook_error,
-					   commit_decided, hook_log };
+					   commit_decided, hook_log, hook_uploaded,
+					   commit_upload_failed };
 
 		/* registers with the coordinator before the shim's open returns */
 		if (bar_init(&hooks, &H.shm->cfg) < 0)
@@ -758,6 +837,10 @@ int main(int argc, char **argv)
 		}
 		pfd[nfds].fd = engine_event_fd(H.eng);
 		pfd[nfds++].events = POLLIN;
+		if (upload_on()) {
+			pfd[nfds].fd = upload_event_fd();
+			pfd[nfds++].events = POLLIN;
+		}
 		if (!eof && H.npend < MAXPEND - 1) {
 			pfd[nfds].fd = H.sock;
 			pfd[nfds++].events = POLLIN;
@@ -777,6 +860,10 @@ int main(int argc, char **argv)
 			break;
 		engine_reap(H.eng, reap_cb, NULL);
 		retire();
+		if (upload_on()) {
+			upload_events();
+			publish();
+		}
 		bar_handle(pfd + nfds, nbar);
 	}
 	free(pfd);
@@ -802,6 +889,7 @@ int main(int argc, char **argv)
 				file_error(i, -ret, "fsync at exit");
 		}
 		file_name_durable(i);
+		upload_closing(f, H.next_seq);
 		file_close(f);
 	}
 	/* markers the program began to create and never committed (killed
@@ -817,10 +905,15 @@ int main(int argc, char **argv)
 			hlog(3, "removed %s: the program died before writing it", p);
 	}
 	publish();
+	/* the program is gone; what it wrote still goes up, and the helper
+	 * stays (and keeps its registry entry) until it has */
+	wait_uploads();
+	upload_finish();
+	publish();
 	if (H.reg && H.reg_helper >= 0)
 		__atomic_store_n(&H.reg->helpers[H.reg_helper].pid, 0, __ATOMIC_RELEASE);
 	bar_shutdown();
 	hlog(3, "done: %llu bytes written, %llu errors",
 	     (unsigned long long)H.shm->bytes_written, (unsigned long long)H.shm->errors);
-	return H.shm->errors ? 1 : 0;
+	return H.shm->errors || H.shm->upload_failures ? 1 : 0;
 }

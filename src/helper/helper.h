@@ -37,6 +37,7 @@ struct hfile {
 	int fd, dfd;           /* own OFDs: buffered and O_DIRECT (-1 if none) */
 	int open;
 	int dirty;
+	int written;           /* written since it was opened: uploaded at its close */
 	int direct_failed;
 	int err;
 	int reg_idx;
@@ -87,13 +88,18 @@ struct commit {
 	uint32_t slot;
 	uint64_t dev, ino;  /* the file in that slot at request time */
 	int file_err;       /* error of the metadata file itself, up to the commit */
-	int state;          /* 0 new, 1 waiting for the barrier, 2 decided */
+	int state;          /* 0 new, 1 waiting for the barrier, 2 decided,
+			     * 3 its marker being uploaded */
 	int status;
+	uint64_t seq;       /* the COMMIT op's */
+	int upload_failed;  /* some data upload of this checkpoint failed: keep the
+			     * marker out of the object store */
 	struct commit *next;
 };
 
 void hlog(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void publish(void);
+void upload_closing(struct hfile *f, uint64_t seq);
 /* durable.c */
 void file_error(uint32_t slot, int err, const char *what);
 void registry_release(struct hfile *f);
@@ -107,6 +113,7 @@ void file_name_durable(uint32_t slot);
 int is_metadata_temp(const char *path);
 void commit_enqueue(struct hop *h);
 void commit_decided(uint64_t id, int status, const char *why);
+void commit_upload_failed(uint64_t id);
 void commit_pump(void);
 
 #endif

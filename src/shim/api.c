@@ -17,6 +17,25 @@ ACKPT_EXPORT int ackpt_wait(double timeout_s)
 	return r;
 }
 
+ACKPT_EXPORT int ackpt_wait_uploaded(double timeout_s)
+{
+	int saved = errno, r;
+	uint64_t seq;
+
+	ENSURE_REAL();
+	if (!C.upload_url)
+		return -EINVAL;
+	seq = S.seq;
+	r = session_sync_all(timeout_s, 0);
+	if (r == 0)
+		r = session_wait_uploads(seq, timeout_s, 0);
+	if (r == 0 && S.shm && (__atomic_load_n(&S.shm->upload_failures, __ATOMIC_ACQUIRE) ||
+				__atomic_load_n(&S.shm->upload_state, __ATOMIC_ACQUIRE) < 0))
+		r = -EIO;
+	errno = saved;
+	return r;
+}
+
 ACKPT_EXPORT int ackpt_get_stats(struct ackpt_stats *out, size_t size)
 {
 	struct ackpt_stats s;
@@ -36,6 +55,10 @@ ACKPT_EXPORT int ackpt_get_stats(struct ackpt_stats *out, size_t size)
 		s.ops_pending = S.seq - session_durable();
 		s.helper_flags = (int32_t)S.shm->helper_flags;
 		s.helper_cpu_seconds = S.shm->helper_cpu_ns / 1e9;
+		s.uploaded_bytes = __atomic_load_n(&S.shm->uploaded_bytes, __ATOMIC_ACQUIRE);
+		s.uploaded_objects = __atomic_load_n(&S.shm->uploaded_objects, __ATOMIC_ACQUIRE);
+		s.upload_failures = __atomic_load_n(&S.shm->upload_failures, __ATOMIC_ACQUIRE);
+		s.uploads_pending = __atomic_load_n(&S.shm->uploads_pending, __ATOMIC_ACQUIRE);
 	}
 	memcpy(out, &s, size < sizeof(s) ? size : sizeof(s));
 	return 0;

@@ -11,6 +11,7 @@
 #include <sys/syscall.h>
 #include <sys/sysinfo.h>
 
+#include "config.h"
 #include "shim.h"
 #include "job.h"
 
@@ -78,6 +79,51 @@ static int add_root(const char *r)
 		return -ENOMEM;
 	C.nroots++;
 	return 0;
+}
+
+/* ACKPT_UPLOAD and its knobs; the helper resolves the rest (s3conf.c). */
+static void config_upload(void)
+{
+	const char *v = getenv("ACKPT_UPLOAD");
+	const char *name;
+	size_t n;
+
+	if (!C.enabled || !v || !*v)
+		return;
+	if (!ACKPT_HAVE_UPLOAD) {
+		bad("ACKPT_UPLOAD", v, "this ackpt was built without upload support: it needs "
+		    "libcurl, libcrypto and libyaml at build time (meson setup -Dupload=enabled)");
+		return;
+	}
+	name = !strncmp(v, "s3://", 5) ? v + 5 : !strncmp(v, "msc://", 6) ? v + 6 : NULL;
+	n = name ? strcspn(name, "/") : 0;
+	if (!name || !n || strpbrk(v, " \t\n") || strlen(v) >= ACKPT_UPLOAD_URL_MAX) {
+		bad("ACKPT_UPLOAD", v, "expected s3://bucket/prefix or msc://profile/path");
+		return;
+	}
+	if (!C.nroots) {
+		bad("ACKPT_UPLOAD", v, "uploads need managed directories, whose files are named "
+		    "relative to them: use --dir or ACKPT_PATHS");
+		return;
+	}
+	C.upload_url = v;
+	v = getenv("ACKPT_UPLOAD_PART_SIZE");
+	if (v && *v && (ackpt_parse_size(v, &C.upload_part) < 0 || C.upload_part < (5ull << 20) ||
+			C.upload_part > (5ull << 30))) {
+		bad("ACKPT_UPLOAD_PART_SIZE", v, "expected a size from 5M to 5G, such as 16M");
+		return;
+	}
+	v = getenv("ACKPT_UPLOAD_CONCURRENCY");
+	if (v && *v) {
+		char *end;
+		long k = strtol(v, &end, 10);
+
+		if (*end || k < 1 || k > 256) {
+			bad("ACKPT_UPLOAD_CONCURRENCY", v, "expected a number of requests from 1 to 256");
+			return;
+		}
+		C.upload_conc = (unsigned)k;
+	}
 }
 
 void config_load(void)
@@ -289,6 +335,7 @@ void config_load(void)
 		}
 		free(copy);
 	}
+	config_upload();
 }
 
 int path_is_managed(const char *canon)
@@ -334,4 +381,32 @@ void config_for_helper(struct ackpt_helper_config *h)
 	h->test_delay_ms = (uint32_t)C.test_delay_ms;
 	h->test_skip_dirfsync = (uint32_t)C.test_skip_dirfsync;
 	ackpt_job_discover(&h->job);
+	if (C.upload_url) {
+		size_t o = 0;
+		int i;
+
+		snprintf(h->upload_url, sizeof(h->upload_url), "%s", C.upload_url);
+		h->upload_part_size = C.upload_part;
+		h->upload_concurrency = C.upload_conc;
+		/* keys are relative to the root's directory; for a glob, to
+		 * its literal leading directories */
+		for (i = 0; i < C.nroots; i++) {
+			const char *r = C.roots[i];
+			size_t len = strlen(r);
+
+			if (C.root_is_glob[i] == 1) {
+				const char *g = strpbrk(r, "*?[");
+
+				while (g > r && g[-1] != '/')
+					g--;
+				len = g > r + 1 ? (size_t)(g - r - 1) : 1;
+			}
+			if (o + len + 2 > sizeof(h->upload_roots))
+				break;
+			memcpy(h->upload_roots + o, r, len);
+			o += len;
+			h->upload_roots[o++] = 0;
+		}
+		h->upload_roots[o] = 0;
+	}
 }

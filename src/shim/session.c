@@ -296,6 +296,34 @@ int session_wait(uint64_t seq, double timeout_s, int progress)
 	return 0;
 }
 
+int session_wait_uploads(uint64_t seq, double timeout_s, int progress)
+{
+	uint64_t t0 = now_ns(), next = t0 + 1000000000ull;
+	uint64_t deadline = timeout_s > 0 ? t0 + (uint64_t)(timeout_s * 1e9) : UINT64_MAX;
+
+	if (!S.shm || !C.upload_url)
+		return 0;
+	for (;;) {
+		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
+		uint64_t t;
+
+		if (__atomic_load_n(&S.shm->upload_state, __ATOMIC_ACQUIRE) != 1 ||
+		    __atomic_load_n(&S.shm->upload_seq, __ATOMIC_ACQUIRE) >= seq || helper_gone())
+			return 0;
+		t = now_ns();
+		if (t >= deadline)
+			return -ETIMEDOUT;
+		if (progress && t >= next) {
+			dprintf(2, "ackpt: waiting for %llu upload(s) to %s (%.1f MiB sent so far)\n",
+				(unsigned long long)__atomic_load_n(&S.shm->uploads_pending, __ATOMIC_RELAXED),
+				C.upload_url,
+				__atomic_load_n(&S.shm->uploaded_bytes, __ATOMIC_RELAXED) / 1048576.0);
+			next = t + 5000000000ull;
+		}
+		futex_wait_gen(gen, 100000000ull);
+	}
+}
+
 int session_sync_all(double timeout_s, int progress)
 {
 	uint64_t seq, commits;
@@ -408,6 +436,9 @@ static int session_exit_drain(void)
 	session_sync_all(0, 1);
 	if (!S.shm)
 		return 0;
+	/* every file closed so far goes up before the program exits; one it
+	 * left open goes up after, from the helper */
+	session_wait_uploads(S.seq, 0, 1);
 	if (C.log_level >= L_INFO) {
 		double wait = (now_ns() - t0) / 1e9;
 		double cpu = S.shm->helper_cpu_ns / 1e9;
@@ -422,6 +453,15 @@ static int session_exit_drain(void)
 	if (session_commit_failures()) {
 		alog(L_ERROR, "%llu metadata commit(s) were aborted; exiting with status 1",
 		     (unsigned long long)session_commit_failures());
+		return 1;
+	}
+	if (C.upload_url && S.files &&
+	    (__atomic_load_n(&S.shm->upload_failures, __ATOMIC_ACQUIRE) ||
+	     __atomic_load_n(&S.shm->upload_state, __ATOMIC_ACQUIRE) < 0)) {
+		alog(L_ERROR, "%llu object(s) could not be uploaded to %s (named above); the "
+		     "checkpoints are complete locally; exiting with status 1",
+		     (unsigned long long)__atomic_load_n(&S.shm->upload_failures, __ATOMIC_ACQUIRE),
+		     C.upload_url);
 		return 1;
 	}
 	errs = files_unreported_errors();

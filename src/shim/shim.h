@@ -214,6 +214,9 @@ struct ackpt_config {
 	char **roots;            /* canonical directories, or globs */
 	int *root_is_glob;
 	int nroots;
+	const char *upload_url;  /* ACKPT_UPLOAD, or NULL */
+	uint64_t upload_part;    /* ACKPT_UPLOAD_PART_SIZE, 0: default */
+	unsigned upload_conc;    /* ACKPT_UPLOAD_CONCURRENCY, 0: default */
 };
 extern struct ackpt_config C;
 
@@ -354,6 +357,8 @@ int session_check_error(struct inode_state *ino);
 int session_check_error_sticky(struct inode_state *ino); /* fsync: at every call */
 LOCKED void session_reap(void);
 int session_sync_all(double timeout_s, int progress);
+/* Wait until every upload started by an op <= seq is over (ACKPT_UPLOAD). */
+int session_wait_uploads(uint64_t seq, double timeout_s, int progress);
 void session_init_once(void);
 int session_is_owner(void);
 int helper_alive(void);
