@@ -64,6 +64,12 @@ struct obj {
 	struct part *parts;
 	unsigned nparts, parts_done;
 	int inflight;
+	unsigned gen;       /* bumped when the object starts over */
+	int conn_lost;      /* a request lost its connection: the server may have
+			     * restarted and forgotten the multipart upload */
+	int restarts;
+	int warned;         /* a failure was said since the last success */
+	uint64_t not_before; /* backing off: start no new request before this */
 	int err;            /* errno once failed */
 	struct obj *next;
 };
@@ -78,6 +84,7 @@ struct req {
 	size_t resp_len;
 	char etag[256];
 	int attempt;
+	unsigned gen;       /* the object's when this request was made */
 	uint64_t not_before;
 	struct curl_slist *hdr;
 	CURL *e;
@@ -367,7 +374,8 @@ static int req_prepare(struct req *r)
 	curl_easy_setopt(r->e, CURLOPT_CONNECTTIMEOUT, 10L);
 	/* a stalled transfer, not a slow one, is a timeout */
 	curl_easy_setopt(r->e, CURLOPT_LOW_SPEED_LIMIT, 1024L);
-	curl_easy_setopt(r->e, CURLOPT_LOW_SPEED_TIME, 30L);
+	/* a server assembles a big object before it answers Complete */
+	curl_easy_setopt(r->e, CURLOPT_LOW_SPEED_TIME, r->type == R_COMPLETE ? 300L : 30L);
 	if (!U.c.verify_tls) {
 		curl_easy_setopt(r->e, CURLOPT_SSL_VERIFYPEER, 0L);
 		curl_easy_setopt(r->e, CURLOPT_SSL_VERIFYHOST, 0L);
@@ -381,7 +389,8 @@ static int req_prepare(struct req *r)
 			free(h);
 		}
 	}
-	r->hdr = curl_slist_append(r->hdr, "Expect:");
+	/* no empty headers ("Expect:" to drop one): curl 7.88 signs them as
+	 * given but does not send them, and the signature no longer matches */
 	switch (r->type) {
 	case R_PUT:
 	case R_PART:
@@ -397,7 +406,7 @@ static int req_prepare(struct req *r)
 		curl_easy_setopt(r->e, CURLOPT_POST, 1L);
 		curl_easy_setopt(r->e, CURLOPT_POSTFIELDSIZE, 0L);
 		curl_easy_setopt(r->e, CURLOPT_POSTFIELDS, "");
-		r->hdr = curl_slist_append(r->hdr, "Content-Type:");
+		r->hdr = curl_slist_append(r->hdr, "Content-Type: application/octet-stream");
 		break;
 	case R_COMPLETE:
 		curl_easy_setopt(r->e, CURLOPT_POST, 1L);
@@ -414,16 +423,19 @@ static int req_prepare(struct req *r)
 	return ret;
 }
 
+static void obj_finish(struct obj *o, int err, const char *why);
+
 static void req_start(struct req *r)
 {
 	int ret = req_prepare(r);
 
 	if (ret || curl_multi_add_handle(U.multi, r->e) != CURLM_OK) {
-		/* cannot even be built: treated like a failed attempt */
-		r->attempt = MAX_ATTEMPTS;
-		r->not_before = 0;
-		r->next = U.retry;
-		U.retry = r;
+		/* cannot even be built: the object fails */
+		struct obj *o = r->o;
+
+		req_free(r);
+		if (o->state == O_RUNNING)
+			obj_finish(o, ret ? -ret : ENOMEM, "building a request");
 		return;
 	}
 	r->o->inflight++;
@@ -439,6 +451,7 @@ static struct req *req_new(struct obj *o, int type, unsigned part)
 	r->o = o;
 	r->type = type;
 	r->part = part;
+	r->gen = o->gen;
 	return r;
 }
 
@@ -548,7 +561,7 @@ static int obj_step(struct obj *o)
 			return 0;
 		}
 	}
-	if (o->state != O_RUNNING || !o->multipart)
+	if (o->state != O_RUNNING || !o->multipart || o->not_before > now_ns())
 		return 0;
 	if (!o->upload_id) {
 		if (o->creating)
@@ -626,7 +639,11 @@ static void schedule(void)
 		}
 		*rp = r->next;
 		r->next = NULL;
-		req_start(r);
+		r->o->inflight--;
+		if (r->gen != r->o->gen || r->o->state != O_RUNNING)
+			req_free(r); /* its object started over, or is over */
+		else
+			req_start(r);
 	}
 	for (o = U.head; o && U.active < U.c.concurrency; o = o->next) {
 		if (o->state == O_DONE || o->state == O_FAILED)
@@ -691,6 +708,7 @@ static void retry_later(struct req *r)
 		back = BACKOFF_MAX_NS;
 	back += (uint64_t)(rand() % 1000) * (back / 4000); /* up to a quarter more */
 	r->not_before = now_ns() + back;
+	r->o->inflight++; /* the object stays while a retry of it waits */
 	r->next = U.retry;
 	U.retry = r;
 }
@@ -702,6 +720,9 @@ static void obj_restart(struct obj *o)
 
 	hlog(1, "s3://%s/%s: the server lost the multipart upload; starting the object again",
 	     U.c.bucket, o->key);
+	o->gen++;
+	o->restarts++;
+	o->conn_lost = 0;
 	free(o->upload_id);
 	o->upload_id = NULL;
 	o->creating = o->completing = 0;
@@ -727,10 +748,18 @@ static void req_done(struct req *r, CURLcode res)
 	r->e = NULL;
 	o->inflight--;
 	U.active--;
+	if (r->gen != o->gen || o->state != O_RUNNING) {
+		/* of an attempt the object has started over from, or gave up */
+		req_free(r);
+		return;
+	}
 
 	if (res == CURLE_OK && code / 100 == 2 && !(r->type == R_COMPLETE && r->resp &&
 						    strstr(r->resp, "<Error>"))) {
 		U.bucket_ok = 1;
+		if (o->warned)
+			hlog(1, "s3://%s/%s: the server answers again", U.c.bucket, o->key);
+		o->warned = 0;
 		switch (r->type) {
 		case R_PUT:
 			__atomic_fetch_add(&U.shm->uploaded_bytes, r->len, __ATOMIC_RELAXED);
@@ -749,8 +778,6 @@ static void req_done(struct req *r, CURLcode res)
 			break;
 		}
 		case R_PART:
-			if (!o->upload_id || o->parts[r->part - 1].state != 1)
-				break; /* the object was restarted meanwhile */
 			o->parts[r->part - 1].etag = strdup(r->etag);
 			o->parts[r->part - 1].state = 2;
 			o->parts_done++;
@@ -779,13 +806,14 @@ static void req_done(struct req *r, CURLcode res)
 		req_free(r);
 		return;
 	}
-	if (res == CURLE_OK && code == 404 && has_code(r, "NoSuchUpload") && o->multipart) {
-		if (r->type == R_PART && o->parts[r->part - 1].state == 1)
-			o->parts[r->part - 1].state = 0;
-		if (o->upload_id && ++r->attempt < MAX_ATTEMPTS)
+	if (res != CURLE_OK)
+		o->conn_lost = 1;
+	/* the multipart upload is gone: S3 says NoSuchUpload; a server that
+	 * restarted without its state may just fail (moto answers 500) */
+	if (o->multipart && (r->type == R_PART || r->type == R_COMPLETE) && res == CURLE_OK &&
+	    ((code == 404 && has_code(r, "NoSuchUpload")) || (code >= 500 && o->conn_lost))) {
+		if (o->restarts < 5)
 			obj_restart(o);
-		else if (!o->upload_id)
-			; /* already restarted by another of its parts */
 		else
 			obj_finish(o, EIO, why);
 		req_free(r);
@@ -796,9 +824,13 @@ static void req_done(struct req *r, CURLcode res)
 		    /* a bucket that worked a moment ago: the server restarted */
 		    (code == 404 && has_code(r, "NoSuchBucket") && U.bucket_ok);
 	if (transient && ++r->attempt < MAX_ATTEMPTS) {
-		hlog(r->attempt == 1 ? 1 : 3, "s3://%s/%s: %s; retrying (attempt %d of %d)", U.c.bucket,
-		     o->key, why, r->attempt + 1, MAX_ATTEMPTS);
+		/* one line per object until it succeeds again */
+		hlog(o->warned ? 3 : 1, "s3://%s/%s: %s; retrying with backoff (up to %d attempts "
+		     "per request)", U.c.bucket, o->key, why, MAX_ATTEMPTS);
+		o->warned = 1;
 		retry_later(r);
+		/* the object's other parts wait as long */
+		o->not_before = r->not_before;
 		return;
 	}
 	refused = !transient && (code == 403 || code == 401 || has_code(r, "NoSuchBucket") ||
@@ -810,8 +842,6 @@ static void req_done(struct req *r, CURLcode res)
 		     "checkpoints stay local and nothing more is uploaded by this process", U.c.bucket,
 		     U.c.prefix, why);
 	}
-	if (r->type == R_PART)
-		o->parts[r->part - 1].state = 0;
 	if (o->multipart && o->upload_id) {
 		struct req *a = req_new(o, R_ABORT, 0);
 

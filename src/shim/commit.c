@@ -114,18 +114,28 @@ int session_check_commit_error(void)
 
 int session_wait_commit(uint64_t id, double timeout_s)
 {
-	uint64_t t0 = now_ns();
+	uint64_t t0 = now_ns(), next = t0 + 1000000000ull;
 	uint64_t deadline = timeout_s > 0 ? t0 + (uint64_t)(timeout_s * 1e9) : UINT64_MAX;
 
 	while (session_commits_done() < id) {
 		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
+		uint64_t t, pending;
 
 		if (session_commits_done() >= id)
 			break;
-		if (now_ns() >= deadline)
+		t = now_ns();
+		if (t >= deadline)
 			return -ETIMEDOUT;
 		if (helper_gone())
 			break;
+		/* a marker waits for the job's uploads: say why this takes long */
+		pending = C.upload_url ? __atomic_load_n(&S.shm->uploads_pending, __ATOMIC_RELAXED) : 0;
+		if (pending && t >= next) {
+			dprintf(2, "ackpt: a commit marker waits for %llu upload(s) to %s (%.1f MiB "
+				"sent so far)\n", (unsigned long long)pending, C.upload_url,
+				__atomic_load_n(&S.shm->uploaded_bytes, __ATOMIC_RELAXED) / 1048576.0);
+			next = t + 5000000000ull;
+		}
 		futex_wait_gen(gen, 100000000ull);
 	}
 	return 0;

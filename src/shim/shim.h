@@ -404,6 +404,7 @@ uint64_t rlimit_fsize(void);
 struct outcome managed_lseek(int fd, off_t off, int whence);
 int managed_drain_fd(int fd);
 void managed_resync(int fd);
+void managed_kernel_wrote(int fd); /* sendfile and the like wrote into fd */
 void files_fork_child(void);
 int files_any_inherited_open(void);
 void files_share(int all);

@@ -128,6 +128,16 @@ static void resync_if_tracked(int fd)
 	}
 }
 
+static void wrote_if_tracked(int fd)
+{
+	if (fd_peek(fd)) {
+		int saved = errno;
+
+		managed_kernel_wrote(fd);
+		errno = saved;
+	}
+}
+
 ACKPT_EXPORT ssize_t read(int fd, void *buf, size_t n)
 {
 	ssize_t r;
@@ -312,7 +322,7 @@ ACKPT_EXPORT ssize_t copy_file_range(int in, off_t *in_off, int out, off_t *out_
 	r = real.copy_file_range(in, in_off, out, out_off, n, flags);
 	if (r > 0) {
 		resync_if_tracked(in);
-		resync_if_tracked(out);
+		wrote_if_tracked(out);
 	}
 	return r;
 }
@@ -327,7 +337,7 @@ ACKPT_EXPORT ssize_t sendfile(int out, int in, off_t *off, size_t n)
 	r = real.sendfile(out, in, off, n);
 	if (r > 0) {
 		resync_if_tracked(in);
-		resync_if_tracked(out);
+		wrote_if_tracked(out);
 	}
 	return r;
 }
@@ -348,7 +358,7 @@ ACKPT_EXPORT ssize_t splice(int in, off_t *in_off, int out, off_t *out_off, size
 	r = real.splice(in, in_off, out, out_off, n, flags);
 	if (r > 0) {
 		resync_if_tracked(in);
-		resync_if_tracked(out);
+		wrote_if_tracked(out);
 	}
 	return r;
 }

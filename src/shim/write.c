@@ -352,6 +352,25 @@ int managed_drain_fd(int fd)
 }
 
 /* After a pass-through op changed the file: take position and size from the kernel. */
+/*
+ * The kernel wrote into fd for the program (sendfile, copy_file_range,
+ * splice): take its offset and size, and tell the helper the file is dirty,
+ * so that its next fsync, close or barrier covers those bytes too (and an
+ * upload sees a written file).
+ */
+void managed_kernel_wrote(int fd)
+{
+	struct ofd *o;
+
+	managed_resync(fd);
+	if (!fd_peek(fd) || session_lock() < 0)
+		return;
+	o = fd_peek(fd);
+	if (o && o->ino && S.state == SESS_ACTIVE)
+		session_send_dirty(o->ino);
+	session_unlock();
+}
+
 void managed_resync(int fd)
 {
 	struct ofd *o;
