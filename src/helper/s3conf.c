@@ -12,7 +12,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "config.h"
+#if ACKPT_HAVE_MSC
 #include <yaml.h>
+#endif
 
 #include "helper.h"
 #include "proto.h"
@@ -109,6 +112,7 @@ static char *aws_profile_get(const char *profile, const char *key, int config_on
 	return v;
 }
 
+#if ACKPT_HAVE_MSC
 /* ---- the MSC config (YAML) ---- */
 
 struct msc {
@@ -451,6 +455,17 @@ out:
 	yaml_document_delete(d);
 	return ret;
 }
+
+#else
+static int msc_profile(struct s3conf *c, const char *name, const char *path, char **aws_profile,
+		       uint64_t *part, unsigned *conc)
+{
+	hlog(0, "ACKPT_UPLOAD: this ackpt was built without libyaml, so it cannot read an MSC "
+	     "config for msc://%s (use s3://, or rebuild with libyaml-dev: meson setup -Dmsc=enabled)",
+	     name);
+	return -EINVAL;
+}
+#endif
 
 static void trim_slashes(char *s)
 {

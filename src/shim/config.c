@@ -92,13 +92,18 @@ static void config_upload(void)
 		return;
 	if (!ACKPT_HAVE_UPLOAD) {
 		bad("ACKPT_UPLOAD", v, "this ackpt was built without upload support: it needs "
-		    "libcurl, libcrypto and libyaml at build time (meson setup -Dupload=enabled)");
+		    "libcurl and libcrypto at build time (meson setup -Dupload=enabled)");
 		return;
 	}
 	name = !strncmp(v, "s3://", 5) ? v + 5 : !strncmp(v, "msc://", 6) ? v + 6 : NULL;
 	n = name ? strcspn(name, "/") : 0;
 	if (!name || !n || strpbrk(v, " \t\n") || strlen(v) >= ACKPT_UPLOAD_URL_MAX) {
 		bad("ACKPT_UPLOAD", v, "expected s3://bucket/prefix or msc://profile/path");
+		return;
+	}
+	if (!ACKPT_HAVE_MSC && name == v + 6) {
+		bad("ACKPT_UPLOAD", v, "this ackpt was built without libyaml, so msc:// URLs cannot "
+		    "be read (use s3://, or rebuild with libyaml-dev: meson setup -Dmsc=enabled)");
 		return;
 	}
 	if (!C.nroots) {
