@@ -1006,9 +1006,12 @@ void upload_renamed(const char *oldp, const char *newp, uint64_t seq)
 	struct obj *o;
 	int fd;
 
-	if (U.on <= 0 || !(okey = key_of(oldp)))
+	if (U.on <= 0)
 		return;
+	okey = key_of(oldp);
 	nkey = key_of(newp);
+	if (!okey && !nkey)
+		return;
 	if (nkey && !is_metadata_temp(newp)) {
 		fd = open(newp, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 		if (fd >= 0) {
@@ -1026,7 +1029,7 @@ void upload_renamed(const char *oldp, const char *newp, uint64_t seq)
 		free(nkey);
 	}
 	/* the old name is gone locally: so is its object */
-	if ((o = obj_new(OBJ_DELETE, oldp, okey, seq)))
+	if (okey && (o = obj_new(OBJ_DELETE, oldp, okey, seq)))
 		enqueue(o);
 }
 
