@@ -83,6 +83,7 @@ struct req {
 	char *resp;
 	size_t resp_len;
 	char etag[256];
+	char md5[32];       /* base64 of the body's MD5 (PUT, part) */
 	int attempt;
 	unsigned gen;       /* the object's when this request was made */
 	uint64_t not_before;
@@ -263,39 +264,48 @@ static int on_seek(void *arg, curl_off_t off, int origin)
 
 static int content_md5(struct req *r)
 {
-	unsigned char md[EVP_MAX_MD_SIZE];
-	unsigned mdlen = 0;
-	char b64[64], h[96];
+	char h[64];
 
-	if (!EVP_Digest(r->body, r->len, md, &mdlen, EVP_md5(), NULL))
-		return -EIO;
-	EVP_EncodeBlock((unsigned char *)b64, md, (int)mdlen);
-	snprintf(h, sizeof(h), "Content-MD5: %s", b64);
+	snprintf(h, sizeof(h), "Content-MD5: %s", r->md5);
 	r->hdr = curl_slist_append(r->hdr, h);
 	return r->hdr ? 0 : -ENOMEM;
 }
 
-/* Read part (or all) of the object's file into r->body. */
+/*
+ * Read part (or all) of the object's file into r->body, and its MD5.  Runs
+ * without the lock (called with it held; drops and retakes it): the main
+ * thread asks about uploads on every op it retires, and must not wait for
+ * a disk read.  Only this thread touches the object's descriptor.
+ */
 static int read_body(struct req *r, uint64_t off, size_t len)
 {
+	unsigned char md[EVP_MAX_MD_SIZE];
+	unsigned mdlen = 0;
 	size_t got = 0;
+	int ret = 0;
 
 	r->body = malloc(len ? len : 1);
 	if (!r->body)
 		return -ENOMEM;
+	pthread_mutex_unlock(&U.mu);
 	while (got < len) {
 		ssize_t n = pread(r->o->fd, r->body + got, len - got, (off_t)(off + got));
 
 		if (n < 0 && errno == EINTR)
 			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0)
-			return -ENODATA; /* the file shrank under us */
+		if (n <= 0) {
+			ret = n < 0 ? -errno : -ENODATA; /* ENODATA: the file shrank under us */
+			break;
+		}
 		got += (size_t)n;
 	}
 	r->len = len;
-	return 0;
+	if (!ret && EVP_Digest(r->body, len, md, &mdlen, EVP_md5(), NULL))
+		EVP_EncodeBlock((unsigned char *)r->md5, md, (int)mdlen);
+	else if (!ret)
+		ret = -EIO;
+	pthread_mutex_lock(&U.mu);
+	return ret;
 }
 
 static char *complete_xml(const struct obj *o)
@@ -538,13 +548,13 @@ static int obj_step(struct obj *o)
 		o->size = (uint64_t)st.st_size;
 		o->multipart = o->size > U.c.part_size;
 		if (!o->multipart) {
-			r = req_new(o, R_PUT, 0);
-			if (!r || read_body(r, 0, (size_t)o->size) < 0) {
-				int e = r && r->body ? errno : ENOMEM;
+			int e = ENOMEM;
 
+			r = req_new(o, R_PUT, 0);
+			if (!r || (e = -read_body(r, 0, (size_t)o->size)) != 0) {
 				if (r)
 					req_free(r);
-				obj_finish(o, e ? e : EIO, "reading the local file");
+				obj_finish(o, e, "reading the local file");
 				return 0;
 			}
 			req_start(r);
@@ -597,14 +607,20 @@ static int obj_step(struct obj *o)
 		r = req_new(o, R_PART, i + 1);
 		if (!r)
 			return 0;
-		if (read_body(r, off, len) < 0) {
-			int e = errno ? errno : EIO;
-
-			req_free(r);
-			obj_finish(o, e, "reading the local file");
-			return 0;
-		}
 		o->parts[i].state = 1;
+		{
+			int e = -read_body(r, off, len);
+
+			if (e || r->gen != o->gen || o->state != O_RUNNING) {
+				/* (the object may have started over meanwhile) */
+				if (r->gen == o->gen)
+					o->parts[i].state = 0;
+				req_free(r);
+				if (e && o->state == O_RUNNING)
+					obj_finish(o, e, "reading the local file");
+				return 0;
+			}
+		}
 		req_start(r);
 		return 1;
 	}
