@@ -34,9 +34,10 @@ SIGNAL_PROG = r"""
 #include <unistd.h>
 
 static int fd;
+static volatile sig_atomic_t got;
 
 static void on_term(int s) { (void)s; exit(0); }
-static void on_usr1(int s) { (void)s; write(fd, "H", 1); }
+static void on_usr1(int s) { (void)s; write(fd, "H", 1); got = 1; }
 
 int main(int argc, char **argv)
 {
@@ -58,6 +59,13 @@ int main(int argc, char **argv)
 		return 3;
 	if (!strcmp(argv[2], "term"))
 		pause(); /* the handler exits, before or after the write */
+	while (!got) {
+		/* a plain run may finish the write before the timer fires:
+		 * wait for the handler, so both runs write its byte */
+		struct timespec ts = { 0, 1000000 };
+
+		nanosleep(&ts, NULL);
+	}
 	write(fd, "E", 1);
 	return close(fd) ? 4 : 0;
 }
@@ -72,7 +80,9 @@ def signal_prog(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["term", "usr1"])
 def test_signal_sees_a_write_as_one_call(tmp_path, signal_prog, kind):
     """exit() from a SIGTERM handler during a 64 MiB write leaves all 64 MiB;
-    a handler's own write() lands after the interrupted one.  The helper is
+    a handler's own write() lands after the interrupted one (the program
+    waits for the handler, so a plain run that finishes its write before the
+    timer fires writes the handler's byte too).  The helper is
     slowed and staging is small, so the write waits for space while the
     signal arrives."""
     _, shimmed, _, _, diffs = run_plain_and_shim(
