@@ -120,7 +120,7 @@ static int commit_upload(struct commit *c)
 			return 0;
 		}
 		c->state = 3;
-		upload_marker(c->id, c->tmp, c->final);
+		upload_marker(c->id, c->tmp, c->final, !c->own_temp);
 	}
 	r = upload_marker_result(c->id);
 	if (r == 1)

@@ -850,7 +850,9 @@ static void req_done(struct req *r, CURLcode res)
 		return;
 	}
 	refused = !transient && (code == 403 || code == 401 || has_code(r, "NoSuchBucket") ||
-				 has_code(r, "InvalidAccessKeyId") || has_code(r, "SignatureDoesNotMatch"));
+				 has_code(r, "InvalidAccessKeyId") || has_code(r, "SignatureDoesNotMatch") ||
+				 has_code(r, "InvalidToken") || has_code(r, "ExpiredToken") ||
+				 has_code(r, "TokenRefreshRequired"));
 	if (refused && !U.refused) {
 		U.refused = 1;
 		hlog(0, "the object store refused an upload to s3://%s/%s: %s. Check the bucket "
@@ -1072,7 +1074,7 @@ int upload_done_upto(uint64_t seq, uint32_t *flags)
 	return done;
 }
 
-void upload_marker(uint64_t commit_id, const char *tmp, const char *final)
+void upload_marker(uint64_t commit_id, const char *tmp, const char *final, int tmp_was_uploaded)
 {
 	struct obj *o;
 	char *key;
@@ -1105,6 +1107,10 @@ void upload_marker(uint64_t commit_id, const char *tmp, const char *final)
 		return;
 	}
 	enqueue(o);
+	/* the program's own temporary (DCP's .metadata.tmp) went up as a
+	 * file at its close; the rename into the marker takes it away */
+	if (tmp_was_uploaded && (key = key_of(tmp)) && (o = obj_new(OBJ_DELETE, tmp, key, commit_id)))
+		enqueue(o);
 }
 
 int upload_marker_result(uint64_t commit_id)

@@ -48,9 +48,10 @@ void upload_renamed(const char *oldp, const char *newp, uint64_t seq);
  * UPLOAD_F_FAILED if one failed for good since the last call that said 1. */
 int upload_done_upto(uint64_t seq, uint32_t *flags);
 /* A commit marker: upload tmp's contents under final's key, in order after
- * every earlier upload.  upload_marker_result: 1 still going, 0 done, or
- * -errno. */
-void upload_marker(uint64_t commit_id, const char *tmp, const char *final);
+ * every earlier upload; tmp_was_uploaded: tmp is the program's own file
+ * (renamed into the marker), whose object goes.  upload_marker_result: 1
+ * still going, 0 done, or -errno. */
+void upload_marker(uint64_t commit_id, const char *tmp, const char *final, int tmp_was_uploaded);
 int upload_marker_result(uint64_t commit_id);
 /* Readable when an upload finished; upload_events() clears it. */
 int upload_event_fd(void);

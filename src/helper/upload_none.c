@@ -27,7 +27,7 @@ int upload_done_upto(uint64_t seq, uint32_t *flags)
 	return 1;
 }
 
-void upload_marker(uint64_t commit_id, const char *tmp, const char *final) {}
+void upload_marker(uint64_t commit_id, const char *tmp, const char *final, int tmp_was_uploaded) {}
 int upload_marker_result(uint64_t commit_id) { return 0; }
 int upload_event_fd(void) { return -1; }
 void upload_events(void) {}
