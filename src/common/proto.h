@@ -20,9 +20,9 @@
 #include "job.h"
 
 #define ACKPT_PROTO_MAGIC   0x74706b63614b4341ull /* "ACKackpt" */
-#define ACKPT_PROTO_VERSION 5 /* 2: one payload struct per op; no TRUNCATE (ftruncate
+#define ACKPT_PROTO_VERSION 6 /* 2: one payload struct per op; no TRUNCATE (ftruncate
 				* goes through the kernel); DIRTY.  3: coord_part, announced_*,
-				* cfg.  4: the job's secret in cfg, want_mib.  5: uploads */
+				* cfg.  4: the job's secret in cfg, want_mib.  5: uploads.  6: open.after */
 
 /* Descriptor numbers the helper finds its channels on after exec. */
 #define ACKPT_HELPER_SOCK_FD 3
@@ -58,6 +58,9 @@ struct ackpt_op_open {
 	uint64_t dev, ino;  /* the file's identity */
 	int32_t reg_idx;    /* its entry in the node registry, or -1 */
 	uint32_t pad;
+	uint64_t after;     /* the file was reopened while an earlier slot of it still
+			     * had work: no op of this slot starts before every op
+			     * <= after is complete (0: none) */
 };
 
 /* WRITE */
@@ -100,7 +103,7 @@ struct ackpt_op {
 };
 
 _Static_assert(sizeof(struct ackpt_op) == 48, "op record layout");
-_Static_assert(sizeof(struct ackpt_op_open) == 24 && sizeof(struct ackpt_op_write) == 32 &&
+_Static_assert(sizeof(struct ackpt_op_open) == 32 && sizeof(struct ackpt_op_write) == 32 &&
 	       sizeof(struct ackpt_op_commit) == 16, "op payload layouts");
 
 /* Bytes of paths following a record (RENAME, COMMIT), else 0. */

@@ -139,6 +139,11 @@ static int file_op_ready(struct hfile *f, struct hop *h)
 {
 	struct hop *p;
 
+	/* the file's previous slot first (its CLOSE and all before it) */
+	if (f->after && H.head_seq <= f->after)
+		return 0;
+	f->after = 0;
+
 	for (p = f->head; p && p != h; p = p->fnext) {
 		if (p->state == HOP_DONE)
 			continue;
@@ -573,6 +578,7 @@ static int receive_one(void)
 			f->reg_idx = op.u.open.reg_idx;
 			f->dev = op.u.open.dev;
 			f->ino = op.u.open.ino;
+			f->after = op.u.open.after;
 		} else {
 			if (fd >= 0)
 				close(fd);

@@ -43,6 +43,9 @@ struct hfile {
 	int reg_idx;
 	int name_durable;      /* its directory entry has been fsynced */
 	uint64_t open_gen;     /* H.open_gen when it was opened */
+	uint64_t after;        /* reopened while an earlier slot of the file had work:
+				* none of its ops starts before every op <= this is
+				* complete */
 	uint64_t dev, ino;
 	char *path;            /* at open, for log lines */
 	struct hop *head, *tail, *qhead;

@@ -99,7 +99,7 @@ struct inode_state *inode_find(uint64_t dev, uint64_t ino)
 	struct inode_state *i;
 
 	for (i = inode_hash[hash_of(dev, ino)]; i; i = i->next)
-		if (i->dev == dev && i->ino == ino)
+		if (i->dev == dev && i->ino == ino && !i->superseded)
 			return i;
 	return NULL;
 }
@@ -109,7 +109,8 @@ int inode_pending(struct inode_state *ino)
 	return ino && ino->last_seq > session_durable();
 }
 
-void inode_free(struct inode_state *ino)
+/* Out of the table: a later lookup or open of the file finds another. */
+static void inode_unhash(struct inode_state *ino)
 {
 	struct inode_state **pp = &inode_hash[hash_of(ino->dev, ino->ino)];
 
@@ -117,6 +118,14 @@ void inode_free(struct inode_state *ino)
 		pp = &(*pp)->next;
 	if (*pp)
 		*pp = ino->next;
+	ino->next = NULL;
+}
+
+/* Everything but the memory: out of the table, its slot and shadow
+ * descriptor released, its unreported errors counted. */
+static void inode_unlink(struct inode_state *ino)
+{
+	inode_unhash(ino);
 	if (S.shm) {
 		uint32_t seq = __atomic_load_n(&S.shm->files[ino->slot].err_seq, __ATOMIC_ACQUIRE);
 
@@ -130,11 +139,34 @@ void inode_free(struct inode_state *ino)
 	if (ino->shadow_fd >= 0) {
 		fd_protect(ino->shadow_fd, 0);
 		real.close(ino->shadow_fd);
+		ino->shadow_fd = -1;
 	}
+	S.ninodes--;
+}
+
+static void inode_free_mem(struct inode_state *ino)
+{
 	free(ino->path);
 	free(ino->commit_final);
 	free(ino);
-	S.ninodes--;
+}
+
+void inode_free(struct inode_state *ino)
+{
+	inode_unlink(ino);
+	inode_free_mem(ino);
+}
+
+/*
+ * Its CLOSE is complete, but a reader opened it since (a reopen that did
+ * not wait): nothing of it is pending any more, so it leaves the table and
+ * gives its slot back; the reader's description keeps the memory until its
+ * last descriptor closes (ofd_put).
+ */
+void inode_retire(struct inode_state *ino)
+{
+	inode_unlink(ino);
+	ino->retired = 1;
 }
 
 uint64_t files_unreported_errors(void)
@@ -154,6 +186,20 @@ uint64_t files_unreported_errors(void)
 				n++;
 	}
 	return n;
+}
+
+/*
+ * The inode that holds the file's pending work now, for a description that
+ * may have outlived its own (a reader whose inode retired: a later writer
+ * of the file has a new one), or NULL.
+ */
+struct inode_state *ofd_inode_now(struct ofd *o)
+{
+	if (!o || !o->ino)
+		return NULL;
+	if (o->ino->retired || o->ino->superseded)
+		return inode_find(o->ino->dev, o->ino->ino);
+	return o->ino;
 }
 
 /* Until the inode's ops are complete.  The inode may be freed meanwhile:
@@ -181,7 +227,23 @@ static int slot_alloc(void)
 	return -ENFILE;
 }
 
+static struct inode_state *inode_create_from(int fd, const struct stat *st, const char *canon,
+					     const struct inode_state *prev);
+
 struct inode_state *inode_create(int fd, const struct stat *st, const char *canon)
+{
+	return inode_create_from(fd, st, canon, NULL);
+}
+
+/* A new state for a file whose previous one (prev) still has pending work. */
+struct inode_state *inode_create_after(int fd, const struct stat *st, const char *canon,
+				       const struct inode_state *prev)
+{
+	return inode_create_from(fd, st, canon, prev);
+}
+
+static struct inode_state *inode_create_from(int fd, const struct stat *st, const char *canon,
+					     const struct inode_state *prev)
 {
 	struct inode_state *ino = calloc(1, sizeof(*ino));
 	unsigned h = hash_of(st->st_dev, st->st_ino);
@@ -202,6 +264,14 @@ struct inode_state *inode_create(int fd, const struct stat *st, const char *cano
 	ino->ino = st->st_ino;
 	ino->slot = (uint32_t)slot;
 	ino->size = (uint64_t)st->st_size;
+	if (prev) {
+		/* what the program sees, and what the kernel must not overtake */
+		ino->size = prev->size;
+		ino->mtime = prev->mtime;
+		ino->staged_hi = prev->staged_hi;
+		ino->last_seq = prev->last_seq;
+		ino->after = prev->last_seq;
+	}
 	ino->path = strdup(canon);
 	ino->shadow_fd = real.fcntl(fd, F_DUPFD_CLOEXEC, 1000);
 	if (ino->shadow_fd < 0) {
@@ -316,7 +386,16 @@ static uint64_t ofd_put(struct ofd *o)
 		ino->nofd--;
 		if (o->writable)
 			ino->writers--;
-		if (ino->nofd == 0) {
+		if (ino->nofd == 0 && ino->retired) {
+			inode_free_mem(ino); /* a reader's, after its CLOSE completed */
+		} else if (ino->nofd == 0 && ino->closing) {
+			/* a reader of a file whose CLOSE is queued already: the
+			 * record frees it when the CLOSE completes */
+			if (S.state != SESS_ACTIVE)
+				inode_free(ino);
+			else if (ino->last_seq <= session_durable())
+				session_reap();
+		} else if (ino->nofd == 0) {
 			/*
 			 * The commit goes first: sending an op may reap
 			 * inodes whose CLOSE is durable, and after our CLOSE
@@ -421,19 +500,23 @@ int files_post_open(int fd, int flags, const char *how, int force)
 			return fd;
 		if (C.nroots && fd_path(fd, canon, sizeof(canon)) == 0 && path_is_managed(canon))
 			watch_set(fd, &st); /* later writes by others: its reads wait */
-		/* a reader of a file with pending work waits for it */
+		/* a reader of another process's pending work waits for it */
 		if (!S.ninodes && !registry_any())
 			return fd;
 		registry_wait(st.st_dev, st.st_ino);
 		if (!S.ninodes || session_lock() < 0)
 			return fd;
+		/*
+		 * Our own pending work: the open cannot observe it, so it does
+		 * not wait (torch.save, then a reopen to fsync).  The reader is
+		 * tracked, and whatever can observe the contents through it
+		 * (read, mmap, sendfile, lseek to the end or to data, a fork or
+		 * exec that hands it on) waits for the file's work first; an
+		 * fsync through it returns at once, as through the writer.
+		 */
 		ino = inode_find(st.st_dev, st.st_ino);
-		if (ino) {
-			inode_drain(ino);
-			ino = inode_find(st.st_dev, st.st_ino);
-		}
-		if (ino && !ino->closing) {
-			/* track it so later reads wait for later writes */
+		if (ino && S.state == SESS_ACTIVE &&
+		    !(ino->closing && ino->last_seq <= session_durable())) {
 			o = calloc(1, sizeof(*o));
 			if (o) {
 				o->ino = ino;
@@ -449,8 +532,9 @@ int files_post_open(int fd, int flags, const char *how, int force)
 	if (fd_path(fd, canon, sizeof(canon)) < 0)
 		return fd;
 	if (!force && !path_is_managed(canon)) {
+		/* the kernel writes through it: our staged work first */
 		if (S.ninodes || registry_any())
-			registry_wait(st.st_dev, st.st_ino);
+			wait_stat_pending(&st);
 		return fd;
 	}
 	if (flags & O_DIRECT) {
@@ -466,7 +550,26 @@ int files_post_open(int fd, int flags, const char *how, int force)
 		return fd;
 	}
 	ino = inode_find(st.st_dev, st.st_ino);
-	if (ino && ino->closing) {
+	if (ino && ino->closing && !ino->nofd && !(flags & O_TRUNC) && S.state == SESS_ACTIVE &&
+	    ino->close_seq && ino->last_seq > session_durable()) {
+		/*
+		 * Written, closed, and now reopened for writing (a reopen to
+		 * fsync) while its CLOSE is pending: a new inode state takes
+		 * over at once.  It starts from the old one's logical size and
+		 * order (staged_hi, last_seq), and the helper starts none of
+		 * its ops before the old slot's CLOSE is complete.
+		 */
+		struct inode_state *prev = ino;
+
+		registry_wait(st.st_dev, st.st_ino);
+		prev->superseded = 1;
+		ino = inode_create_after(fd, &st, canon, prev);
+		if (!ino) {
+			prev->superseded = 0;
+			session_unlock();
+			return fd;
+		}
+	} else if (ino && ino->closing) {
 		/* a fresh slot must not overtake the old one's writes */
 		inode_drain(ino);
 		ino = inode_find(st.st_dev, st.st_ino);
@@ -525,6 +628,12 @@ int wait_path_pending(int dirfd, const char *path, int flags)
 		return 0;
 	if (real.fstatat(dirfd, path, &st, flags & AT_SYMLINK_NOFOLLOW) < 0)
 		return 0;
+	if (flags & WAIT_OTHERS_ONLY) {
+		/* our own work is ordered by the open itself (files_post_open) */
+		if (S_ISREG(st.st_mode))
+			registry_wait(st.st_dev, st.st_ino);
+		return 0;
+	}
 	return wait_stat_pending(&st);
 }
 

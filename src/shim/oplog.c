@@ -206,7 +206,8 @@ int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 int session_send_open(struct inode_state *ino, int fd)
 {
 	struct ackpt_op op = { .type = ACKPT_OP_OPEN, .file = ino->slot,
-			       .u.open = { .dev = ino->dev, .ino = ino->ino, .reg_idx = ino->reg_idx } };
+			       .u.open = { .dev = ino->dev, .ino = ino->ino, .reg_idx = ino->reg_idx,
+					   .after = ino->after } };
 
 	return send_op(&op, NULL, 0, fd, ino);
 }
@@ -288,8 +289,12 @@ void oplog_prune(uint64_t durable)
 
 		if (r->seq == log_first) {
 			if (r->type == ACKPT_OP_CLOSE && r->ino && r->ino->closing &&
-			    r->ino->close_seq == r->seq)
-				inode_free(r->ino);
+			    r->ino->close_seq == r->seq) {
+				if (r->ino->nofd)
+					inode_retire(r->ino); /* a reader still holds it */
+				else
+					inode_free(r->ino);
+			}
 			free(r->paths);
 			memset(r, 0, sizeof(*r));
 		}

@@ -27,7 +27,10 @@ static void pre_open(int dirfd, const char *path, int flags)
 		return; /* readers wait after the open, on the inode they got */
 	if (!ns_pending_any() && !S.ninodes && !registry_any())
 		return;
-	wait_path_pending(dirfd, path, (flags & O_NOFOLLOW) ? AT_SYMLINK_NOFOLLOW : 0);
+	/* a writer that does not truncate observes nothing at its open: our
+	 * own pending work on the file is ordered after the open instead */
+	wait_path_pending(dirfd, path, ((flags & O_NOFOLLOW) ? AT_SYMLINK_NOFOLLOW : 0) |
+			  (!(flags & O_TRUNC) && !(flags & O_DIRECT) ? WAIT_OTHERS_ONLY : 0));
 }
 
 /* Metadata (commit marker) opened for writing goes under a hidden name. */

@@ -46,8 +46,16 @@ void files_share(int all)
 	for (i = 0; i < FD_MAX; i++) {
 		struct ofd *o = atomic_load_explicit(&fdtab[i], memory_order_acquire);
 
-		if (!o || !o->ino || !o->writable || (!all && !fd_inheritable((int)i)))
+		if (!o || !o->ino || (!all && !fd_inheritable((int)i)))
 			continue;
+		if (!o->writable) {
+			/* a reader: the other process reads what is in the file */
+			struct inode_state *now = ofd_inode_now(o);
+
+			if (now && now->last_seq > wait)
+				wait = now->last_seq;
+			continue;
+		}
 		o->ino->shared = 1;
 		if (o->ino->last_seq > wait)
 			wait = o->ino->last_seq;
@@ -69,6 +77,8 @@ void files_share_fd(int fd)
 	if (o && o->ino && o->writable) {
 		o->ino->shared = 1;
 		wait = o->ino->last_seq;
+	} else if (o && o->ino && ofd_inode_now(o)) {
+		wait = ofd_inode_now(o)->last_seq; /* a reader */
 	}
 	session_unlock();
 	if (wait)
@@ -90,8 +100,15 @@ void files_share_vfork(int fd)
 	for (i = lo; i < hi && i < FD_MAX; i++) {
 		struct ofd *o = atomic_load_explicit(&fdtab[i], memory_order_acquire);
 
-		if (!o || !o->ino || !o->writable || (fd < 0 && !fd_inheritable((int)i)))
+		if (!o || !o->ino || (fd < 0 && !fd_inheritable((int)i)))
 			continue;
+		if (!o->writable) {
+			struct inode_state *now = ofd_inode_now(o);
+
+			if (now && now->last_seq > wait)
+				wait = now->last_seq;
+			continue;
+		}
 		o->ino->shared = 1;
 		if (o->ino->last_seq > wait)
 			wait = o->ino->last_seq;

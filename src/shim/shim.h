@@ -261,6 +261,13 @@ struct inode_state {
 				  * of its in-flight writes are the same loss, told */
 	int reg_idx;             /* [fixed] its node registry entry, or -1 */
 	int closing;
+	int retired;             /* its CLOSE is complete but readers remain: out of the
+				  * table, slot released; freed with the last reader */
+	int superseded;          /* reopened for writing while its CLOSE was pending: a
+				  * new inode state took over (inode_find skips this one),
+				  * this one stays for its pending ops */
+	uint64_t after;          /* a reopen: the previous slot's last op, which the
+				  * helper completes before any op of this one */
 	int shared;              /* [vfork] a description of it may be in another
 				  * process: its writes go through the kernel */
 	uint64_t close_seq;
@@ -393,6 +400,11 @@ LOCKED struct inode_state *inode_find(uint64_t dev, uint64_t ino);
 DROPS int inode_drain(struct inode_state *ino);
 int inode_pending(struct inode_state *ino);
 LOCKED void inode_free(struct inode_state *ino);
+LOCKED void inode_retire(struct inode_state *ino);
+LOCKED struct inode_state *inode_create_after(int fd, const struct stat *st, const char *canon,
+					      const struct inode_state *prev);
+LOCKED struct inode_state *ofd_inode_now(struct ofd *o);
+#define WAIT_OTHERS_ONLY 0x40000000 /* wait_path_pending: not our own inodes */
 int wait_path_pending(int dirfd, const char *path, int flags);
 int wait_stat_pending(const struct stat *st);
 LOCKED int fd_install(int fd, struct ofd *o);

@@ -20,7 +20,8 @@ static struct outcome managed_fsync(int fd)
 	if (session_lock() < 0)
 		return NOT_OURS;
 	o = fd_peek(fd);
-	if (!o || !o->ino) {
+	if (!o || !o->ino || o->ino->retired) {
+		/* (a reader whose file has nothing pending: the kernel's fsync) */
 		session_unlock();
 		return NOT_OURS;
 	}
@@ -75,7 +76,7 @@ ACKPT_EXPORT int sync_file_range(int fd, off_t off, off_t n, unsigned flags)
 	{
 		struct ofd *o = fd_peek(fd);
 
-		r = o && o->ino ? session_check_error_sticky(o->ino) : 0;
+		r = o && o->ino && !o->ino->retired ? session_check_error_sticky(o->ino) : 0;
 	}
 	session_unlock();
 	if (r < 0) {
@@ -113,8 +114,14 @@ static void drain_if_tracked(int fd)
 
 		managed_drain_fd(fd);
 		errno = saved;
-	} else if (UNLIKELY(fd_is_watched(fd))) {
-		watch_wait(fd); /* another process may have staged writes since the open */
+	}
+	/* a reader may be tracked (our own pending work) and watched too:
+	 * another process may have staged writes since the open */
+	if (UNLIKELY(fd_is_watched(fd))) {
+		int saved = errno;
+
+		watch_wait(fd);
+		errno = saved;
 	}
 }
 
@@ -244,13 +251,15 @@ ACKPT_EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off
 
 		if (fd_peek(fd)) {
 			if ((flags & MAP_SHARED) && session_lock() == 0) {
-				struct ofd *o = fd_peek(fd);
+				struct inode_state *now = ofd_inode_now(fd_peek(fd));
 
-				if (o && o->ino)
-					o->ino->shared = 1;
+				if (now)
+					now->shared = 1;
 				session_unlock();
 			}
 			managed_drain_fd(fd);
+			if (fd_is_watched(fd))
+				watch_wait(fd);
 		} else if (registry_any()) {
 			struct stat st;
 

@@ -21,13 +21,14 @@
  */
 static struct ofd *drain_fd_locked(int fd)
 {
-	struct ofd *o = fd_peek(fd);
+	for (;;) {
+		struct ofd *o = fd_peek(fd);
+		struct inode_state *now = ofd_inode_now(o);
 
-	while (o && o->ino && o->ino->last_seq > session_durable()) {
-		inode_drain(o->ino);
-		o = fd_peek(fd);
+		if (!now || now->last_seq <= session_durable())
+			return o;
+		inode_drain(now);
 	}
-	return o;
 }
 
 /*
@@ -340,13 +341,9 @@ struct outcome managed_lseek(int fd, off_t off, int whence)
 /* Make everything written to fd's file real before a pass-through op. */
 int managed_drain_fd(int fd)
 {
-	struct ofd *o;
-
 	if (!fd_peek(fd) || session_lock() < 0)
 		return 0;
-	o = fd_peek(fd);
-	if (o && o->ino)
-		inode_drain(o->ino);
+	drain_fd_locked(fd);
 	session_unlock();
 	return 0;
 }
@@ -379,7 +376,7 @@ void managed_resync(int fd)
 	if (!fd_peek(fd) || session_lock() < 0)
 		return;
 	o = fd_peek(fd);
-	if (o && o->ino) {
+	if (o && o->ino && o->writable) { /* a reader's offset and size are the kernel's */
 		off_t p = real.lseek(fd, 0, SEEK_CUR);
 
 		if (p >= 0)
