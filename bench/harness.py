@@ -45,13 +45,18 @@ sys.path.insert(0, HERE)
 import workload  # noqa: E402  (imports torch; only for labels and sizes here)
 
 
-def load_micro():
-    path = os.path.join(HERE, "micro")
-    loader = importlib.machinery.SourceFileLoader("bench_micro", path)
-    spec = importlib.util.spec_from_loader("bench_micro", loader)
+def load_script(name):
+    """bench/NAME (a script without .py) as a module."""
+    path = os.path.join(HERE, name)
+    loader = importlib.machinery.SourceFileLoader("bench_" + name, path)
+    spec = importlib.util.spec_from_loader("bench_" + name, loader)
     mod = importlib.util.module_from_spec(spec)
     loader.exec_module(mod)
     return mod
+
+
+def load_micro():
+    return load_script("micro")
 
 
 SYSTEM_LABEL = {
@@ -658,13 +663,36 @@ class Harness:
         except Exception as e:
             return {"source": "bench/barrier_latency", "error": str(e)}
 
+    def upload(self):
+        """The upload row (bench/upload): ackpt-run --upload against boto3's
+        upload_file on a moto S3 server; skipped, saying why, without moto."""
+        a = self.args
+        mod = load_script("upload")
+        why = mod.moto_problem()
+        if why:
+            log("bench/run: upload row skipped: %s" % why)
+            return {"skipped": why}
+        self.progress("upload: %d MiB to a moto S3 server, ackpt-run --upload vs boto3 upload_file, %d reps "
+                      "(bench/upload)" % (a.upload_mib, a.upload_reps))
+        d = os.path.join(self.tmp, "upload")
+        try:
+            return mod.measure(d, a.upload_mib, a.upload_reps, log=lambda x: self.progress("upload: " + x),
+                               logdir=self.logdir)
+        except Exception as e:
+            return {"error": "%s: %s" % (type(e).__name__, e)}
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
     def run(self):
         a = self.args
         micro_mod = load_micro()
+        only_upload = a.only == "upload"
         plan = [(s, f) for s in a.sizes for f in a.formats if s <= GiB or f in a.large_formats]
+        if only_upload:
+            plan, a.sizes = [], []
         self.total_saves = sum(len(systems_for(f, not a.no_nvrx)) * (a.rounds + 1) for s, f in plan)
         self.plan = plan
-        res = {"mode": "quick" if a.quick else "full", "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        res = {"mode": "upload only" if only_upload else "quick" if a.quick else "full", "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                "machine": machine(self.tmp),
                "config": {"sizes": [fmt_size(s) for s in a.sizes], "formats": a.formats,
                           "measured_saves": a.rounds, "warmup_saves": 1, "idle_s": a.idle_s,
@@ -678,7 +706,7 @@ class Harness:
         for s in a.sizes:
             self.progress("limits at %s: warm memcpy, fio O_DIRECT and buffered" % fmt_size(s))
             lim[fmt_size(s)] = {"start": self.limits(s, micro_mod, "start")}
-        if not a.no_micro:
+        if not a.no_micro and not only_upload:
             self.progress("micro: raw write() of %d MiB, plain and under ackpt (bench/micro)" % a.micro_mib)
             d = os.path.join(self.tmp, "micro")
             os.makedirs(d, exist_ok=True)
@@ -691,7 +719,10 @@ class Harness:
             shutil.rmtree(d, ignore_errors=True)
         for s, f in plan:
             self.run_cell(s, f)
-        res["barrier_latency"] = self.barrier_latency() or res["barrier_latency"]
+        if not only_upload:
+            res["barrier_latency"] = self.barrier_latency() or res["barrier_latency"]
+        if not a.no_upload:
+            res["upload"] = self.upload()
         for s in a.sizes:
             self.progress("limits at %s again (drift check)" % fmt_size(s))
             lim[fmt_size(s)]["end"] = self.limits(s, micro_mod, "end")
@@ -744,6 +775,24 @@ def targets(res):
         v = m["fastpath_overhead_ns"]
         add("untracked fast path overhead", "4 KiB write() to an unmanaged file", "%+.1f ns" % v,
             "<= 50 ns", v <= 50, "%.0f ns over" % (v - 50))
+    u = res.get("upload") or {}
+    where = "%s MiB, %s MiB parts, concurrency %s, moto S3 server on the same cores" % (
+        u.get("size_mib"), u.get("part_mib"), u.get("concurrency"))
+    if "upload_rate_ratio" in u:
+        r = u["upload_rate_ratio"]
+        add("upload rate, ackpt vs boto3 upload_file, same part size and concurrency", where,
+            "%.2fx (%.0f vs %.0f MiB/s)" % (r, u["upload_mib_s"], u["boto3_mib_s"]), ">= 1.0x", r >= 1.0,
+            "%.2fx short (%.2f s vs %.2f s)%s" % (1 / r, u["upload_s"], u["boto3_s"],
+                                               "" if "upload_rate_ratio_nocrc" not in u else
+                                               "; %.2fx against boto3 without a checksum"
+                                               % u["upload_rate_ratio_nocrc"]))
+    if "busy_stall_ratio" in u:
+        r = u["busy_stall_ratio"]
+        add("save stall with uploads running vs without (ackpt --upload / ackpt)",
+            "%s MiB write+fsync+close while the previous save uploads (objects pending then: %s)"
+            % (u.get("size_mib"), ", ".join(str(x) for x in u.get("uploads_pending_in_busy_save", []))),
+            "%.2fx (%.3f s vs %.3f s)" % (r, u["stall_upload"]["second_s"], u["stall_ackpt"]["second_s"]),
+            "~1.0x (<= 1.1x)", r <= 1.1, "%.2fx over" % (r / 1.1))
     sizes = res["config"]["sizes"]
     for size in sizes:
         for fmt in res["config"]["formats"]:
@@ -814,8 +863,11 @@ HEAD = ["size", "format", "system", "first save stall", "stall p50", "stall max"
 def markdown(res):
     L = []
     mc = res["machine"]
-    L.append("Mode: %s; %d measured saves per system after one warm-up save; started %s; took %.0f s."
-             % (res["mode"], res["config"]["measured_saves"], res["started"], res["duration_s"]))
+    if res["mode"] == "upload only":
+        L.append("Mode: upload only; started %s; took %.0f s." % (res["started"], res["duration_s"]))
+    else:
+        L.append("Mode: %s; %d measured saves per system after one warm-up save; started %s; took %.0f s."
+                 % (res["mode"], res["config"]["measured_saves"], res["started"], res["duration_s"]))
     L.append("")
     L.append("Machine: %s, %d cores, %.0f GiB RAM; %s, kernel %s; checkpoint directory on %s (%s); "
              "torch %s, safetensors %s, nvidia-resiliency-ext %s, %s."
@@ -829,55 +881,60 @@ def markdown(res):
                  " plus uncommitted edits to " + ", ".join(mc["ackpt_uncommitted"]),
                  " / ".join(mc.get("loadavg_start", [])), " / ".join(mc.get("loadavg_end", []))))
     L.append("")
-    L.append("### Limits (same directory, same run)")
-    L.append("")
-    L.append("| size | warm memcpy | memcpy GiB/s | fio O_DIRECT MiB/s (start, end) | fio buffered MiB/s (start, end) |")
-    L.append("| --- | --- | --- | --- | --- |")
-    def n0(x):
-        return "-" if x is None else "%.0f" % x
+    only_upload = res["mode"] == "upload only"
+    if only_upload:
+        L.append("Upload row only (`bench/run --only upload`): no saves, limits or micro benchmark in this run.")
+        L.append("")
+    if not only_upload:
+        L.append("### Limits (same directory, same run)")
+        L.append("")
+        L.append("| size | warm memcpy | memcpy GiB/s | fio O_DIRECT MiB/s (start, end) | fio buffered MiB/s (start, end) |")
+        L.append("| --- | --- | --- | --- | --- |")
+        def n0(x):
+            return "-" if x is None else "%.0f" % x
 
-    for k, v in res["limits"].items():
-        st, en = v["start"], v.get("end", {})
-        L.append("| %s | %s | %s | %s (%s, %s) | %s (%s, %s) |" % (
-            k, f3(v.get("memcpy_s")), "-" if not v.get("memcpy_gib_s") else "%.1f" % v["memcpy_gib_s"],
-            n0(v.get("fio_direct_mib_s")), n0(st.get("fio_direct_mib_s")), n0(en.get("fio_direct_mib_s")),
-            n0(v.get("fio_buffered_mib_s")), n0(st.get("fio_buffered_mib_s")), n0(en.get("fio_buffered_mib_s"))))
-    L.append("")
-    L.append("### Saves")
-    L.append("")
-    L.append("Stall: wall time inside the save call (DCP 2 ranks: the slower rank). Durable: from the start of "
-             "the save until data and metadata are durable (synchronous: the same as the stall; ackpt: until "
-             "`ackpt_wait` returns 0; DCP async: until the upload future resolves and the directory is "
-             "fsynced). Interference: how much slower a concurrent single-threaded matmul loop runs between "
-             "the save's return and durability than the same loop idle, just before. Peak RSS / PSS: summed "
-             "over every process of the system (ranks, torchrun, DCP's daemon, ackpt's helper); PSS counts "
-             "shared staging once. bg CPU: CPU seconds per save of ackpt's helper or DCP's daemon process.")
-    L.append("")
-    L.append("| " + " | ".join(HEAD) + " |")
-    L.append("|" + " --- |" * len(HEAD))
-    for row in table_rows(res):
-        L.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
-    L.append("")
-    groups = []
-    for r in res["results"]:
-        if "interleaved_with" in r:
-            g = "%s %s: %s" % (r["size"], workload.FORMAT_LABEL[r["format"]],
-                               ", ".join(sorted([r["system"]] + r["interleaved_with"], key=ORDER.index)))
-            if g not in groups:
-                groups.append(g)
-    if groups:
-        L.append("Interleaved in one pass (workers that fit in memory side by side): " + "; ".join(groups) + ".")
+        for k, v in res["limits"].items():
+            st, en = v["start"], v.get("end", {})
+            L.append("| %s | %s | %s | %s (%s, %s) | %s (%s, %s) |" % (
+                k, f3(v.get("memcpy_s")), "-" if not v.get("memcpy_gib_s") else "%.1f" % v["memcpy_gib_s"],
+                n0(v.get("fio_direct_mib_s")), n0(st.get("fio_direct_mib_s")), n0(en.get("fio_direct_mib_s")),
+                n0(v.get("fio_buffered_mib_s")), n0(st.get("fio_buffered_mib_s")), n0(en.get("fio_buffered_mib_s"))))
         L.append("")
-    bl = res.get("barrier_latency", {})
-    if "source" in bl:
-        L.append("Barrier latency (from %s, exit status %s):" % (bl["source"], bl.get("rc")))
+        L.append("### Saves")
         L.append("")
-        L.append("```")
-        L.append(bl.get("table") or bl.get("error", ""))
-        L.append("```")
-    else:
-        L.append("Barrier latency at 16 / 256 / 1024 participants: %s." % BARRIER_NA)
-    L.append("")
+        L.append("Stall: wall time inside the save call (DCP 2 ranks: the slower rank). Durable: from the start of "
+                 "the save until data and metadata are durable (synchronous: the same as the stall; ackpt: until "
+                 "`ackpt_wait` returns 0; DCP async: until the upload future resolves and the directory is "
+                 "fsynced). Interference: how much slower a concurrent single-threaded matmul loop runs between "
+                 "the save's return and durability than the same loop idle, just before. Peak RSS / PSS: summed "
+                 "over every process of the system (ranks, torchrun, DCP's daemon, ackpt's helper); PSS counts "
+                 "shared staging once. bg CPU: CPU seconds per save of ackpt's helper or DCP's daemon process.")
+        L.append("")
+        L.append("| " + " | ".join(HEAD) + " |")
+        L.append("|" + " --- |" * len(HEAD))
+        for row in table_rows(res):
+            L.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+        L.append("")
+        groups = []
+        for r in res["results"]:
+            if "interleaved_with" in r:
+                g = "%s %s: %s" % (r["size"], workload.FORMAT_LABEL[r["format"]],
+                                   ", ".join(sorted([r["system"]] + r["interleaved_with"], key=ORDER.index)))
+                if g not in groups:
+                    groups.append(g)
+        if groups:
+            L.append("Interleaved in one pass (workers that fit in memory side by side): " + "; ".join(groups) + ".")
+            L.append("")
+        bl = res.get("barrier_latency", {})
+        if "source" in bl:
+            L.append("Barrier latency (from %s, exit status %s):" % (bl["source"], bl.get("rc")))
+            L.append("")
+            L.append("```")
+            L.append(bl.get("table") or bl.get("error", ""))
+            L.append("```")
+        else:
+            L.append("Barrier latency at 16 / 256 / 1024 participants: %s." % BARRIER_NA)
+        L.append("")
     m = res.get("micro")
     if m:
         L.append("### Micro: raw write() (bench/micro)")
@@ -889,6 +946,25 @@ def markdown(res):
             L.append("| --- | --- | --- |")
             for name, val, note in load_micro().report_rows(m):
                 L.append("| %s | %s | %s |" % (name, val, note))
+        L.append("")
+    if "upload" in res:
+        u = res["upload"]
+        L.append("### Uploads to an object store (bench/upload)")
+        L.append("")
+        if "error" in u:
+            L.append("error: " + u["error"])
+        else:
+            if "versions" in u:
+                v = u["versions"]
+                L.append("A moto S3 server (moto %s, werkzeug %s; a Python server on the same cores) on a loopback "
+                         "port; boto3 %s; the helper's libcurl %s. %d repetition(s), alternating; medians; took %.0f s."
+                         % (v.get("moto"), v.get("werkzeug"), v.get("boto3"), v.get("curl"), u.get("reps", 0),
+                            u.get("duration_s", 0)))
+                L.append("")
+            L.append("| measure | value | note |")
+            L.append("| --- | --- | --- |")
+            for name, val, note in load_script("upload").report_rows(u):
+                L.append("| %s | %s | %s |" % (name, val, note.replace("|", "/")))
         L.append("")
     L.append("### Targets")
     L.append("")
@@ -902,14 +978,23 @@ def markdown(res):
 
 
 def print_table(res):
-    rows = [HEAD] + table_rows(res)
-    rows = [[c if len(c) < 60 else c[:57] + "..." for c in r] for r in rows]
-    w = [max(len(r[i]) for r in rows) for i in range(len(HEAD))]
-    for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w[j]) for j, c in enumerate(r)))
-        if i == 0:
-            print("  ".join("-" * x for x in w))
-    print()
+    if res["results"]:
+        rows = [HEAD] + table_rows(res)
+        rows = [[c if len(c) < 60 else c[:57] + "..." for c in r] for r in rows]
+        w = [max(len(r[i]) for r in rows) for i in range(len(HEAD))]
+        for i, r in enumerate(rows):
+            print("  ".join(c.ljust(w[j]) for j, c in enumerate(r)))
+            if i == 0:
+                print("  ".join("-" * x for x in w))
+        print()
+    if "upload" in res:
+        u = res["upload"]
+        rows = [("upload row", "error", u["error"])] if "error" in u else load_script("upload").report_rows(u)
+        w = max(len(r[0]) for r in rows)
+        print("uploads to an object store (bench/upload):")
+        for name, val, note in rows:
+            print("  %-*s  %12s  %s" % (w, name, val, note))
+        print()
     for t in res["targets"]:
         print("%-4s %s [%s]: %s (goal %s)%s" % ("ok" if t["met"] else "MISS", t["target"], t["where"],
                                                  t["measured"], t["goal"], "" if t["met"] else " -- " + t["gap"]))
@@ -917,7 +1002,7 @@ def print_table(res):
     if "source" in bl:
         print("barrier latency (%s):" % bl["source"])
         print(bl.get("table") or bl.get("error", ""))
-    else:
+    elif res["mode"] != "upload only":
         print("barrier latency (16/256/1024 participants): " + BARRIER_NA)
 
 
@@ -947,6 +1032,14 @@ def main():
                     help="formats also run at sizes above 1 GiB (default torch,dcp1: at 4 GiB the "
                          "systems no longer fit side by side in 24 GiB, so each costs a separate pass)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--only", choices=("upload",),
+                    help="run one optional section alone: upload (bench/upload, about 4 minutes)")
+    ap.add_argument("--no-upload", action="store_true",
+                    help="skip the upload row (it also runs only where moto[server] and boto3 import)")
+    ap.add_argument("--upload-mib", type=int, default=1024,
+                    help="file size of the upload row, MiB (default 1024: moto holds a whole object in "
+                         "memory, several times over, to complete a multipart upload)")
+    ap.add_argument("--upload-reps", type=int, default=3, help="repetitions of the upload row (default 3)")
     ap.add_argument("--timeout", type=float, default=120, help="base timeout per step, seconds")
     ap.add_argument("--nvrx-timeout", type=float, default=45,
                     help="timeout of an nvidia-resiliency-ext save, seconds (it hangs when its worker dies)")
@@ -975,6 +1068,10 @@ def main():
         a.micro_mib = 512 if a.quick else 1024
     if a.rounds < 1:
         ap.error("--rounds must be >= 1")
+    if a.only == "upload" and a.no_upload:
+        ap.error("--only upload and --no-upload contradict each other")
+    if a.upload_reps < 1:
+        ap.error("--upload-reps must be >= 1")
     for p in (os.path.join(BUILD, "src", "shim", "libackpt.so"), os.path.join(BUILD, "bench", "stage_bench")):
         if not os.path.exists(p):
             sys.exit("bench/run: %s missing; build first (meson setup build && meson compile -C build)" % p)
@@ -1004,7 +1101,7 @@ def main():
     md = markdown(res)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(md)
-    if not a.no_plots:
+    if not a.no_plots and res["results"]:
         try:
             import plots
 
