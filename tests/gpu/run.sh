@@ -270,6 +270,8 @@ build_cc() {
 	#define ACKPT_VERSION "${version:-unknown}"
 	#define ACKPT_LIBEXECDIR "/usr/local/libexec"
 	#define ACKPT_HAVE_CUDA_HEADERS 1
+	#define ACKPT_HAVE_UPLOAD 0
+	#define ACKPT_HAVE_MSC 0
 	EOF
 	cflags="-std=gnu11 -O2 -g -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers
 		-Wno-format-truncation -Wno-nonnull-compare -U_FILE_OFFSET_BITS -D_GNU_SOURCE
@@ -280,7 +282,10 @@ build_cc() {
 	cc $cflags $sys_inc -fPIC -shared -o "$b/libackpt.so" src/shim/*.c src/common/*.c \
 		-Wl,--version-script=src/shim/libackpt.map -Wl,-z,nodelete -ldl -lpthread -lsodium || return 1
 	# shellcheck disable=SC2086
-	cc $cflags $uring_cflags -o "$b/ackpt-helper" src/helper/*.c src/common/*.c $uring_libs -lpthread -lsodium
+	# without uploads (libcurl is not needed for the device path): upload_none.c
+	cc $cflags $uring_cflags -o "$b/ackpt-helper" \
+		$(ls src/helper/*.c | grep -v -e '/upload\.c$' -e '/s3conf\.c$') src/common/*.c \
+		$uring_libs -lpthread -lsodium
 }
 export -f build_meson find_liburing build_cc
 export repo work cuda_inc
