@@ -41,6 +41,8 @@
 #define MAX_ATTEMPTS 12
 #define BACKOFF_MAX_NS (10ull * 1000000000ull)
 #define RESP_MAX (64 * 1024)
+#define READERS 2 /* threads reading and hashing parts: one core's MD5 is
+		   * about 600 MB/s, and a disk read of a part takes as long */
 
 enum obj_kind { OBJ_FILE, OBJ_MARKER, OBJ_DELETE };
 enum obj_state { O_QUEUED, O_RUNNING, O_DONE, O_FAILED };
@@ -86,6 +88,8 @@ struct req {
 	char md5[32];       /* base64 of the body's MD5 (PUT, part) */
 	int attempt;
 	unsigned gen;       /* the object's when this request was made */
+	uint64_t off;       /* PUT, part: where its body starts in the file */
+	int read_err;       /* the reader thread's result */
 	uint64_t not_before;
 	struct curl_slist *hdr;
 	CURL *e;
@@ -99,7 +103,10 @@ static struct {
 	struct s3conf c;
 	struct ackpt_shm *shm;
 	pthread_mutex_t mu;
-	pthread_t thread;
+	pthread_t thread, reader[READERS];
+	pthread_cond_t rcond;
+	struct req *readq, *readq_tail; /* bodies to read, for the reader thread */
+	struct req *ready;         /* read: to start */
 	CURLM *multi;
 	int evfd;
 	struct obj *head, *tail;   /* in queue order; done ones are removed */
@@ -113,7 +120,7 @@ static struct {
 	unsigned nmarkers;
 	char **failed_keys;
 	unsigned nfailed;
-} U = { .mu = PTHREAD_MUTEX_INITIALIZER, .evfd = -1 };
+} U = { .mu = PTHREAD_MUTEX_INITIALIZER, .rcond = PTHREAD_COND_INITIALIZER, .evfd = -1 };
 
 static void say_event(void)
 {
@@ -272,10 +279,10 @@ static int content_md5(struct req *r)
 }
 
 /*
- * Read part (or all) of the object's file into r->body, and its MD5.  Runs
- * without the lock (called with it held; drops and retakes it): the main
- * thread asks about uploads on every op it retires, and must not wait for
- * a disk read.  Only this thread touches the object's descriptor.
+ * Read part (or all) of the object's file into r->body, and its MD5.  On
+ * the reader thread, without the lock: the transfers go on meanwhile, and
+ * the main thread asks about uploads on every op it retires.  The object's
+ * descriptor stays open while a request of it exists (obj_free closes it).
  */
 static int read_body(struct req *r, uint64_t off, size_t len)
 {
@@ -287,7 +294,10 @@ static int read_body(struct req *r, uint64_t off, size_t len)
 	r->body = malloc(len ? len : 1);
 	if (!r->body)
 		return -ENOMEM;
-	pthread_mutex_unlock(&U.mu);
+	/* the next parts: let the kernel read them while we send this one
+	 * (a file the helper wrote with O_DIRECT is not in the page cache) */
+	if (len)
+		posix_fadvise(r->o->fd, (off_t)(off + len), (off_t)(2 * len), POSIX_FADV_WILLNEED);
 	while (got < len) {
 		ssize_t n = pread(r->o->fd, r->body + got, len - got, (off_t)(off + got));
 
@@ -304,8 +314,49 @@ static int read_body(struct req *r, uint64_t off, size_t len)
 		EVP_EncodeBlock((unsigned char *)r->md5, md, (int)mdlen);
 	else if (!ret)
 		ret = -EIO;
-	pthread_mutex_lock(&U.mu);
 	return ret;
+}
+
+static void *reader_main(void *arg)
+{
+	(void)arg;
+	pthread_mutex_lock(&U.mu);
+	for (;;) {
+		struct req *r;
+
+		while (!U.readq && !U.stop)
+			pthread_cond_wait(&U.rcond, &U.mu);
+		if (!U.readq)
+			break;
+		r = U.readq;
+		U.readq = r->next;
+		if (!U.readq)
+			U.readq_tail = NULL;
+		r->next = NULL;
+		pthread_mutex_unlock(&U.mu);
+		r->read_err = read_body(r, r->off, r->len);
+		pthread_mutex_lock(&U.mu);
+		r->next = U.ready;
+		U.ready = r;
+		curl_multi_wakeup(U.multi);
+	}
+	pthread_mutex_unlock(&U.mu);
+	return NULL;
+}
+
+/* Queue r's body for the reader; it counts as in flight from now on. */
+static void read_then_start(struct req *r, uint64_t off, size_t len)
+{
+	r->off = off;
+	r->len = len;
+	r->o->inflight++;
+	U.active++;
+	if (U.readq_tail)
+		U.readq_tail->next = r;
+	else
+		U.readq = r;
+	U.readq_tail = r;
+	pthread_cond_signal(&U.rcond);
 }
 
 static char *complete_xml(const struct obj *o)
@@ -515,11 +566,7 @@ static void obj_finish(struct obj *o, int err, const char *why)
 		for (i = 0; i < U.nmarkers; i++)
 			if (U.markers[i].id == o->seq)
 				U.markers[i].result = err ? -err : 0;
-	if (o->fd >= 0) {
-		close(o->fd);
-		o->fd = -1;
-	}
-	say_event();
+	say_event(); /* (its descriptor closes with it: a read may be under way) */
 }
 
 /* Start what the object needs next; returns the requests started. */
@@ -548,16 +595,12 @@ static int obj_step(struct obj *o)
 		o->size = (uint64_t)st.st_size;
 		o->multipart = o->size > U.c.part_size;
 		if (!o->multipart) {
-			int e = ENOMEM;
-
 			r = req_new(o, R_PUT, 0);
-			if (!r || (e = -read_body(r, 0, (size_t)o->size)) != 0) {
-				if (r)
-					req_free(r);
-				obj_finish(o, e, "reading the local file");
+			if (!r) {
+				obj_finish(o, ENOMEM, NULL);
 				return 0;
 			}
-			req_start(r);
+			read_then_start(r, 0, (size_t)o->size);
 			return 1;
 		}
 		o->nparts = (unsigned)((o->size + U.c.part_size - 1) / U.c.part_size);
@@ -608,20 +651,7 @@ static int obj_step(struct obj *o)
 		if (!r)
 			return 0;
 		o->parts[i].state = 1;
-		{
-			int e = -read_body(r, off, len);
-
-			if (e || r->gen != o->gen || o->state != O_RUNNING) {
-				/* (the object may have started over meanwhile) */
-				if (r->gen == o->gen)
-					o->parts[i].state = 0;
-				req_free(r);
-				if (e && o->state == O_RUNNING)
-					obj_finish(o, e, "reading the local file");
-				return 0;
-			}
-		}
-		req_start(r);
+		read_then_start(r, off, len);
 		return 1;
 	}
 	return 0;
@@ -648,6 +678,26 @@ static void schedule(void)
 	struct req **rp = &U.retry, *r;
 	struct obj *o;
 
+	/* bodies the reader has read: their requests go out now */
+	while ((r = U.ready)) {
+		U.ready = r->next;
+		r->next = NULL;
+		o = r->o;
+		o->inflight--;
+		U.active--;
+		if (r->gen != o->gen || o->state != O_RUNNING) {
+			req_free(r); /* its object started over, or is over */
+		} else if (r->read_err) {
+			int e = -r->read_err;
+
+			if (r->type == R_PART)
+				o->parts[r->part - 1].state = 0;
+			req_free(r);
+			obj_finish(o, e, "reading the local file");
+		} else {
+			req_start(r);
+		}
+	}
 	while ((r = *rp) && U.active < U.c.concurrency) {
 		if (r->not_before > now) {
 			rp = &r->next;
@@ -935,6 +985,13 @@ int upload_init(const struct ackpt_helper_config *cfg, struct ackpt_shm *shm)
 	}
 	curl_multi_setopt(U.multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)U.c.concurrency);
 	srand((unsigned)getpid());
+	for (int i = 0; i < READERS; i++)
+		if (pthread_create(&U.reader[i], NULL, reader_main, NULL)) {
+			hlog(0, "uploads to %s cannot start: no thread", U.c.url);
+			U.on = -1;
+			__atomic_store_n(&shm->upload_state, -1, __ATOMIC_RELEASE);
+			return -1;
+		}
 	if (pthread_create(&U.thread, NULL, worker, NULL)) {
 		hlog(0, "uploads to %s cannot start: no thread", U.c.url);
 		U.on = -1;
@@ -1168,6 +1225,11 @@ void upload_finish(void)
 	pthread_mutex_unlock(&U.mu);
 	curl_multi_wakeup(U.multi);
 	pthread_join(U.thread, NULL);
+	pthread_mutex_lock(&U.mu);
+	pthread_cond_broadcast(&U.rcond);
+	pthread_mutex_unlock(&U.mu);
+	for (int i = 0; i < READERS; i++)
+		pthread_join(U.reader[i], NULL);
 	if (U.nfailed) {
 		hlog(0, "%u object(s) were not uploaded to s3://%s:", U.nfailed, U.c.bucket);
 		for (i = 0; i < U.nfailed && i < 20; i++)
