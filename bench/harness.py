@@ -667,7 +667,11 @@ class Harness:
         """The upload row (bench/upload): ackpt-run --upload against boto3's
         upload_file on a moto S3 server; skipped, saying why, without moto."""
         a = self.args
-        mod = load_script("upload")
+        try:
+            mod = load_script("upload")
+        except Exception as e:
+            log("bench/run: upload row skipped: bench/upload cannot be loaded (%s)" % e)
+            return {"skipped": "bench/upload cannot be loaded (%s)" % e}
         why = mod.moto_problem()
         if why:
             log("bench/run: upload row skipped: %s" % why)
@@ -692,7 +696,8 @@ class Harness:
             plan, a.sizes = [], []
         self.total_saves = sum(len(systems_for(f, not a.no_nvrx)) * (a.rounds + 1) for s, f in plan)
         self.plan = plan
-        res = {"mode": "upload only" if only_upload else "quick" if a.quick else "full", "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        res = {"mode": "upload only" if only_upload else "quick" if a.quick else "full",
+               "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                "machine": machine(self.tmp),
                "config": {"sizes": [fmt_size(s) for s in a.sizes], "formats": a.formats,
                           "measured_saves": a.rounds, "warmup_saves": 1, "idle_s": a.idle_s,
@@ -963,7 +968,7 @@ def markdown(res):
                 L.append("")
             L.append("| measure | value | note |")
             L.append("| --- | --- | --- |")
-            for name, val, note in load_script("upload").report_rows(u):
+            for name, val, note in upload_rows(u):
                 L.append("| %s | %s | %s |" % (name, val, note.replace("|", "/")))
         L.append("")
     L.append("### Targets")
@@ -975,6 +980,15 @@ def markdown(res):
                                                       "yes" if t["met"] else "**no**", t["gap"] or ""))
     L.append("")
     return "\n".join(L)
+
+
+def upload_rows(u):
+    """(measure, value, note) rows of the upload row's result."""
+    if "error" in u:
+        return [("upload row", "error", u["error"])]
+    if "skipped" in u:
+        return [("upload row", "skipped", u["skipped"])]
+    return load_script("upload").report_rows(u)
 
 
 def print_table(res):
@@ -989,7 +1003,7 @@ def print_table(res):
         print()
     if "upload" in res:
         u = res["upload"]
-        rows = [("upload row", "error", u["error"])] if "error" in u else load_script("upload").report_rows(u)
+        rows = upload_rows(u)
         w = max(len(r[0]) for r in rows)
         print("uploads to an object store (bench/upload):")
         for name, val, note in rows:

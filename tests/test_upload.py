@@ -25,6 +25,7 @@ Knobs: ACKPT_TEST_UPLOAD_GIB (default 5; 0 skips the big-file test, a
 smaller number makes it quicker).  Skips when moto/boto3 are not importable
 (pip install 'moto[server]' boto3 into .venv) or ackpt is not built.
 """
+import base64
 import errno
 import hashlib
 import json
@@ -36,6 +37,7 @@ import subprocess
 import threading
 import time
 import zipfile
+import zlib
 
 import pytest
 
@@ -353,6 +355,14 @@ def test_single_process_save_and_marker(tmp_path, moto, prog):
     assert st["uploaded_objects"] == len(uploaded), \
         "uploaded_objects %d, %d files written: %s" % (st["uploaded_objects"], len(uploaded), st)
     assert st["uploaded_bytes"] >= sum(uploaded.values()), st
+    # each PUT carried the CRC32 of its bytes (x-amz-checksum-crc32, which
+    # S3 checks; moto records it): the one-part objects' equal their files'
+    for rel, size in uploaded.items():
+        if size > 5 * MiB:
+            continue  # multipart: a checksum of the parts' checksums
+        h = moto.client().head_object(Bucket=BUCKET, Key="%s/%s" % (prefix, rel), ChecksumMode="ENABLED")
+        want = base64.b64encode(zlib.crc32((root / rel).read_bytes()).to_bytes(4, "big")).decode()
+        assert h.get("ChecksumCRC32") == want, (rel, h.get("ChecksumCRC32"), want)
     # the same objects again after exit (nothing extra, e.g. a temporary name)
     assert_same(moto, BUCKET, prefix, root, job, only=written)
     assert set(moto.list_objects(BUCKET)) == {"%s/%s" % (prefix, k) for k in uploaded}, \

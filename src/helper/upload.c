@@ -7,7 +7,9 @@
  *  - a larger one is CreateMultipartUpload, its parts (each read from the
  *    file into a buffer of its own, so memory is parts in flight, never a
  *    whole file), then CompleteMultipartUpload;
- *  - every PUT carries Content-MD5, which the server checks;
+ *  - every PUT carries its CRC32 (x-amz-checksum-crc32, declared for the
+ *    whole multipart upload at its start and listed again at its
+ *    completion), which the server checks against what it received;
  *  - requests are signed by libcurl (CURLOPT_AWS_SIGV4).
  * Failures of the network, 5xx and 429 are retried with backoff, up to
  * MAX_ATTEMPTS per request; a vanished multipart upload restarts its
@@ -31,7 +33,8 @@
 #include <unistd.h>
 
 #include <curl/curl.h>
-#include <openssl/evp.h>
+#include <sodium.h>
+#include <zlib.h>
 
 #include "clock.h"
 #include "helper.h"
@@ -41,14 +44,16 @@
 #define MAX_ATTEMPTS 12
 #define BACKOFF_MAX_NS (10ull * 1000000000ull)
 #define RESP_MAX (64 * 1024)
-#define READERS 2 /* threads reading and hashing parts: one core's MD5 is
-		   * about 600 MB/s, and a disk read of a part takes as long */
+#define READERS 2 /* threads reading parts and computing their CRC32: a disk
+		   * read of a part (the helper wrote it with O_DIRECT) takes
+		   * longer than sending it */
 
 enum obj_kind { OBJ_FILE, OBJ_MARKER, OBJ_DELETE };
 enum obj_state { O_QUEUED, O_RUNNING, O_DONE, O_FAILED };
 
 struct part {
 	char *etag;
+	char crc[16];       /* base64 of its CRC32, for the completion */
 	int state;          /* 0 to do, 1 in flight, 2 done */
 };
 
@@ -85,7 +90,7 @@ struct req {
 	char *resp;
 	size_t resp_len;
 	char etag[256];
-	char md5[32];       /* base64 of the body's MD5 (PUT, part) */
+	char crc[16];       /* base64 of the body's CRC32, big-endian (PUT, part) */
 	int attempt;
 	unsigned gen;       /* the object's when this request was made */
 	uint64_t off;       /* PUT, part: where its body starts in the file */
@@ -269,26 +274,35 @@ static int on_seek(void *arg, curl_off_t off, int origin)
 	return CURL_SEEKFUNC_OK;
 }
 
-static int content_md5(struct req *r)
+static int content_crc(struct req *r)
 {
 	char h[64];
 
-	snprintf(h, sizeof(h), "Content-MD5: %s", r->md5);
+	snprintf(h, sizeof(h), "x-amz-checksum-crc32: %s", r->crc);
 	r->hdr = curl_slist_append(r->hdr, h);
+	r->hdr = curl_slist_append(r->hdr, "x-amz-sdk-checksum-algorithm: CRC32");
 	return r->hdr ? 0 : -ENOMEM;
 }
 
+/* S3's form of a CRC32: its four bytes, big-endian, in base64. */
+static void crc_b64(char *out, size_t cap, uLong crc)
+{
+	unsigned char be[4] = { (unsigned char)(crc >> 24), (unsigned char)(crc >> 16),
+				(unsigned char)(crc >> 8), (unsigned char)crc };
+
+	sodium_bin2base64(out, cap, be, sizeof(be), sodium_base64_VARIANT_ORIGINAL);
+}
+
 /*
- * Read part (or all) of the object's file into r->body, and its MD5.  On
+ * Read part (or all) of the object's file into r->body, and its CRC32.  On
  * the reader thread, without the lock: the transfers go on meanwhile, and
  * the main thread asks about uploads on every op it retires.  The object's
  * descriptor stays open while a request of it exists (obj_free closes it).
  */
 static int read_body(struct req *r, uint64_t off, size_t len)
 {
-	unsigned char md[EVP_MAX_MD_SIZE];
-	unsigned mdlen = 0;
-	size_t got = 0;
+	size_t got = 0, done = 0;
+	uLong crc = crc32(0L, Z_NULL, 0);
 	int ret = 0;
 
 	r->body = malloc(len ? len : 1);
@@ -310,10 +324,14 @@ static int read_body(struct req *r, uint64_t off, size_t len)
 		got += (size_t)n;
 	}
 	r->len = len;
-	if (!ret && EVP_Digest(r->body, len, md, &mdlen, EVP_md5(), NULL))
-		EVP_EncodeBlock((unsigned char *)r->md5, md, (int)mdlen);
-	else if (!ret)
-		ret = -EIO;
+	while (!ret && done < len) {
+		uInt n = len - done > (1u << 30) ? (1u << 30) : (uInt)(len - done);
+
+		crc = crc32(crc, (const Bytef *)r->body + done, n);
+		done += n;
+	}
+	if (!ret)
+		crc_b64(r->crc, sizeof(r->crc), crc);
 	return ret;
 }
 
@@ -369,8 +387,9 @@ static char *complete_xml(const struct obj *o)
 		return NULL;
 	n = (size_t)snprintf(x, cap, "<CompleteMultipartUpload>");
 	for (i = 0; i < o->nparts; i++)
-		n += (size_t)snprintf(x + n, cap - n, "<Part><PartNumber>%u</PartNumber><ETag>%s</ETag></Part>",
-				      i + 1, o->parts[i].etag ? o->parts[i].etag : "");
+		n += (size_t)snprintf(x + n, cap - n, "<Part><PartNumber>%u</PartNumber><ETag>%s</ETag>"
+				      "<ChecksumCRC32>%s</ChecksumCRC32></Part>",
+				      i + 1, o->parts[i].etag ? o->parts[i].etag : "", o->parts[i].crc);
 	snprintf(x + n, cap - n, "</CompleteMultipartUpload>");
 	return x;
 }
@@ -455,7 +474,7 @@ static int req_prepare(struct req *r)
 	switch (r->type) {
 	case R_PUT:
 	case R_PART:
-		ret = content_md5(r);
+		ret = content_crc(r);
 		curl_easy_setopt(r->e, CURLOPT_UPLOAD, 1L);
 		curl_easy_setopt(r->e, CURLOPT_READFUNCTION, on_read);
 		curl_easy_setopt(r->e, CURLOPT_READDATA, r);
@@ -468,6 +487,7 @@ static int req_prepare(struct req *r)
 		curl_easy_setopt(r->e, CURLOPT_POSTFIELDSIZE, 0L);
 		curl_easy_setopt(r->e, CURLOPT_POSTFIELDS, "");
 		r->hdr = curl_slist_append(r->hdr, "Content-Type: application/octet-stream");
+		r->hdr = curl_slist_append(r->hdr, "x-amz-checksum-algorithm: CRC32");
 		break;
 	case R_COMPLETE:
 		curl_easy_setopt(r->e, CURLOPT_POST, 1L);
@@ -845,6 +865,7 @@ static void req_done(struct req *r, CURLcode res)
 		}
 		case R_PART:
 			o->parts[r->part - 1].etag = strdup(r->etag);
+			memcpy(o->parts[r->part - 1].crc, r->crc, sizeof(r->crc));
 			o->parts[r->part - 1].state = 2;
 			o->parts_done++;
 			o->sent += r->len;

@@ -1,5 +1,5 @@
 /*
- * Uploads when ackpt was built without libcurl or libcrypto
+ * Uploads when ackpt was built without libcurl or zlib
  * (meson -Dupload=disabled, or the libraries missing): ACKPT_UPLOAD is
  * refused in one line by the shim, and nothing here ever runs an upload.
  */
@@ -12,7 +12,7 @@ int upload_init(const struct ackpt_helper_config *cfg, struct ackpt_shm *shm)
 	if (!cfg->upload_url[0])
 		return 0;
 	hlog(0, "ACKPT_UPLOAD: this ackpt was built without upload support (it needs libcurl and "
-	     "libcrypto at build time: meson setup -Dupload=enabled)");
+	     "zlib at build time: meson setup -Dupload=enabled)");
 	__atomic_store_n(&shm->upload_state, -1, __ATOMIC_RELEASE);
 	return -1;
 }

@@ -92,7 +92,7 @@ static void config_upload(void)
 		return;
 	if (!ACKPT_HAVE_UPLOAD) {
 		bad("ACKPT_UPLOAD", v, "this ackpt was built without upload support: it needs "
-		    "libcurl and libcrypto at build time (meson setup -Dupload=enabled)");
+		    "libcurl and zlib at build time (meson setup -Dupload=enabled)");
 		return;
 	}
 	name = !strncmp(v, "s3://", 5) ? v + 5 : !strncmp(v, "msc://", 6) ? v + 6 : NULL;
