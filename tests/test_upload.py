@@ -855,3 +855,45 @@ def test_bad_upload_config_is_one_line(tmp_path, var, values):
     assert len(lines) == 1 and var in lines[0], \
         "expected exactly one stderr line naming %s, got:\n%s" % (var, r.stderr)
     assert (out / "f").read_text() == "x"
+
+
+MSC_BAD = [
+    ("gcs", "storage_provider:\n      type: gcs\n      options:\n        base_path: b/p\n",
+     ['type "gcs" is not supported']),
+    ("option", "storage_provider:\n      type: s3\n      options:\n        base_path: b/p\n"
+               "        rust_client: {}\n", ['option "rust_client" is not supported']),
+    ("creds", "storage_provider:\n      type: s3\n      options:\n        base_path: b/p\n"
+              "    credentials_provider:\n      type: AzureCredentials\n      options: {}\n",
+     ['credentials_provider type "AzureCredentials" is not supported']),
+    ("unset-var", "storage_provider:\n      type: s3\n      options:\n        base_path: ${ACKPT_TEST_NO_SUCH_VAR}\n",
+     ["unset environment variable"]),
+    ("no-profile", None, ['has no profile "ckpt"']),
+]
+
+
+@pytest.mark.parametrize("case,body,want", MSC_BAD, ids=[c[0] for c in MSC_BAD])
+def test_msc_config_refusals_are_one_line(tmp_path, case, body, want):
+    """An MSC profile ackpt cannot honour (another provider type, an option
+    or credentials type it does not read, an unset ${VAR}, no such profile):
+    the helper says so in one line naming the field and the config file; the
+    program's files are still written, and it exits non-zero because nothing
+    could be uploaded."""
+    need_uploads()
+    cfg = tmp_path / "msc.yaml"
+    cfg.write_text("profiles:\n  other:\n    storage_provider:\n      type: s3\n      options:\n"
+                   "        base_path: x\n" + ("  ckpt:\n    " + body if body else ""))
+    out = tmp_path / "out"
+    out.mkdir()
+    env = shim_env(out, ACKPT_UPLOAD="msc://ckpt/run", MSC_CONFIG=str(cfg),
+                   AWS_ACCESS_KEY_ID="AKIAEXAMPLE000000000", AWS_SECRET_ACCESS_KEY="x" * 40,
+                   AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_PROFILE=None, AWS_SESSION_TOKEN=None)
+    r = subprocess.run([VENV_PY, "-c", "open(%r, 'w').write('x')" % str(out / "f")],
+                       env=env, capture_output=True, text=True, timeout=90)
+    helper_lines = [ln for ln in r.stderr.splitlines() if "ackpt-helper" in ln and "error" in ln]
+    print("exit status %d; stderr: %r" % (r.returncode, r.stderr))
+    assert helper_lines and all(w in helper_lines[0] for w in want) and str(cfg) in helper_lines[0], r.stderr
+    assert "ACKPT_UPLOAD" in helper_lines[0], r.stderr
+    # one line for the configuration; nothing per object
+    assert len([ln for ln in helper_lines if "msc" in ln.lower() or "MSC" in ln]) == 1, r.stderr
+    assert (out / "f").read_text() == "x"
+    assert r.returncode == 1, r.stderr
