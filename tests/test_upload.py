@@ -897,3 +897,30 @@ def test_msc_config_refusals_are_one_line(tmp_path, case, body, want):
     assert len([ln for ln in helper_lines if "msc" in ln.lower() or "MSC" in ln]) == 1, r.stderr
     assert (out / "f").read_text() == "x"
     assert r.returncode == 1, r.stderr
+
+
+def test_barrier_waits_for_uploads_longer_than_its_timeout(tmp_path, moto):
+    """ACKPT_BARRIER_TIMEOUT=2, and each rank's 256 MiB file takes longer
+    than that to upload (one request at a time): a rank whose data is
+    durable and whose uploads are still going keeps the barrier open
+    (PROGRESS frames), so the commits happen, locally and in the bucket,
+    instead of being aborted as if a rank had gone silent."""
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    prefix = "slow"
+    tracker = "latest_checkpointed_iteration.txt"
+    argv = upload_argv(root, "s3://%s/%s" % (BUCKET, prefix),
+                       torchrun_argv(2, free_master_port(), "megatron_job.py", [root, 2]))
+    t0 = time.monotonic()
+    job = run_job("slow-upload", argv,
+                  job_env(**moto.env(ACKPT_UPLOAD_PART_SIZE="8M", ACKPT_UPLOAD_CONCURRENCY=1,
+                                     ACKPT_BARRIER_TIMEOUT=2, MEGATRON_JOB_KIB=256 * 1024)),
+                  tmp_path / "logs", timeout=JOB_TIMEOUT)
+    took = time.monotonic() - t0
+    assert job.returncode == 0, job.describe()
+    out = job.describe()
+    assert "aborted" not in out and "no answer from rank" not in out, out
+    assert (root / tracker).read_text().strip() == "2"
+    print("job took %.1f s with a 2 s barrier timeout" % took)
+    assert_same(moto, BUCKET, prefix, root, job)
+    assert moto.get(BUCKET, "%s/%s" % (prefix, tracker)).strip() == b"2"

@@ -48,6 +48,10 @@ enum ackpt_bar_type {
 /* data[0] of ACK and DECISION: an upload of this barrier's data failed for
  * good somewhere, so its marker is committed but not uploaded */
 #define ACKPT_BAR_F_UPLOAD_FAILED 0x1
+/* status of a PROGRESS: my data is durable and my uploads for a barrier I
+ * owe an ACK are still going: keep it open (every few seconds; uploads end,
+ * done or failed, after bounded retries) */
+#define ACKPT_PROGRESS_UPLOADING 1
 #define ACKPT_NAME_COMMIT    0x1 /* arg is a commit id (else an op seq) */
 #define ACKPT_NAME_DIR       0x2 /* the hash is of a directory the name is in */
 #define ACKPT_COORD_LOCAL    0x7fffffff /* participant id of the host's own helper */

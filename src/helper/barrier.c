@@ -92,6 +92,9 @@ static struct {
 	unsigned char crbuf[sizeof(struct ackpt_bar_msg)];
 	uint64_t sent_durable, sent_commits; /* last PROGRESS sent */
 	int progress_owed;    /* a PROGRESS could not be sent yet */
+	uint64_t keepalive_at; /* next PROGRESS(UPLOADING) while an ACK waits for uploads */
+	int uploading;        /* ACKPT_UPLOAD: ACKs wait for uploads too, which may take
+			       * longer than the barrier timeout (keepalives) */
 	struct { uint64_t bid, target; } pend[MAX_PEND];
 	int npend;
 	struct { uint64_t commit_id, deadline; } req[MAX_REQ];
@@ -255,6 +258,21 @@ static void bar_ack(uint64_t bid, int slot, int status, int rank, uint8_t flags)
 		b->waiting[slot] = 0;
 		if (--b->nwait == 0)
 			decide(b, 0, -1);
+	}
+}
+
+/* Participant slot (or LOCAL) is durable and still uploading for the
+ * barriers it owes: they wait another ACKPT_BARRIER_TIMEOUT. */
+static void bar_keepalive(int slot)
+{
+	uint64_t until = now_ns() + B.timeout_ns;
+	struct bar *b;
+
+	for (b = B.bars; b; b = b->next) {
+		int s = slot == LOCAL ? b->nslots : slot;
+
+		if ((slot == LOCAL || slot < b->nslots) && b->waiting[s] && b->deadline < until)
+			b->deadline = until;
 	}
 }
 
@@ -477,6 +495,8 @@ static int on_part_msg(const struct ackpt_bar_msg *m, void *arg)
 			p->durable = m->id;
 		if (m->arg > p->commits)
 			p->commits = m->arg;
+		if (m->status == ACKPT_PROGRESS_UPLOADING)
+			bar_keepalive(i); /* durable, still uploading: not a silent rank */
 		break;
 	case BAR_REQUEST:
 		bar_start(i, m->arg);
@@ -838,6 +858,7 @@ int bar_init(const struct bar_hooks *hooks, const struct ackpt_helper_config *cf
 	B.world = j->world;
 	B.multi_node = ackpt_job_multi_node(j);
 	B.timeout_ns = cfg->barrier_timeout_ns ? cfg->barrier_timeout_ns : 600ull * 1000000000ull;
+	B.uploading = cfg->upload_url[0] != 0;
 	if (!j->global)
 		return 0; /* a single process: the barrier is a local drain */
 	B.global = 1;
@@ -1077,6 +1098,18 @@ int bar_tick(void)
 			B.pend[i] = B.pend[--B.npend];
 			continue;
 		}
+		if (durable >= B.pend[i].target && now >= B.keepalive_at) {
+			/* durable; its uploads are still going (each ends, done or
+			 * failed, after bounded retries): tell the coordinator this
+			 * rank is not silent, so the barrier waits for them */
+			B.keepalive_at = now + (B.timeout_ns / 3 < 5000000000ull ? B.timeout_ns / 3
+									      : 5000000000ull);
+			if (B.pend[i].bid & (1ull << 63))
+				bar_keepalive(LOCAL);
+			else if (B.cfd >= 0)
+				send_coord(BAR_PROGRESS, B.sent_durable, B.sent_commits,
+					   ACKPT_PROGRESS_UPLOADING, 0);
+		}
 		i++;
 	}
 	for (b = B.bars; b; b = n) {
@@ -1102,7 +1135,10 @@ int bar_tick(void)
 		}
 	}
 	for (i = 0; i < B.nreq;) {
-		if (now >= B.req[i].deadline) {
+		/* with uploads, the coordinator's barrier may wait longer than the
+		 * timeout (ranks still uploading keep it open): its decision, or
+		 * the loss of its connection, is what ends the wait */
+		if (now >= B.req[i].deadline && !B.uploading) {
 			B.h.decided(B.req[i].commit_id, ETIMEDOUT, "no decision from the coordinator");
 			B.req[i] = B.req[--B.nreq];
 			continue;
