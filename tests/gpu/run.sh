@@ -281,10 +281,16 @@ build_cc() {
 	# shellcheck disable=SC2086
 	cc $cflags $sys_inc -fPIC -shared -o "$b/libackpt.so" src/shim/*.c src/common/*.c \
 		-Wl,--version-script=src/shim/libackpt.map -Wl,-z,nodelete -ldl -lpthread -lsodium || return 1
-	# shellcheck disable=SC2086
 	# without uploads (libcurl is not needed for the device path): upload_none.c
-	cc $cflags $uring_cflags -o "$b/ackpt-helper" \
-		$(ls src/helper/*.c | grep -v -e '/upload\.c$' -e '/s3conf\.c$') src/common/*.c \
+	local f helper_src=()
+	for f in src/helper/*.c; do
+		case $f in
+		*/upload.c | */s3conf.c) ;;
+		*) helper_src+=("$f") ;;
+		esac
+	done
+	# shellcheck disable=SC2086
+	cc $cflags $uring_cflags -o "$b/ackpt-helper" "${helper_src[@]}" src/common/*.c \
 		$uring_libs -lpthread -lsodium
 }
 export -f build_meson find_liburing build_cc
