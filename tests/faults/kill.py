@@ -143,12 +143,16 @@ def scenario_helper_kill(work, trials, seed, log):
     refs = {f: reference(work, f, durations) for f in FLAVORS}
     k = attempts = 0
     pending = []
-    while k < trials and attempts < trials * 3:
+    # Where to draw the kill from: the synchronous loop's length at first.
+    # The shimmed loop is shorter (its saves do not wait for the disk), so
+    # every attempt whose kill came after its last save shrinks the window.
+    window = dict(durations)
+    while k < trials and attempts < trials * 5:
         attempts += 1
         flavor = FLAVORS[k % 2]
         r = rng_for(seed, "s2", attempts)
         delay = r.choice([5, 20])
-        at = r.uniform(0, durations[flavor])
+        at = r.uniform(0, window[flavor])
         out = work / "s2" / ("t%03d-%s" % (attempts, flavor))
         out.mkdir(parents=True)
         env = shim_env(out, staging="64M", ACKPT_TEST_DELAY_MS=delay)
@@ -173,6 +177,7 @@ def scenario_helper_kill(work, trials, seed, log):
         hp = helper_pids(mark)
         if not hp or p.p.poll() is not None:
             # the loop ended first: no fault injected, not a trial
+            window[flavor] = max(0.05, min(window[flavor], at) * 0.8)
             p.wait(RUN_TIMEOUT)
             wait_helpers_gone(mark, HELPER_TIMEOUT)
             p.drain_pipes(10)
@@ -184,11 +189,12 @@ def scenario_helper_kill(work, trials, seed, log):
         # drain had found everything durable, is one it rightly never notices.
         os.kill(p.p.pid, signal.SIGSTOP)
         time.sleep(0.1)  # what it printed before the stop reaches p.out
-        done_before = any(ln == "saved %d" % ITERS for ln in list(p.out))
+        done_before = any(ln.rstrip("\n") == "saved %d" % ITERS for ln in list(p.out))
         for h in hp:
             os.kill(h, signal.SIGKILL)
         os.kill(p.p.pid, signal.SIGCONT)
         if done_before:
+            window[flavor] = max(0.05, min(window[flavor], at) * 0.8)
             p.wait(RUN_TIMEOUT)
             wait_helpers_gone(mark, HELPER_TIMEOUT)
             p.drain_pipes(10)
@@ -201,12 +207,13 @@ def scenario_helper_kill(work, trials, seed, log):
             t.fail("attempt %d: a second helper still running" % attempts)
         p.drain_pipes(10)
         lines = ackpt_lines(p.stderr)
-        if rc == 0 and not lines and any(ln == "saved %d" % ITERS for ln in list(p.out)):
+        if rc == 0 and not lines and any(ln.rstrip("\n") == "saved %d" % ITERS for ln in list(p.out)):
             # The stop can land after the last save returned and before it
             # printed so: then the kill found everything durable, and the exit
             # drain had nothing to ask of the helper.  Unnoticed by design,
             # not a trial; its checkpoints are still verified.
             log("  s2 attempt %3d: the kill found everything durable; retried" % attempts)
+            window[flavor] = max(0.05, min(window[flavor], at) * 0.8)
             pending.append((flavor, out, ITERS, True, False, "s2 attempt %d (unnoticed)" % attempts))
             continue
         k += 1
