@@ -565,7 +565,9 @@ int files_post_open(int fd, int flags, const char *how, int force)
 		prev->superseded = 1;
 		ino = inode_create_after(fd, &st, canon, prev);
 		if (!ino) {
+			/* untracked, so the kernel writes it: the old work first */
 			prev->superseded = 0;
+			inode_drain(prev);
 			session_unlock();
 			return fd;
 		}
