@@ -30,6 +30,10 @@ struct ackpt_stats {
 	uint64_t uploaded_objects; /* objects completed */
 	uint64_t upload_failures;  /* objects that failed for good (after retries) */
 	uint64_t uploads_pending;  /* objects queued or in flight */
+	/* how the bytes went */
+	uint64_t bytes_direct;     /* of bytes_written, written with O_DIRECT */
+	uint64_t bytes_through;    /* written by this process itself, past staging
+				    * (staging full or not faulted in yet) */
 };
 
 /*

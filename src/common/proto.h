@@ -20,9 +20,11 @@
 #include "job.h"
 
 #define ACKPT_PROTO_MAGIC   0x74706b63614b4341ull /* "ACKackpt" */
-#define ACKPT_PROTO_VERSION 6 /* 2: one payload struct per op; no TRUNCATE (ftruncate
+#define ACKPT_PROTO_VERSION 7 /* 2: one payload struct per op; no TRUNCATE (ftruncate
 				* goes through the kernel); DIRTY.  3: coord_part, announced_*,
-				* cfg.  4: the job's secret in cfg, want_mib.  5: uploads.  6: open.after */
+				* cfg.  4: the job's secret in cfg, want_mib.  5: uploads.  6: open.after.
+				* 7: chunks at their file offset's place in a page, bytes_direct,
+				* FAIL */
 
 /* Descriptor numbers the helper finds its channels on after exec. */
 #define ACKPT_HELPER_SOCK_FD 3
@@ -33,7 +35,7 @@
 #define ACKPT_INTENT_PATH    4096
 #define ACKPT_UPLOAD_URL_MAX   1024
 #define ACKPT_UPLOAD_ROOTS_MAX 4096
-#define ACKPT_ARENA_ALIGN    4096  /* every staged chunk starts page-aligned */
+#define ACKPT_ARENA_ALIGN    4096  /* a chunk keeps its file offset modulo this (arena.h) */
 #define ACKPT_REG_BUF_MAX    (1ull << 30) /* io_uring fixed-buffer size cap */
 
 /* shim -> helper: what each record asks.  Ops of one file take effect in
@@ -51,6 +53,10 @@ enum ackpt_op_type {
 	ACKPT_OP_DIRTY,      /* the program wrote the file through the kernel itself (a
 			      * description shared with another process): fsync it at
 			      * the next FSYNC, CLOSE or barrier */
+	ACKPT_OP_FAIL,       /* a write to the file returned EIO to the program (an
+			      * aborted commit is reported there) and its bytes were
+			      * dropped: the file is incomplete, so every commit that
+			      * covers it must abort */
 };
 
 /* OPEN */
@@ -188,7 +194,7 @@ struct ackpt_shm {
 	uint64_t helper_cpu_ns;     /* helper */
 	uint64_t prefault_done;     /* helper: bytes of the arena it has populated */
 	int32_t reg_helper;         /* helper, at start: its index in the node registry, or -1 */
-	uint32_t want_mib;          /* shim: how far into the arena staging would have got,
+	uint32_t want_mib;          /* shim: how far into the ring staging would have got,
 				     * in MiB, counting what it wrote through the kernel
 				     * because the arena was not faulted in yet; the helper
 				     * faults ahead of it */
@@ -228,6 +234,10 @@ struct ackpt_shm {
 	uint64_t uploads_pending;   /* objects queued or in flight */
 	uint64_t upload_seq;        /* every upload that an op <= this started is over
 				     * (done or failed), and every op <= it is durable */
+	uint64_t bytes_direct;      /* helper: of bytes_written, with O_DIRECT */
+	uint64_t commits_withheld;  /* helper: commits not made because a file of theirs
+				     * was failed by a FAIL op: the program was told at
+				     * that write, so not reported again; counted at exit */
 };
 
 _Static_assert(__builtin_offsetof(struct ackpt_shm, durable_seq) == 32 &&

@@ -79,7 +79,10 @@ void commit_decided(uint64_t id, int status, const char *why)
 		if (c->id == id && c->state == 1) {
 			c->state = 2;
 			c->status = status;
-			if (status)
+			if (status == ECANCELED)
+				hlog(0, "rank %d: %s not committed: a write of this checkpoint "
+				     "returned an error to the program (above)", bar_rank(), c->final);
+			else if (status)
 				hlog(0, "rank %d: commit of %s aborted: %s%s%s", bar_rank(), c->final,
 				     strerror(status), why ? ": " : "", why ? why : "");
 			return;
@@ -309,7 +312,12 @@ void commit_pump(void)
 				hlog(3, "committed %s", c->final);
 			}
 		}
-		if (c->status) {
+		if (c->status == ECANCELED) {
+			/* a write of this checkpoint failed, and the program was told */
+			if (c->own_temp)
+				unlink(c->tmp);
+			__atomic_fetch_add(&H.shm->commits_withheld, 1, __ATOMIC_RELAXED);
+		} else if (c->status) {
 			if (c->own_temp)
 				unlink(c->tmp);
 			__atomic_fetch_add(&H.shm->commit_failures, 1, __ATOMIC_RELAXED);

@@ -19,17 +19,9 @@
 #include "path.h"
 #include "registry.h"
 
-void file_error(uint32_t slot, int err, const char *what)
+/* The file's data is lost: later ops skip it, commits that cover it abort. */
+static void file_mark_failed(struct hfile *f, uint32_t slot, int err)
 {
-	struct hfile *f;
-
-	__atomic_fetch_add(&H.shm->errors, 1, __ATOMIC_RELAXED);
-	H.last_err = err;
-	if (slot == ACKPT_NO_FILE || slot >= ACKPT_MAX_FILES) {
-		hlog(0, "%s failed: %s", what, strerror(err));
-		return;
-	}
-	f = &H.files[slot];
 	if (!f->err)
 		f->err = err;
 	{
@@ -44,8 +36,45 @@ void file_error(uint32_t slot, int err, const char *what)
 	}
 	if (!__atomic_load_n(&H.shm->files[slot].err, __ATOMIC_RELAXED))
 		__atomic_store_n(&H.shm->files[slot].err, err, __ATOMIC_RELEASE);
+}
+
+void file_error(uint32_t slot, int err, const char *what)
+{
+	struct hfile *f;
+
+	__atomic_fetch_add(&H.shm->errors, 1, __ATOMIC_RELAXED);
+	H.last_err = err;
+	if (slot == ACKPT_NO_FILE || slot >= ACKPT_MAX_FILES) {
+		hlog(0, "%s failed: %s", what, strerror(err));
+		return;
+	}
+	f = &H.files[slot];
+	file_mark_failed(f, slot, err);
 	__atomic_fetch_add(&H.shm->files[slot].err_seq, 1, __ATOMIC_RELEASE);
 	hlog(0, "%s of %s failed: %s", what, f->path ? f->path : "(unknown file)", strerror(err));
+	publish();
+}
+
+/*
+ * The shim reported an aborted commit as EIO from a write to this file and
+ * dropped that write's bytes: the program knows (no second report), but a
+ * program that carries on regardless (DCP's writer threads end on an
+ * exception, and the save goes on without their files' items) must not
+ * get a checkpoint with this file committed.
+ */
+void file_failed_told(uint32_t slot)
+{
+	struct hfile *f = &H.files[slot];
+
+	/* ECANCELED inside ackpt (the barrier carries it to the committing
+	 * helper, which then does not report the abort once more: that would
+	 * fail the next checkpoint's first write in turn); EIO for the program */
+	__atomic_fetch_add(&H.shm->errors, 1, __ATOMIC_RELAXED);
+	H.last_err = ECANCELED;
+	file_mark_failed(f, slot, ECANCELED);
+	__atomic_store_n(&H.shm->files[slot].err, EIO, __ATOMIC_RELEASE);
+	hlog(0, "%s is incomplete: a write to it returned EIO to report an aborted commit, so "
+	     "no commit that includes it will be made", f->path ? f->path : "(unknown file)");
 	publish();
 }
 

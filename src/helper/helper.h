@@ -29,6 +29,7 @@ struct hop {
 	enum hop_state state;
 	uint64_t done_bytes;
 	int used_direct;
+	int fault_seen;      /* the fault injector has counted this op */
 	int fsync_phase;       /* CLOSE: fsync issued */
 	struct hop *fnext;     /* next pending op of the same file */
 };
@@ -66,7 +67,7 @@ struct helper {
 	struct hfile files[ACKPT_MAX_FILES];
 	atomic_int prefault_done;
 	atomic_int exiting;
-	_Atomic uint64_t max_end;
+	_Atomic uint64_t max_in; /* furthest end of a staged chunk within the ring */
 	int registered;
 	struct ackpt_registry *reg;
 	int reg_helper;
@@ -105,6 +106,7 @@ void publish(void);
 void upload_closing(struct hfile *f, uint64_t seq);
 /* durable.c */
 void file_error(uint32_t slot, int err, const char *what);
+void file_failed_told(uint32_t slot);
 void registry_release(struct hfile *f);
 void file_close(struct hfile *f);
 int fsync_checked(int fd);

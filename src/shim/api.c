@@ -49,6 +49,7 @@ ACKPT_EXPORT int ackpt_get_stats(struct ackpt_stats *out, size_t size)
 	s.stall_seconds = S.stall_ns / 1e9;
 	s.active = S.state == SESS_ACTIVE;
 	s.staging_bytes = S.arena_size;
+	s.bytes_through = S.bytes_through;
 	if (S.shm) {
 		s.bytes_written = __atomic_load_n(&S.shm->bytes_written, __ATOMIC_ACQUIRE);
 		s.errors = __atomic_load_n(&S.shm->errors, __ATOMIC_ACQUIRE);
@@ -59,6 +60,7 @@ ACKPT_EXPORT int ackpt_get_stats(struct ackpt_stats *out, size_t size)
 		s.uploaded_objects = __atomic_load_n(&S.shm->uploaded_objects, __ATOMIC_ACQUIRE);
 		s.upload_failures = __atomic_load_n(&S.shm->upload_failures, __ATOMIC_ACQUIRE);
 		s.uploads_pending = __atomic_load_n(&S.shm->uploads_pending, __ATOMIC_ACQUIRE);
+		s.bytes_direct = __atomic_load_n(&S.shm->bytes_direct, __ATOMIC_ACQUIRE);
 	}
 	memcpy(out, &s, size < sizeof(s) ? size : sizeof(s));
 	return 0;

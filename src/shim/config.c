@@ -131,11 +131,116 @@ static void config_upload(void)
 	}
 }
 
+/* A small file, read whole with raw system calls (this runs inside the
+ * program's constructors); -1 when it cannot be read. */
+static ssize_t read_small(const char *path, char *buf, size_t size)
+{
+	long fd = syscall(SYS_openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC);
+	ssize_t got = 0;
+	long n;
+
+	if (fd < 0)
+		return -1;
+	while (got < (ssize_t)size - 1 &&
+	       (n = syscall(SYS_read, fd, buf + got, size - 1 - (size_t)got)) > 0)
+		got += n;
+	syscall(SYS_close, fd);
+	buf[got] = 0;
+	return got;
+}
+
+/* The lowest of limit files named `file` from dir (under /sys/fs/cgroup/...)
+ * up to the hierarchy's root at base, or total. */
+static uint64_t cgroup_limit(char *dir, size_t base, const char *file, uint64_t total)
+{
+	char val[64];
+
+	for (;;) {
+		size_t len = strlen(dir);
+		char *slash;
+
+		while (len > base && dir[len - 1] == '/')
+			dir[--len] = 0;
+		if (len + strlen(file) + 2 <= 1200) {
+			uint64_t lim;
+			char *end;
+
+			dir[len] = '/';
+			strcpy(dir + len + 1, file);
+			if (read_small(dir, val, sizeof(val)) > 0) {
+				lim = strtoull(val, &end, 10);
+				if (end != val && (*end == '\n' || !*end) && lim && lim < total)
+					total = lim;
+			}
+			dir[len] = 0;
+		}
+		if (len <= base)
+			return total;
+		slash = strrchr(dir, '/');
+		if (!slash || (size_t)(slash - dir) < base)
+			return total;
+		*slash = 0;
+	}
+}
+
+/* The memory this process may use: the machine's, or its memory cgroup's
+ * limit (v2 memory.max, v1 memory.limit_in_bytes, the lowest on the way up)
+ * when lower. */
+static uint64_t memory_limit(void)
+{
+	struct sysinfo si;
+	uint64_t total = sysinfo(&si) == 0 ? (uint64_t)si.totalram * si.mem_unit : (8ull << 30);
+	char cg[2048], dir[1200];
+	char *line, *save = NULL;
+
+	if (read_small("/proc/self/cgroup", cg, sizeof(cg)) <= 0)
+		return total;
+	for (line = strtok_r(cg, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+		const char *ctl = strchr(line, ':'), *path = ctl ? strchr(ctl + 1, ':') : NULL;
+
+		if (!path || path[1] != '/')
+			continue;
+		if (ctl[1] == ':') {
+			/* v2: 0::/path, mounted at /sys/fs/cgroup or .../unified */
+			snprintf(dir, sizeof(dir), "/sys/fs/cgroup%s", path + 1);
+			total = cgroup_limit(dir, strlen("/sys/fs/cgroup"), "memory.max", total);
+			snprintf(dir, sizeof(dir), "/sys/fs/cgroup/unified%s", path + 1);
+			total = cgroup_limit(dir, strlen("/sys/fs/cgroup/unified"), "memory.max", total);
+		} else if ((size_t)(path - ctl - 1) == strlen("memory") &&
+			   !strncmp(ctl + 1, "memory", 6)) {
+			snprintf(dir, sizeof(dir), "/sys/fs/cgroup/memory%s", path + 1);
+			total = cgroup_limit(dir, strlen("/sys/fs/cgroup/memory"),
+					     "memory.limit_in_bytes", total);
+		}
+	}
+	return total;
+}
+
+/* Ranks of the job on this node, from the launchers' variables; 1 if none. */
+static unsigned local_ranks(void)
+{
+	static const char *const vars[] = { "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE",
+					    "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS" };
+	unsigned i;
+
+	for (i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
+		const char *v = getenv(vars[i]);
+		char *end;
+		unsigned long k;
+
+		if (!v || !*v)
+			continue;
+		k = strtoul(v, &end, 10);
+		if (!*end && k >= 1 && k <= 65536)
+			return (unsigned)k;
+	}
+	return 1;
+}
+
 void config_load(void)
 {
 	const char *v;
 	uint64_t total;
-	struct sysinfo si;
 
 	C.enabled = 1;
 	C.log_level = L_WARN;
@@ -153,10 +258,15 @@ void config_load(void)
 		if (!strcmp(v, "1")) { C.enabled = 0; return; }
 		if (strcmp(v, "0")) { bad("ACKPT_DISABLE", v, "expected 0 or 1"); return; }
 	}
-	total = sysinfo(&si) == 0 ? (uint64_t)si.totalram * si.mem_unit : (8ull << 30);
-	C.staging = 1ull << 30;
-	if (C.staging > total / 8)
-		C.staging = total / 8;
+	/* a quarter of the memory, shared by the node's ranks: the arena is
+	 * reserved, and faulted in only as far as checkpoints reach into it
+	 * (stage.c, arena_head; the helper's prefault) */
+	total = memory_limit();
+	C.staging = total / 4 / local_ranks();
+	if (C.staging < (64ull << 20))
+		C.staging = 64ull << 20;
+	if (C.staging > (1ull << 40))
+		C.staging = 1ull << 40;
 	v = getenv("ACKPT_STAGING");
 	if (v && *v) {
 		if (ackpt_parse_size(v, &C.staging) < 0) {

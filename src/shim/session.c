@@ -464,6 +464,13 @@ static int session_exit_drain(void)
 		     C.upload_url);
 		return 1;
 	}
+	errs = __atomic_load_n(&S.shm->commits_withheld, __ATOMIC_ACQUIRE);
+	if (errs) {
+		alog(L_ERROR, "%llu metadata commit(s) were not made because a write of their "
+		     "checkpoint failed (the program was told); exiting with status 1",
+		     (unsigned long long)errs);
+		return 1;
+	}
 	errs = files_unreported_errors();
 	if (errs) {
 		alog(L_ERROR, "%llu checkpoint write error(s) were never reported to the program; "

@@ -45,12 +45,34 @@ void *arena_prefault_main(void *arg)
 	return NULL;
 }
 
-/* Reserve arena space for len bytes, blocking while the arena is full. */
-static int arena_reserve(uint64_t len, uint64_t *pos, uint64_t *end)
+/*
+ * Where the next chunk may start.  Once the helper has written out
+ * everything (tail == head, as between two checkpoints), staging starts
+ * again at the ring's start, so a job's arena use stays at about its
+ * largest checkpoint however large the arena is, and the pages the last
+ * checkpoint faulted in are the ones the next one uses.  Not for every
+ * drained write: positions only grow, and a lap per 64 MiB or more keeps
+ * them far from wrapping.
+ */
+#define RING_RESTART_MIN (64ull << 20)
+
+static uint64_t arena_head(void)
+{
+	uint64_t in = S.head % S.arena_size;
+
+	if (in >= RING_RESTART_MIN &&
+	    S.head == __atomic_load_n(&S.shm->arena_tail, __ATOMIC_ACQUIRE))
+		return S.head - in + S.arena_size;
+	return S.head;
+}
+
+/* Reserve arena space for len bytes bound for file offset off, blocking
+ * while the arena is full. */
+static int arena_reserve(uint64_t len, uint64_t off, uint64_t *pos, uint64_t *end)
 {
 	uint64_t stall0 = 0;
 
-	ackpt_arena_place(S.head, len, S.arena_size, pos, end);
+	ackpt_arena_place(arena_head(), len, off, S.arena_size, pos, end);
 	while (!ackpt_arena_fits(*end, __atomic_load_n(&S.shm->arena_tail, __ATOMIC_ACQUIRE),
 				 S.arena_size)) {
 		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
@@ -78,11 +100,11 @@ static int arena_reserve(uint64_t len, uint64_t *pos, uint64_t *end)
  */
 enum { ARENA_READY, ARENA_COLD, ARENA_FULL };
 
-static int arena_state(uint64_t len)
+static int arena_state(uint64_t len, uint64_t off)
 {
 	uint64_t pos, end, in, faulted;
 
-	ackpt_arena_place(S.head, len, S.arena_size, &pos, &end);
+	ackpt_arena_place(arena_head(), len, off, S.arena_size, &pos, &end);
 	if (!ackpt_arena_fits(end, __atomic_load_n(&S.shm->arena_tail, __ATOMIC_ACQUIRE),
 			      S.arena_size))
 		return ARENA_FULL;
@@ -157,7 +179,7 @@ static int may_write_through(struct inode_state *ino, uint64_t off, uint64_t len
 	*full = 0;
 	if (!C.write_through || device)
 		return 0;
-	st = arena_state(len);
+	st = arena_state(len, off);
 	if (st == ARENA_READY)
 		return 0;
 	/* a small piece pays little for first touch (at most COLD_MIN at
@@ -193,7 +215,11 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 
 	*staged = 0;
 	while (len) {
-		uint64_t chunk = len < S.max_chunk ? len : S.max_chunk;
+		/* a cut inside a long write falls on a file page boundary, so
+		 * only the write's own ends are partial pages for the helper */
+		uint64_t chunk = len <= S.max_chunk
+				       ? len
+				       : S.max_chunk - ((off + S.max_chunk) & (ACKPT_ARENA_ALIGN - 1));
 		struct ackpt_op op = { .type = ACKPT_OP_WRITE, .file = ino->slot };
 		uint64_t pos, end, head = S.head, t0 = now_ns();
 		int bad = 0, full;
@@ -207,9 +233,12 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 				through = 1;
 				S.bytes_through += (uint64_t)n;
 				*staged += (size_t)n;
-				/* demand the helper's prefault must follow */
+				/* demand the helper's prefault must follow: where in
+				 * the ring staging would have got */
+				uint64_t want = S.head % S.arena_size + S.bytes_through;
+
 				__atomic_store_n(&S.shm->want_mib,
-						 (uint32_t)((S.head + S.bytes_through) >> 20),
+						 (uint32_t)((want < S.arena_size ? want : S.arena_size) >> 20),
 						 __ATOMIC_RELAXED);
 			}
 			if (n < (ssize_t)chunk) {
@@ -222,7 +251,7 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 			len -= chunk;
 			continue;
 		}
-		ret = arena_reserve(chunk, &pos, &end);
+		ret = arena_reserve(chunk, off, &pos, &end);
 		if (ret < 0)
 			return ret;
 		if (device) {

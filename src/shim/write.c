@@ -144,6 +144,18 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 		session_unlock();
 		return done(-EOPNOTSUPP);
 	}
+	/* an aborted commit is reported at the next call on a managed file.
+	 * When that is a write, its bytes are not written, so the file is
+	 * incomplete: the helper marks it failed, and no commit that includes
+	 * it goes ahead, even if the program carries on */
+	ret = session_check_commit_error();
+	if (ret < 0) {
+		ino->err_told = 1;
+		if (S.state == SESS_ACTIVE)
+			session_send_simple(ACKPT_OP_FAIL, ino);
+		session_unlock();
+		return done(ret);
+	}
 	/* after a write error the helper drops the file's later data: fail
 	 * every later write rather than report success without it */
 	ret = session_check_error_sticky(ino);

@@ -67,6 +67,12 @@ class AckptStats(ctypes.Structure):
         ("helper_flags", ctypes.c_int32),
         ("helper_cpu_seconds", ctypes.c_double),
         ("staging_bytes", ctypes.c_uint64),
+        ("uploaded_bytes", ctypes.c_uint64),
+        ("uploaded_objects", ctypes.c_uint64),
+        ("upload_failures", ctypes.c_uint64),
+        ("uploads_pending", ctypes.c_uint64),
+        ("bytes_direct", ctypes.c_uint64),
+        ("bytes_through", ctypes.c_uint64),
         # room to grow: the library rejects a size smaller than its own struct
         ("_spare", ctypes.c_char * 256),
     ]

@@ -4,19 +4,19 @@
 
 int main(void)
 {
-	/* page-granular overlap */
-	CHECK(ackpt_pages_overlap(0, 4096, 0, 1));
-	CHECK(!ackpt_pages_overlap(0, 4096, 4096, 4096));
-	CHECK(ackpt_pages_overlap(0, 4097, 4096, 1));       /* shares page 1 */
-	CHECK(ackpt_pages_overlap(100, 10, 200, 10));       /* same page, disjoint bytes */
-	CHECK(!ackpt_pages_overlap(0, 8192, 8192, 100));
-	CHECK(ackpt_pages_overlap(5000, 1, 4096, 4096));
-	CHECK(!ackpt_pages_overlap(1 << 20, 4096, 0, 1 << 20));
-
-	/* only writes to different pages may pass each other */
+	/* writes to disjoint bytes may pass each other, within a page too */
 	CHECK(ackpt_may_pass(ACKPT_OP_WRITE, 0, 4096, ACKPT_OP_WRITE, 8192, 4096));
+	CHECK(ackpt_may_pass(ACKPT_OP_WRITE, 0, 4096, ACKPT_OP_WRITE, 4096, 4096));
+	CHECK(ackpt_may_pass(ACKPT_OP_WRITE, 100, 10, ACKPT_OP_WRITE, 110, 10)); /* same page */
+	CHECK(ackpt_may_pass(ACKPT_OP_WRITE, 110, 10, ACKPT_OP_WRITE, 100, 10));
+	CHECK(ackpt_may_pass(ACKPT_OP_WRITE, 0, 10, ACKPT_OP_WRITE, 10, 10));
+	/* any common byte: in order */
 	CHECK(!ackpt_may_pass(ACKPT_OP_WRITE, 0, 4096, ACKPT_OP_WRITE, 100, 1));
-	CHECK(!ackpt_may_pass(ACKPT_OP_WRITE, 0, 10, ACKPT_OP_WRITE, 10, 10));
+	CHECK(!ackpt_may_pass(ACKPT_OP_WRITE, 0, 11, ACKPT_OP_WRITE, 10, 10));
+	CHECK(!ackpt_may_pass(ACKPT_OP_WRITE, 19, 1, ACKPT_OP_WRITE, 10, 10));
+	CHECK(!ackpt_may_pass(ACKPT_OP_WRITE, 0, 1 << 20, ACKPT_OP_WRITE, 4096, 8192));
+	CHECK(!ackpt_may_pass(ACKPT_OP_WRITE, 4096, 8192, ACKPT_OP_WRITE, 0, 1 << 20));
+	/* everything else waits */
 	CHECK(!ackpt_may_pass(ACKPT_OP_FSYNC, 0, 0, ACKPT_OP_WRITE, 1 << 30, 1));
 	CHECK(!ackpt_may_pass(ACKPT_OP_WRITE, 0, 1, ACKPT_OP_FSYNC, 0, 0));
 	CHECK(!ackpt_may_pass(ACKPT_OP_DIRTY, 0, 0, ACKPT_OP_WRITE, 1 << 20, 1));
