@@ -321,8 +321,26 @@ class NvrxTorch(System):
         self.ckpt.finalize_async_save(blocking=True, no_dist=True, terminate=True)
 
 
+class DcpAsyncAckpt(DcpAsync):
+    """DCP async_save THREAD, the same script run under ackpt-run: the two
+    composed.  Durable once DCP's future resolves and ackpt's helper has
+    made everything durable and committed the metadata."""
+
+    def __init__(self, spec, pg):
+        super().__init__(dict(spec, system="dcp-thread"), pg)
+        self.ackpt = Ackpt(spec, pg)
+
+    def wait(self):
+        super().wait()
+        self.ackpt.wait()
+
+    def round_stats(self):
+        return self.ackpt.round_stats()
+
+
 SYSTEMS = {"sync": System, "ackpt": Ackpt, "floor": Floor, "dcp-thread": DcpAsync,
-           "dcp-process": DcpAsync, "nvrx-dcp": NvrxDcp, "nvrx-torch": NvrxTorch}
+           "dcp-process": DcpAsync, "dcp-thread-ackpt": DcpAsyncAckpt, "nvrx-dcp": NvrxDcp,
+           "nvrx-torch": NvrxTorch}
 
 
 def short_error(e):

@@ -64,17 +64,19 @@ SYSTEM_LABEL = {
     "ackpt": "ackpt (same script, ackpt-run)",
     "dcp-thread": "DCP async_save THREAD",
     "dcp-process": "DCP async_save PROCESS",
+    "dcp-thread-ackpt": "DCP async_save THREAD, under ackpt-run",
     "nvrx-dcp": "nvrx FileSystemWriterAsync",
     "nvrx-torch": "nvrx TorchAsyncCheckpoint",
     "floor": "floor: same save to /dev/shm, no fsync",
 }
-ORDER = ["sync", "ackpt", "dcp-thread", "dcp-process", "nvrx-dcp", "nvrx-torch", "floor"]
+ORDER = ["sync", "ackpt", "dcp-thread", "dcp-process", "dcp-thread-ackpt", "nvrx-dcp", "nvrx-torch",
+         "floor"]
 
 
 def systems_for(fmt, nvrx):
     s = ["sync", "ackpt"]
     if fmt.startswith("dcp"):
-        s += ["dcp-thread", "dcp-process"]
+        s += ["dcp-thread", "dcp-process", "dcp-thread-ackpt"]
     if nvrx and fmt == "dcp1":
         s.append("nvrx-dcp")
     if nvrx and fmt == "torch":
@@ -296,7 +298,7 @@ class Worker:
                    "--master-port", str(port), WORKER]
         else:
             cmd = [py, WORKER]
-        if self.system == "ackpt":
+        if self.system in ("ackpt", "dcp-thread-ackpt"):
             # Staging for the whole checkpoint of one rank plus a quarter, so a
             # save never waits for space (back-pressure would measure the
             # disk, not the staging path); every rank gets its own arena.
@@ -454,6 +456,7 @@ def mem_estimate(size, fmt, system):
     ranks = 2 if fmt == "dcp2" else 1
     per_proc = 450 * MiB
     extra = {"sync": 0, "ackpt": 1.25 * size, "floor": size, "dcp-thread": size,
+             "dcp-thread-ackpt": 2.25 * size,
              "dcp-process": size + per_proc, "nvrx-dcp": size, "nvrx-torch": size}[system]
     if fmt in ("safetensors",):
         extra += size  # save_file serializes into one buffer first
@@ -687,6 +690,36 @@ class Harness:
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
+    def train_loop(self):
+        """bench/train_loop, twice (the state dict saved into an open file
+        and fsynced; torch.save to a path, then reopen, fsync, close): K
+        saves with compute between, each system's first save included,
+        ackpt with its default staging."""
+        a = self.args
+        size = a.train_size or ("4G" if mem_available() >= 18 * GiB else "1G")
+        out = {"size": size, "saves": a.train_saves, "compute_s": 3.0}
+        d = os.path.join(self.tmp, "train")
+        for variant in ("same-fd", "reopen"):
+            self.progress("training loop (%s): %d saves of a %s state dict, 3 s of compute between, sync "
+                          "and ackpt with default staging (bench/train_loop)" % (variant, a.train_saves, size))
+            js = os.path.join(self.logdir, "train-%s.json" % variant)
+            argv = [sys.executable, os.path.join(HERE, "train_loop"), "--size", size, "--saves",
+                    str(a.train_saves), "--compute", "3", "--dir", d, "--systems", "sync,ackpt",
+                    "--json", js] + (["--reopen"] if variant == "reopen" else [])
+            try:
+                r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   timeout=a.timeout * 10)
+                if r.returncode != 0:
+                    out[variant] = {"error": "exit %d: %s" % (r.returncode, r.stdout[-1500:])}
+                else:
+                    with open(js) as f:
+                        out[variant] = json.load(f)
+            except Exception as e:
+                out[variant] = {"error": "%s: %s" % (type(e).__name__, e)}
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
+        return out
+
     def run(self):
         a = self.args
         micro_mod = load_micro()
@@ -728,6 +761,8 @@ class Harness:
             res["barrier_latency"] = self.barrier_latency() or res["barrier_latency"]
         if not a.no_upload:
             res["upload"] = self.upload()
+        if not a.no_train and not only_upload:
+            res["train_loop"] = self.train_loop()
         for s in a.sizes:
             self.progress("limits at %s again (drift check)" % fmt_size(s))
             lim[fmt_size(s)]["end"] = self.limits(s, micro_mod, "end")
@@ -798,6 +833,18 @@ def targets(res):
             % (u.get("size_mib"), ", ".join(str(x) for x in u.get("uploads_pending_in_busy_save", []))),
             "%.2fx (%.3f s vs %.3f s)" % (r, u["stall_upload"]["second_s"], u["stall_ackpt"]["second_s"]),
             "~1.0x (<= 1.1x)", r <= 1.1, "%.2fx over" % (r / 1.1))
+    tl = res.get("train_loop") or {}
+    for variant, what in (("same-fd", "state dict saved into an open file, fsync"),
+                          ("reopen", "torch.save(sd, path), reopen, fsync, close")):
+        v = tl.get(variant) or {}
+        st = v.get("stalls") or {}
+        if st.get("sync") and st.get("ackpt"):
+            ratios = [x / y for x, y in zip(st["ackpt"], st["sync"]) if y]
+            worst = max(ratios)
+            add("training loop: stall per save / synchronous (worst save, the first included)",
+                "%d saves of %s, %s, default staging" % (len(st["ackpt"]), tl.get("size"), what),
+                "%.2fx (per save: %s)" % (worst, ", ".join("%.2f" % r for r in ratios)), "<= 1.0x",
+                worst <= 1.0, "%.2fx over" % worst)
     sizes = res["config"]["sizes"]
     for size in sizes:
         for fmt in res["config"]["formats"]:
@@ -807,6 +854,25 @@ def targets(res):
                 r = a["stall_p50_s"] / fl["stall_p50_s"]
                 add("framework save stall / floor (tmpfs, no fsync)", where, "%.2fx" % r, "<= 1.2x", r <= 1.2,
                     "%.2fx over (%.3f s vs %.3f s allowed)" % (r / 1.2, a["stall_p50_s"], 1.2 * fl["stall_p50_s"]))
+            sy = find(res, size, fmt, "sync")
+            if a and sy and "stall_p50_s" in a and "stall_p50_s" in sy:
+                # never slower than without ackpt: stall and time to durable
+                for key, what in (("stall", "stall"), ("durable", "time to durable")):
+                    va = max(a[key + "_max_s"], a.get("first_%s_s" % key) or 0)
+                    vs = sy[key + "_p50_s"]
+                    r = va / vs
+                    add("%s (worst save, the first included) / synchronous p50" % what, where,
+                        "%.2fx (%.3f s vs %.3f s)" % (r, va, vs), "<= 1.0x", r <= 1.0,
+                        "%.2fx over" % r)
+            fio = (res.get("limits", {}).get(size) or {}).get("fio_direct_mib_s")
+            if a and fio and a.get("durable_rate_mib_s"):
+                r = a["durable_rate_mib_s"] / fio
+                add("durable rate (size / time to durable) / fio O_DIRECT", where,
+                    "%.0f%% (%.0f of %.0f MiB/s)" % (100 * r, a["durable_rate_mib_s"], fio), ">= 90%",
+                    r >= 0.9, "%.0f points short" % (100 * (0.9 - r)))
+            if a and a.get("bg_cpu_s_per_save") is not None and a.get("size_bytes"):
+                v = a["bg_cpu_s_per_save"] / (a["size_bytes"] / 2 ** 30)
+                add("helper CPU seconds per GiB written", where, "%.2f s/GiB" % v, "reported", True, None)
             if a and "interference_pct" in a:
                 v = a["interference_pct"]
                 add("interference (compute loop slow-down while persisting)", where, "%.1f%%" % v, "<= 10%",
@@ -971,6 +1037,32 @@ def markdown(res):
             for name, val, note in upload_rows(u):
                 L.append("| %s | %s | %s |" % (name, val, note.replace("|", "/")))
         L.append("")
+    if "train_loop" in res:
+        tl = res["train_loop"]
+        L.append("### A training loop (bench/train_loop)")
+        L.append("")
+        L.append("%s saves of a %s state dict in one process, 3 s of real compute between them; ackpt with "
+                 "its default staging; the first save is included. Stall per save, seconds (ratio to the "
+                 "synchronous save of the same index)." % (tl.get("saves"), tl.get("size")))
+        L.append("")
+        for variant, what in (("same-fd", "saved into an open file, then fsync"),
+                              ("reopen", "`torch.save(sd, path)`, then reopen, fsync, close")):
+            v = tl.get(variant) or {}
+            if "error" in v:
+                L.append("%s: error: %s" % (what, v["error"][:500]))
+                L.append("")
+                continue
+            st = v.get("stalls") or {}
+            n = len(st.get("sync", []))
+            L.append("%s:" % what)
+            L.append("")
+            L.append("| system | " + " | ".join("save %d" % i for i in range(n)) + " |")
+            L.append("| --- |" + " --- |" * n)
+            for sysname, vals in st.items():
+                cells = ["%.2f (%.2fx)" % (x, x / y) if y else "%.2f" % x
+                         for x, y in zip(vals, st.get("sync", vals))]
+                L.append("| %s | %s |" % (sysname, " | ".join(cells)))
+            L.append("")
     L.append("### Targets")
     L.append("")
     L.append("| target | where | measured | goal | met | gap |")
@@ -1048,6 +1140,11 @@ def main():
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--only", choices=("upload",),
                     help="run one optional section alone: upload (bench/upload, about 4 minutes)")
+    ap.add_argument("--no-train", action="store_true",
+                    help="skip the training-loop rows (bench/train_loop, about 5 minutes at 4 GiB)")
+    ap.add_argument("--train-saves", type=int, default=4, help="saves per training-loop run (default 4)")
+    ap.add_argument("--train-size", help="state dict size of the training loop (default 4G, or 1G with "
+                    "less than 18 GiB of memory available)")
     ap.add_argument("--no-upload", action="store_true",
                     help="skip the upload row (it also runs only where moto[server] and boto3 import)")
     ap.add_argument("--upload-mib", type=int, default=1024,

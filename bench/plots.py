@@ -8,9 +8,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
-SYSTEMS = ["sync", "ackpt", "dcp-thread", "dcp-process", "nvrx-dcp", "nvrx-torch", "floor"]
+SYSTEMS = ["sync", "ackpt", "dcp-thread", "dcp-process", "dcp-thread-ackpt", "nvrx-dcp", "nvrx-torch",
+           "floor"]
 COLORS = {"sync": "#7f7f7f", "ackpt": "#d62728", "dcp-thread": "#1f77b4", "dcp-process": "#17becf",
-          "nvrx-dcp": "#9467bd", "nvrx-torch": "#8c564b", "floor": "#2ca02c"}
+          "dcp-thread-ackpt": "#ff7f0e", "nvrx-dcp": "#9467bd", "nvrx-torch": "#8c564b",
+          "floor": "#2ca02c"}
 SHORT = {"torch": "torch.save", "safetensors": "safetensors", "dcp1": "DCP 1 rank", "dcp2": "DCP 2 ranks"}
 
 
@@ -109,6 +111,29 @@ def _interference(res, path):
     return path
 
 
+def _train_loop(res, path):
+    tl = res.get("train_loop") or {}
+    variants = [(v, t) for v, t in (("same-fd", "saved into an open file, fsync"),
+                                    ("reopen", "torch.save(path), reopen, fsync"))
+                if (tl.get(v) or {}).get("stalls")]
+    if not variants:
+        return None
+    fig, axes = plt.subplots(1, len(variants), figsize=(5.5 * len(variants), 4.2), squeeze=False)
+    for ax, (v, title) in zip(axes[0], variants):
+        for system, stalls in tl[v]["stalls"].items():
+            ax.plot(range(len(stalls)), stalls, marker="o", label=system, color=COLORS.get(system))
+        ax.set_title("%s state dict: %s" % (tl.get("size"), title), fontsize=9)
+        ax.set_xlabel("save (0 = the first)")
+        ax.set_ylabel("stall, seconds")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_all(res, out):
     paths = [
         _bars(res, "stall_p50_s", "stall_max_s", "Stall: time inside the save call", "seconds",
@@ -117,5 +142,6 @@ def plot_all(res, out):
               os.path.join(out, "durable.png")),
         _throughput(res, os.path.join(out, "throughput.png")),
         _interference(res, os.path.join(out, "interference.png")),
+        _train_loop(res, os.path.join(out, "train_loop.png")),
     ]
     return [p for p in paths if p]
