@@ -5,11 +5,13 @@
  * managing the wrong files or none of the right ones.
  */
 #include <fnmatch.h>
+#include <sched.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <sys/sysinfo.h>
+#include <unistd.h>
 
 #include "config.h"
 #include "shim.h"
@@ -327,6 +329,31 @@ void config_load(void)
 			bad("ACKPT_WRITE_THROUGH", v, "expected auto or off");
 			return;
 		}
+	}
+	/* the cores this process may run on, shared by the node's ranks, less
+	 * the writing thread's own; at most 3 (memory bandwidth, not cores,
+	 * is the limit beyond that) */
+	{
+		cpu_set_t set;
+		long ncpu = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set)
+									  : sysconf(_SC_NPROCESSORS_ONLN);
+
+		C.copy_threads = (int)(ncpu / local_ranks()) - 1;
+		if (C.copy_threads > 3)
+			C.copy_threads = 3;
+		if (C.copy_threads < 0)
+			C.copy_threads = 0;
+	}
+	v = getenv("ACKPT_COPY_THREADS");
+	if (v && *v) {
+		char *end;
+		long k = strtol(v, &end, 10);
+
+		if (*end || k < 0 || k > 16) {
+			bad("ACKPT_COPY_THREADS", v, "expected a number of threads from 0 to 16");
+			return;
+		}
+		C.copy_threads = (int)k;
 	}
 	v = getenv("ACKPT_PIN");
 	if (v && *v && strcmp(v, "eager") && strcmp(v, "background")) {

@@ -376,6 +376,7 @@ static void atfork_prepare(void)
 static void atfork_child(void)
 {
 	pthread_mutex_init(&S.lock, NULL);
+	pcopy_atfork_child();
 	tls_busy = 0;
 	S.owner = getpid();
 	C.coord_host = 0; /* the parent's helper hosts the coordinator */

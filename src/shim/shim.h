@@ -207,6 +207,8 @@ struct ackpt_config {
 	int write_through;       /* ACKPT_WRITE_THROUGH: a write staging cannot take at
 				  * memcpy speed goes through the kernel (default 1,
 				  * 0 under ACKPT_FAULT or ACKPT_TEST_DELAY_MS) */
+	int copy_threads;        /* ACKPT_COPY_THREADS: workers that split a large staging
+				  * copy with the writing thread (pcopy.c) */
 	int test_delay_ms;       /* ACKPT_TEST_DELAY_MS for this rank */
 	int test_skip_dirfsync;  /* ACKPT_TEST_SKIP_DIRFSYNC */
 	int coord_host;          /* this process's helper hosts the coordinator */
@@ -461,6 +463,9 @@ int cuda_state(void);
 /* copies from the program's buffers (efault.c) */
 void efault_init(void);
 int efault_copy(void *dst, const void *src, size_t n, size_t *done);
+/* pcopy.c: efault_copy, split across worker threads when large */
+int stage_copy(void *dst, const void *src, size_t n, size_t *done);
+void pcopy_atfork_child(void);
 
 /* namespace (namespace.c) */
 int ns_pending_any(void);

@@ -262,7 +262,7 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 		} else {
 			size_t done;
 
-			if (efault_copy(S.arena + pos % S.arena_size, src, chunk, &done) < 0) {
+			if (stage_copy(S.arena + pos % S.arena_size, src, chunk, &done) < 0) {
 				bad = 1;
 				chunk = done;
 				if (!chunk) {
