@@ -127,6 +127,16 @@ static int guarded_copy(void *dst, const void *src, size_t n, const char **fault
  * memcpy does not copy in address order, so after a fault the prefix
  * before the faulting page is copied again, until a copy completes.
  */
+void async_signals(sigset_t *set)
+{
+	sigfillset(set);
+	sigdelset(set, SIGSEGV);
+	sigdelset(set, SIGBUS);
+	sigdelset(set, SIGFPE);
+	sigdelset(set, SIGILL);
+	sigdelset(set, SIGTRAP);
+}
+
 int efault_copy(void *dst, const void *src, size_t n, size_t *done)
 {
 	const char *fault;

@@ -85,12 +85,7 @@ static int ensure_workers(void)
 	/* after fork: the parent's workers are not here */
 	P.pid = me;
 	P.nthreads = 0;
-	sigfillset(&all);
-	sigdelset(&all, SIGSEGV);
-	sigdelset(&all, SIGBUS);
-	sigdelset(&all, SIGFPE);
-	sigdelset(&all, SIGILL);
-	sigdelset(&all, SIGTRAP);
+	async_signals(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
 	for (i = 0; i < C.copy_threads && i < PCOPY_MAX_THREADS; i++) {
 		struct worker_arg *a = malloc(sizeof(*a));

@@ -462,6 +462,8 @@ int cuda_state(void);
 
 /* copies from the program's buffers (efault.c) */
 void efault_init(void);
+/* every signal but the ones a fault raises (they stay deliverable) */
+void async_signals(sigset_t *set);
 int efault_copy(void *dst, const void *src, size_t n, size_t *done);
 /* pcopy.c: efault_copy, split across worker threads when large */
 int stage_copy(void *dst, const void *src, size_t n, size_t *done);

@@ -272,12 +272,7 @@ struct outcome managed_write(int fd, const struct iovec *iov, int iovcnt, off_t 
 	sigset_t all, old;
 	struct outcome r;
 
-	sigfillset(&all);
-	sigdelset(&all, SIGSEGV);
-	sigdelset(&all, SIGBUS);
-	sigdelset(&all, SIGFPE);
-	sigdelset(&all, SIGILL);
-	sigdelset(&all, SIGTRAP);
+	async_signals(&all);
 	pthread_sigmask(SIG_BLOCK, &all, &old);
 	r = stage_write(fd, iov, iovcnt, off, use_pos, rwf);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
