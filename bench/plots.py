@@ -123,6 +123,7 @@ def _train_loop(res, path):
         for system, stalls in tl[v]["stalls"].items():
             ax.plot(range(len(stalls)), stalls, marker="o", label=system, color=COLORS.get(system))
         ax.set_title("%s state dict: %s" % (tl.get("size"), title), fontsize=9)
+        ax.set_xticks(range(max(len(s) for s in tl[v]["stalls"].values())))
         ax.set_xlabel("save (0 = the first)")
         ax.set_ylabel("stall, seconds")
         ax.set_ylim(bottom=0)
