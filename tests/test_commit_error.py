@@ -69,3 +69,64 @@ def test_write_that_reports_an_aborted_commit_fails_its_file(tmp_path):
     assert not [n for n in os.listdir(out / "c2") if ".ackpt" in n]
     assert "is incomplete: a write to it returned EIO" in r.stderr, r.stderr
     assert r.returncode == 1, r.describe()
+
+
+JOB = r"""
+import ctypes, os, sys
+import torch.distributed as dist
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+d = sys.argv[1]
+blob = os.urandom(1 << 20)
+lib = ctypes.CDLL(None)
+lib.ackpt_wait.argtypes = [ctypes.c_double]
+def save(step):
+    c = os.path.join(d, "c%d" % step)
+    os.makedirs(c, exist_ok=True)
+    errors = []
+    try:                                   # a DCP writer thread: ends at its first error
+        with open(os.path.join(c, "__%d_0.distcp" % rank), "wb") as f:
+            for i in range(8):
+                f.write(blob)
+    except OSError as e:
+        errors.append(e.errno)
+    dist.barrier()                         # DCP gathers the write results here
+    if rank == 0:
+        with open(os.path.join(c, ".metadata"), "wb") as f:
+            f.write(b"metadata %d" % step)
+    return errors
+for step in (1, 2, 3):
+    print("rank%d save%d %s" % (rank, step, save(step)), flush=True)
+    lib.ackpt_wait(60.0)                   # the commit has been tried
+    dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_no_commit_over_a_write_that_reported_an_abort(tmp_path):
+    """The same through the job-wide barrier: rank 0's first commit fails
+    (its rename), the EIO that reports it reaches rank 0's next data
+    write, the coordinator withholds checkpoint 2 for every rank, and
+    checkpoint 3 commits."""
+    need_shim()
+    import subprocess
+
+    from barrierutil import free_master_port, job_env, shimmed, torchrun_argv
+
+    out = tmp_path / "out"
+    out.mkdir()
+    prog = tmp_path / "job.py"
+    prog.write_text(JOB)
+    argv = shimmed(torchrun_argv(2, free_master_port(), prog, [out]), out)
+    env = job_env(ACKPT_FAULT="op=rename,nth=1,err=EIO,mode=once")
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+    lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("rank"))
+    assert lines == ["rank0 save1 []", "rank0 save2 [5]", "rank0 save3 []",
+                     "rank1 save1 []", "rank1 save2 []", "rank1 save3 []"], (r.stdout, r.stderr)
+    assert not (out / "c1" / ".metadata").exists()
+    assert not (out / "c2" / ".metadata").exists(), "a checkpoint with an incomplete file was committed"
+    assert (out / "c3" / ".metadata").read_bytes() == b"metadata 3"
+    assert (out / "c3" / "__0_0.distcp").stat().st_size == 8 << 20
+    assert (out / "c3" / "__1_0.distcp").stat().st_size == 8 << 20
+    assert "returned an error to the program" in r.stderr, r.stderr
+    assert r.returncode != 0, r.stderr

@@ -223,7 +223,10 @@ static void decide(struct bar *b, int status, int culprit_rank)
 	}
 	if (status) {
 		B.h.log(0, "barrier %llu aborted: %s (rank %d); the metadata is not committed",
-			(unsigned long long)b->id, strerror(status), culprit_rank);
+			(unsigned long long)b->id,
+			status == ECANCELED ? "a write of its checkpoint returned an error to the program"
+					    : strerror(status),
+			culprit_rank);
 		for (i = 0; i < B.nparts; i++)
 			if (B.parts[i].alive && B.parts[i].hello && !B.parts[i].observer &&
 			    i != b->requester)
@@ -628,7 +631,10 @@ static int on_coord_msg(const struct ackpt_bar_msg *m, void *arg)
 				B.req[i] = B.req[--B.nreq];
 				return 0;
 			}
-		if (m->status)
+		if (m->status == ECANCELED)
+			B.h.log(0, "a metadata commit of this job was not made: a write of its "
+				"checkpoint returned an error to the program on rank %d", m->rank);
+		else if (m->status)
 			B.h.log(0, "a metadata commit of this job was aborted: %s (rank %d)",
 				strerror(m->status), m->rank);
 		break;
