@@ -35,11 +35,40 @@ print(st["staging_bytes"], int(rss) * 1024, st["bytes_written"] + st["bytes_thro
 """
 
 
+def _cgroup_limit(total):
+    """The lowest memory cgroup limit above this process (v2 or v1), or total."""
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return total
+    for line in lines:
+        _, ctl, path = line.split(":", 2)
+        if ctl == "":
+            bases = [("/sys/fs/cgroup", "memory.max"), ("/sys/fs/cgroup/unified", "memory.max")]
+        elif ctl == "memory":
+            bases = [("/sys/fs/cgroup/memory", "memory.limit_in_bytes")]
+        else:
+            continue
+        for base, name in bases:
+            p = path.rstrip("/")
+            while True:
+                try:
+                    v = open("%s%s/%s" % (base, p, name)).read().strip()
+                    if v.isdigit() and 0 < int(v) < total:
+                        total = int(v)
+                except OSError:
+                    pass
+                if not p:
+                    break
+                p = p[:p.rfind("/")]
+    return total
+
+
 def _mem_total():
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
+                return _cgroup_limit(int(line.split()[1]) * 1024)
     raise AssertionError("no MemTotal")
 
 
