@@ -69,8 +69,9 @@ void file_failed_told(uint32_t slot)
 	/* ECANCELED inside ackpt (the barrier carries it to the committing
 	 * helper, which then does not report the abort once more: that would
 	 * fail the next checkpoint's first write in turn); EIO for the program */
-	__atomic_fetch_add(&H.shm->errors, 1, __ATOMIC_RELAXED);
-	H.last_err = ECANCELED;
+	/* a real error since the last barrier keeps its own errno */
+	if (__atomic_fetch_add(&H.shm->errors, 1, __ATOMIC_RELAXED) == H.errors_acked)
+		H.last_err = ECANCELED;
 	file_mark_failed(f, slot, ECANCELED);
 	__atomic_store_n(&H.shm->files[slot].err, EIO, __ATOMIC_RELEASE);
 	hlog(0, "%s is incomplete: a write to it returned EIO to report an aborted commit, so "
