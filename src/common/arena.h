@@ -18,10 +18,12 @@
 #include "proto.h"
 
 /*
- * Place len bytes bound for file offset off after head (len + one page must
- * fit in the smallest span between boundaries: the shim's chunks are at
- * most a quarter of the arena and 16 MiB).  *pos is the chunk's start, with
- * pos % page == off % page; *end = *pos + len, where the next chunk may start.
+ * Place len bytes bound for file offset off after head.  A span too short
+ * for the chunk (the end of the ring, or of a 1 GiB buffer) is skipped, so
+ * len + one page must fit in the span at the ring's start: the shim's
+ * chunks are at most a quarter of the arena and 16 MiB.  *pos is the
+ * chunk's start, with pos % page == off % page; *end = *pos + len, where
+ * the next chunk may start.
  */
 static inline void ackpt_arena_place(uint64_t head, uint64_t len, uint64_t off,
 				     uint64_t arena_size, uint64_t *pos, uint64_t *end)
