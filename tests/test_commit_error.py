@@ -14,6 +14,7 @@ made to fail (the helper's rename fails, ACKPT_FAULT), then a "writer
 thread" that stops at its first error, then the next checkpoint's metadata.
 """
 import os
+import re
 
 from faultutil import need_shim, run, shim_env
 
@@ -96,7 +97,9 @@ def save(step):
             f.write(b"metadata %d" % step)
     return errors
 for step in (1, 2, 3):
-    print("rank%d save%d %s" % (rank, step, save(step)), flush=True)
+    # one write(2) per line: the ranks share the pipe, and an unbuffered
+    # print writes the text and its newline separately
+    os.write(1, ("rank%d save%d %s\n" % (rank, step, save(step))).encode())
     lib.ackpt_wait(60.0)                   # the commit has been tried
     dist.barrier()
 dist.destroy_process_group()
@@ -120,7 +123,7 @@ def test_two_ranks_no_commit_over_a_write_that_reported_an_abort(tmp_path):
     argv = shimmed(torchrun_argv(2, free_master_port(), prog, [out]), out)
     env = job_env(ACKPT_FAULT="op=rename,nth=1,err=EIO,mode=once")
     r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
-    lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("rank"))
+    lines = sorted(re.findall(r"rank\d save\d \[[^\]]*\]", r.stdout))
     assert lines == ["rank0 save1 []", "rank0 save2 [5]", "rank0 save3 []",
                      "rank1 save1 []", "rank1 save2 []", "rank1 save3 []"], (r.stdout, r.stderr)
     assert not (out / "c1" / ".metadata").exists()
