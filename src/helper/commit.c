@@ -312,16 +312,16 @@ void commit_pump(void)
 				hlog(3, "committed %s", c->final);
 			}
 		}
-		if (c->status == ECANCELED) {
-			/* a write of this checkpoint failed, and the program was told */
+		if (c->status) {
 			if (c->own_temp)
 				unlink(c->tmp);
-			__atomic_fetch_add(&H.shm->commits_withheld, 1, __ATOMIC_RELAXED);
-		} else if (c->status) {
-			if (c->own_temp)
-				unlink(c->tmp);
-			__atomic_fetch_add(&H.shm->commit_failures, 1, __ATOMIC_RELAXED);
-			__atomic_store_n(&H.shm->commit_last_err, c->status, __ATOMIC_RELAXED);
+			if (c->status == ECANCELED) {
+				/* a write of this checkpoint failed, and the program was told */
+				__atomic_fetch_add(&H.shm->commits_withheld, 1, __ATOMIC_RELAXED);
+			} else {
+				__atomic_fetch_add(&H.shm->commit_failures, 1, __ATOMIC_RELAXED);
+				__atomic_store_n(&H.shm->commit_last_err, c->status, __ATOMIC_RELAXED);
+			}
 		}
 		__atomic_store_n(&H.shm->commits_done, c->id, __ATOMIC_RELEASE);
 		if (H.reg && H.reg_helper >= 0)

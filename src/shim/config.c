@@ -83,6 +83,18 @@ static int add_root(const char *r)
 	return 0;
 }
 
+/* A whole decimal number from lo to hi: 0 and *out, or -1. */
+static int parse_count(const char *v, long lo, long hi, long *out)
+{
+	char *end;
+	long k = strtol(v, &end, 10);
+
+	if (end == v || *end || k < lo || k > hi)
+		return -1;
+	*out = k;
+	return 0;
+}
+
 /* ACKPT_UPLOAD and its knobs; the helper resolves the rest (s3conf.c). */
 static void config_upload(void)
 {
@@ -122,10 +134,9 @@ static void config_upload(void)
 	}
 	v = getenv("ACKPT_UPLOAD_CONCURRENCY");
 	if (v && *v) {
-		char *end;
-		long k = strtol(v, &end, 10);
+		long k;
 
-		if (*end || k < 1 || k > 256) {
+		if (parse_count(v, 1, 256, &k) < 0) {
 			bad("ACKPT_UPLOAD_CONCURRENCY", v, "expected a number of requests from 1 to 256");
 			return;
 		}
@@ -224,25 +235,42 @@ static unsigned local_ranks(void)
 	static const char *const vars[] = { "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE",
 					    "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS" };
 	unsigned i;
+	long k;
 
 	for (i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
 		const char *v = getenv(vars[i]);
-		char *end;
-		unsigned long k;
 
-		if (!v || !*v)
-			continue;
-		k = strtoul(v, &end, 10);
-		if (!*end && k >= 1 && k <= 65536)
+		if (v && parse_count(v, 1, 65536, &k) == 0)
 			return (unsigned)k;
 	}
 	return 1;
 }
 
+/*
+ * The staging size: ACKPT_STAGING, or by default a quarter of the memory,
+ * shared by the node's ranks (the arena is reserved, and faulted in only
+ * as far as checkpoints reach into it: stage.c, arena_head; the helper's
+ * prefault).  The default reads the cgroup files, so it is worked out at
+ * the first session start, not in every process's constructors.
+ */
+uint64_t config_staging(void)
+{
+	if (!C.staging) {
+		uint64_t s = memory_limit() / 4 / (C.local_ranks ? C.local_ranks : 1);
+
+		if (s < (64ull << 20))
+			s = 64ull << 20;
+		if (s > (1ull << 40))
+			s = 1ull << 40;
+		C.staging = (s + (2ull << 20) - 1) & ~((2ull << 20) - 1);
+	}
+	return C.staging;
+}
+
 void config_load(void)
 {
 	const char *v;
-	uint64_t total;
+	long k;
 
 	C.enabled = 1;
 	C.log_level = L_WARN;
@@ -260,15 +288,8 @@ void config_load(void)
 		if (!strcmp(v, "1")) { C.enabled = 0; return; }
 		if (strcmp(v, "0")) { bad("ACKPT_DISABLE", v, "expected 0 or 1"); return; }
 	}
-	/* a quarter of the memory, shared by the node's ranks: the arena is
-	 * reserved, and faulted in only as far as checkpoints reach into it
-	 * (stage.c, arena_head; the helper's prefault) */
-	total = memory_limit();
-	C.staging = total / 4 / local_ranks();
-	if (C.staging < (64ull << 20))
-		C.staging = 64ull << 20;
-	if (C.staging > (1ull << 40))
-		C.staging = 1ull << 40;
+	C.local_ranks = local_ranks();
+	C.staging = 0; /* the default: config_staging() */
 	v = getenv("ACKPT_STAGING");
 	if (v && *v) {
 		if (ackpt_parse_size(v, &C.staging) < 0) {
@@ -279,8 +300,8 @@ void config_load(void)
 			bad("ACKPT_STAGING", v, "must be at least 16M");
 			return;
 		}
+		C.staging = (C.staging + (2ull << 20) - 1) & ~((2ull << 20) - 1);
 	}
-	C.staging = (C.staging + (2ull << 20) - 1) & ~((2ull << 20) - 1);
 	v = getenv("ACKPT_COMMIT");
 	if (v && *v) {
 		if (!strcmp(v, "sync")) C.commit_sync = 1;
@@ -338,7 +359,7 @@ void config_load(void)
 		long ncpu = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set)
 									  : sysconf(_SC_NPROCESSORS_ONLN);
 
-		C.copy_threads = (int)(ncpu / local_ranks()) - 1;
+		C.copy_threads = (int)(ncpu / C.local_ranks) - 1;
 		if (C.copy_threads > 3)
 			C.copy_threads = 3;
 		if (C.copy_threads < 0)
@@ -346,10 +367,7 @@ void config_load(void)
 	}
 	v = getenv("ACKPT_COPY_THREADS");
 	if (v && *v) {
-		char *end;
-		long k = strtol(v, &end, 10);
-
-		if (*end || k < 0 || k > 16) {
+		if (parse_count(v, 0, 16, &k) < 0) {
 			bad("ACKPT_COPY_THREADS", v, "expected a number of threads from 0 to 16");
 			return;
 		}

@@ -97,7 +97,7 @@ static int session_start(void)
 	pthread_t t;
 	sigset_t all, old;
 
-	S.arena_size = C.staging;
+	S.arena_size = config_staging();
 	S.memfd = memfd_create("ackpt-staging", MFD_CLOEXEC);
 	if (S.memfd < 0)
 		return -errno;

@@ -196,7 +196,8 @@ static inline long finish(long ret, int saved_errno)
 struct ackpt_config {
 	int enabled;
 	int log_level;           /* 0 error .. 3 debug */
-	uint64_t staging;
+	uint64_t staging;        /* ACKPT_STAGING; 0: the default, config_staging() */
+	unsigned local_ranks;    /* the job's ranks on this node (launchers' variables) */
 	int commit_sync;
 	char **metadata;         /* metadata (commit marker) name patterns */
 	int nmetadata;
@@ -223,6 +224,7 @@ struct ackpt_config {
 extern struct ackpt_config C;
 
 void config_load(void);
+uint64_t config_staging(void); /* at session start */
 struct ackpt_helper_config;
 void config_for_helper(struct ackpt_helper_config *h); /* at session start */
 int path_is_managed(const char *canon);
