@@ -3,14 +3,17 @@
  * ackpt-helper.  Nothing else lives here.
  *
  * Two channels:
- *  - a SOCK_SEQPACKET socket carries op records, in program order, one
- *    record per message; an OPEN record carries the file's descriptor as
- *    SCM_RIGHTS.  When the program dies the kernel still delivers every
- *    record already sent, so the helper finishes all staged work.
- *  - a memfd holds the control block (struct ackpt_shm) followed by the
- *    staging arena.  The shim copies data into the arena; the helper writes
- *    it out and publishes progress (durable watermark, arena tail, errors)
- *    back through the control block.
+ *  - a memfd holds the control block (struct ackpt_shm), with the op ring
+ *    in it, followed by the staging arena.  The shim copies data into the
+ *    arena and appends op records to the ring, in program order; the
+ *    helper writes the data out and publishes progress (durable watermark,
+ *    arena tail, errors) back through the control block.  The memory
+ *    outlives the program, so when it dies the helper still finds every
+ *    record it published and finishes all staged work.
+ *  - a SOCK_SEQPACKET socket carries what memory cannot: each OPEN's
+ *    descriptor (SCM_RIGHTS, sent before its record is published), and
+ *    the doorbell that wakes a sleeping helper.  Its hangup tells the
+ *    helper the program is gone; the shim polls it to see the helper gone.
  */
 #ifndef ACKPT_PROTO_H
 #define ACKPT_PROTO_H
@@ -20,11 +23,11 @@
 #include "job.h"
 
 #define ACKPT_PROTO_MAGIC   0x74706b63614b4341ull /* "ACKackpt" */
-#define ACKPT_PROTO_VERSION 7 /* 2: one payload struct per op; no TRUNCATE (ftruncate
+#define ACKPT_PROTO_VERSION 8 /* 2: one payload struct per op; no TRUNCATE (ftruncate
 				* goes through the kernel); DIRTY.  3: coord_part, announced_*,
 				* cfg.  4: the job's secret in cfg, want_mib.  5: uploads.  6: open.after.
 				* 7: chunks at their file offset's place in a page, bytes_direct,
-				* FAIL */
+				* FAIL.  8: op records in a ring in the control block */
 
 /* Descriptor numbers the helper finds its channels on after exec. */
 #define ACKPT_HELPER_SOCK_FD 3
@@ -93,9 +96,44 @@ struct ackpt_op_commit {
 
 #define ACKPT_COMMIT_OWN_TEMP 0x1
 
-/* One record, one SOCK_SEQPACKET message.  Exactly one member of u is
- * meaningful: the one named after type (none for FSYNC, CLOSE, SYNC_ALL and
- * DIRTY). */
+/* Exactly one member of u is meaningful: the one named after type (none
+ * for FSYNC, CLOSE, SYNC_ALL, DIRTY and FAIL). */
+
+/*
+ * The op ring: records in program order, each a header, the op and its
+ * paths, padded to ACKPT_RING_ALIGN; a record may wrap past the end.  One
+ * producer (the session's shim, under its lock) and one consumer (the
+ * helper).  The shim publishes with a release store of tail and rings the
+ * doorbell (one socket message without a descriptor) only when the helper
+ * said it sleeps (docs/DESIGN.md 3.21).
+ */
+#define ACKPT_RING_BYTES (1u << 20)
+#define ACKPT_RING_ALIGN 64u
+
+struct ackpt_ring_rec {
+	uint32_t len;       /* bytes of op and paths after this header */
+	uint32_t pad;
+};
+
+enum {
+	ACKPT_RING_AWAKE = 0,  /* the helper will look at the ring again by itself */
+	ACKPT_RING_DOZING = 1, /* it looks every millisecond: ring for urgent records */
+	ACKPT_RING_ASLEEP = 2, /* it looks only when woken: ring for any record */
+};
+
+struct ackpt_ring {
+	uint64_t tail;      /* shim: bytes published, monotonic */
+	uint8_t pad0[56];
+	uint64_t head;      /* helper: bytes consumed, monotonic */
+	uint32_t sleep;     /* helper: ACKPT_RING_*; the shim sets AWAKE when it rings */
+	uint8_t pad1[52];
+	uint8_t data[ACKPT_RING_BYTES];
+};
+
+/* The payload of the descriptor message that goes with an OPEN record. */
+struct ackpt_fd_msg {
+	uint64_t seq;       /* the OPEN's seq */
+};
 struct ackpt_op {
 	uint32_t type;      /* enum ackpt_op_type */
 	uint32_t file;      /* slot index, or ACKPT_NO_FILE */
@@ -238,6 +276,8 @@ struct ackpt_shm {
 	uint64_t commits_withheld;  /* helper: commits not made because a file of theirs
 				     * was failed by a FAIL op: the program was told at
 				     * that write, so not reported again; counted at exit */
+
+	struct ackpt_ring ring __attribute__((aligned(64))); /* op records (above) */
 };
 
 _Static_assert(__builtin_offsetof(struct ackpt_shm, durable_seq) == 32 &&

@@ -130,9 +130,17 @@ static void retire(void)
 
 static void mark_done(struct hop *h)
 {
-	h->state = HOP_DONE;
+	for (; h; h = h->merged)
+		h->state = HOP_DONE;
 }
 
+
+/* The bytes an issued WRITE covers: its own, and those of the writes merged
+ * into it (merge_following). */
+static uint64_t write_span(const struct hop *h)
+{
+	return h->len ? h->len : h->op.u.write.len;
+}
 
 /* May op h (the first not-yet-issued op of its file) start now? */
 static int file_op_ready(struct hfile *f, struct hop *h)
@@ -145,9 +153,9 @@ static int file_op_ready(struct hfile *f, struct hop *h)
 	f->after = 0;
 
 	for (p = f->head; p && p != h; p = p->fnext) {
-		if (p->state == HOP_DONE)
-			continue;
-		if (!ackpt_may_pass(p->op.type, p->op.u.write.offset, p->op.u.write.len, h->op.type,
+		if (p->state == HOP_DONE || p->merged_in)
+			continue; /* a merged op: its group's first op covers it */
+		if (!ackpt_may_pass(p->op.type, p->op.u.write.offset, write_span(p), h->op.type,
 				    h->op.u.write.offset, h->op.u.write.len))
 			return 0;
 	}
@@ -167,7 +175,7 @@ static void issue_write(struct hfile *f, struct hop *h)
 {
 	uint64_t pos = h->op.u.write.arena_pos % H.arena_size;
 	uint64_t off = h->op.u.write.offset + h->done_bytes;
-	uint64_t len = h->op.u.write.len - h->done_bytes;
+	uint64_t len = h->len - h->done_bytes;
 	const char *buf = H.arena + pos + h->done_bytes;
 	uint64_t head = (PAGE - off % PAGE) % PAGE, mid;
 	struct engine_req r = {
@@ -206,17 +214,84 @@ static void issue_write(struct hfile *f, struct hop *h)
 		nanosleep(&ts, NULL);
 	}
 	/* the test injector counts ops, not the pieces of one */
-	ret = h->done_bytes || h->fault_seen ? 0 : fault_check(FAULT_WRITE, 0);
+	if (!h->fault_seen)
+		h->fault_ret = fault_check(FAULT_WRITE, 0);
 	h->fault_seen = 1;
+	ret = h->fault_ret;
+	h->fault_ret = 0;
 	if (ret) {
-		h->state = HOP_DONE;
+		mark_done(h);
 		file_error(h->op.file, -ret, "write");
 		return;
 	}
 	ret = engine_queue(H.eng, &r);
 	if (ret < 0) {
-		h->state = HOP_DONE;
+		mark_done(h);
 		file_error(h->op.file, -ret, "write submission");
+	}
+}
+
+/*
+ * Writes queued right behind h that continue it both in the file and in
+ * the arena go out with it as one write (up to MERGE_MAX): a burst of small
+ * writes costs one system call, not one each, and their partial pages are
+ * joined, so only the run's two ends go through the page cache.  Each
+ * merged op is still an op: it must be free to start (file_op_ready), the
+ * fault injector counts it (one it fails goes alone, and fails), and it is
+ * done when the whole write is.
+ */
+#define MERGE_MAX (16ull << 20)
+
+#define MERGE_EARLY 16
+
+static void merge_following(struct hfile *f, struct hop *h)
+{
+	uint64_t in = h->op.u.write.arena_pos % H.arena_size;
+	struct hop *early[MERGE_EARLY], *last = h, *n, *p;
+	int ne = 0, i;
+
+	h->len = h->op.u.write.len;
+	if (!h->fault_seen) {
+		h->fault_ret = fault_check(FAULT_WRITE, 0);
+		h->fault_seen = 1;
+	}
+	if (h->fault_ret)
+		return;
+	/* the file's earlier unfinished ops, gathered once (file_op_ready per
+	 * candidate would walk them all again each time): a candidate
+	 * continues h, so it overlaps neither h nor the ones merged before it */
+	for (p = f->head; p && p != h; p = p->fnext) {
+		if (p->state == HOP_DONE || p->merged_in)
+			continue;
+		if (ne == MERGE_EARLY)
+			return; /* many in flight: merging gains little now */
+		early[ne++] = p;
+	}
+	while ((n = f->qhead) && n->state == HOP_QUEUED && n->op.type == ACKPT_OP_WRITE) {
+		uint64_t noff = n->op.u.write.offset, nlen = n->op.u.write.len;
+
+		if (noff != h->op.u.write.offset + h->len ||
+		    n->op.u.write.arena_pos % H.arena_size != in + h->len ||
+		    in / ACKPT_REG_BUF_MAX != (in + h->len + nlen - 1) / ACKPT_REG_BUF_MAX ||
+		    h->len + nlen > MERGE_MAX)
+			break;
+		for (i = 0; i < ne; i++)
+			if (early[i]->state != HOP_DONE &&
+			    !ackpt_may_pass(early[i]->op.type, early[i]->op.u.write.offset,
+					    write_span(early[i]), n->op.type, noff, nlen))
+				break;
+		if (i < ne)
+			break;
+		n->fault_ret = fault_check(FAULT_WRITE, 0);
+		n->fault_seen = 1;
+		if (n->fault_ret)
+			break;
+		f->qhead = n->fnext;
+		n->state = HOP_ISSUED;
+		n->merged_in = 1;
+		last->merged = n;
+		last = n;
+		h->len += nlen;
 	}
 }
 
@@ -423,6 +498,7 @@ static void dispatch(void)
 				mark_done(h);
 				break;
 			}
+			merge_following(f, h);
 			issue_write(f, h);
 			break;
 		case ACKPT_OP_FSYNC:
@@ -479,7 +555,7 @@ static void on_complete(void *tag, long res, void *arg)
 		}
 		if (res < 0) {
 			file_error(h->op.file, (int)-res, "write");
-		} else if (res == 0 && h->done_bytes < h->op.u.write.len) {
+		} else if (res == 0 && h->done_bytes < h->len) {
 			file_error(h->op.file, EIO, "write (no progress)");
 		} else {
 			h->done_bytes += res;
@@ -489,7 +565,7 @@ static void on_complete(void *tag, long res, void *arg)
 						   __ATOMIC_RELAXED);
 			__atomic_fetch_add(&H.shm->files[h->op.file].written, (uint64_t)res,
 					   __ATOMIC_RELAXED);
-			if (h->done_bytes < h->op.u.write.len) {
+			if (h->done_bytes < h->len) {
 				issue_write(f, h);
 				return;
 			}
@@ -513,40 +589,131 @@ static void reap_cb(void *tag, long res, void *arg) { on_complete(tag, res, arg)
 
 /* ---- receiving ops ---- */
 
+/* How long the helper dozes (looks at the ring every millisecond, unwoken)
+ * after the last record before it sleeps until rung. */
+#define RING_DOZE_NS (50ull * 1000000)
+
+/*
+ * Descriptors for OPEN records, read off the socket (they are sent before
+ * their record is published, and bells come in between), oldest first.
+ */
+#define FDQ 64
+static struct { uint64_t seq; int fd; } fdq[FDQ];
+static unsigned fdq_n;
+
+/*
+ * Read what the socket holds: descriptors (queued), bells (dropped).
+ * Returns 0, or -EPIPE once the program has hung up.
+ */
+static int sock_drain(void)
+{
+	for (;;) {
+		struct ackpt_fd_msg fm;
+		char cbuf[CMSG_SPACE(sizeof(int))];
+		struct iovec iov = { &fm, sizeof(fm) };
+		struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+				    .msg_controllen = sizeof(cbuf) };
+		struct cmsghdr *c;
+		int fd = -1;
+		ssize_t n;
+
+		if (fdq_n == FDQ)
+			return 0; /* the ring's OPEN records take them first */
+		n = recvmsg(H.sock, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+		if (n < 0)
+			return errno == EAGAIN || errno == EINTR ? 0 : -EPIPE;
+		if (n == 0)
+			return -EPIPE;
+		for (c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
+			if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+				memcpy(&fd, CMSG_DATA(c), sizeof(int));
+		if (fd < 0)
+			continue; /* a bell */
+		if ((size_t)n < sizeof(fm)) {
+			close(fd);
+			continue;
+		}
+		fdq[fdq_n].seq = fm.seq;
+		fdq[fdq_n++].fd = fd;
+	}
+}
+
+/* The descriptor sent with OPEN seq, or -1; older ones (an OPEN that never
+ * got published) are closed. */
+static int fd_for(uint64_t seq)
+{
+	int tries;
+
+	for (tries = 0; tries < 2; tries++) {
+		int fd = -1;
+		unsigned i, k = 0;
+
+		for (i = 0; i < fdq_n; i++) {
+			if (fdq[i].seq == seq && fd < 0)
+				fd = fdq[i].fd;
+			else if (fdq[i].seq <= seq)
+				close(fdq[i].fd);
+			else
+				fdq[k++] = fdq[i];
+		}
+		fdq_n = k;
+		if (fd >= 0)
+			return fd;
+		sock_drain(); /* sent before the record was published: it is there */
+	}
+	return -1;
+}
+
+static void ring_copy_out(uint64_t at, void *dst, size_t len)
+{
+	const struct ackpt_ring *r = &H.shm->ring;
+	size_t in = (size_t)(at % ACKPT_RING_BYTES), first = ACKPT_RING_BYTES - in;
+
+	if (first > len)
+		first = len;
+	memcpy(dst, r->data + in, first);
+	memcpy((char *)dst + first, r->data, len - first);
+}
+
+static int ring_has_records(void)
+{
+	return __atomic_load_n(&H.shm->ring.tail, __ATOMIC_ACQUIRE) != H.shm->ring.head;
+}
+
+/* Take one record off the ring: 1, or 0 when it is empty. */
 static int receive_one(void)
 {
+	struct ackpt_ring *r = &H.shm->ring;
+	uint64_t at = r->head, tail = __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE);
 	char buf[ACKPT_OP_MAX_MSG];
-	char cbuf[CMSG_SPACE(sizeof(int))];
-	struct iovec iov = { buf, sizeof(buf) };
-	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
-			    .msg_controllen = sizeof(cbuf) };
-	struct cmsghdr *c;
+	struct ackpt_ring_rec rec;
 	struct ackpt_op op;
 	struct hop *h;
+	size_t n, bytes;
 	int fd = -1;
-	ssize_t n;
 
-	n = recvmsg(H.sock, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-	if (n < 0)
-		return errno == EAGAIN || errno == EINTR ? 0 : -errno;
-	if (n == 0)
-		return -EPIPE;
-	for (c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
-		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
-			memcpy(&fd, CMSG_DATA(c), sizeof(int));
-	if ((size_t)n < sizeof(op)) {
-		hlog(0, "short op record (%zd bytes); protocol mismatch", n);
-		if (fd >= 0)
-			close(fd);
-		return 1;
+	if (tail == at)
+		return 0;
+	ring_copy_out(at, &rec, sizeof(rec));
+	n = rec.len;
+	bytes = (sizeof(rec) + n + ACKPT_RING_ALIGN - 1) & ~(size_t)(ACKPT_RING_ALIGN - 1);
+	if (n < sizeof(op) || n > sizeof(buf) || bytes > tail - at) {
+		hlog(0, "bad op record (%zu bytes); protocol mismatch", n);
+		__atomic_store_n(&r->head, tail, __ATOMIC_RELEASE);
+		return 0;
 	}
+	ring_copy_out(at + sizeof(rec), buf, n);
+	__atomic_store_n(&r->head, at + bytes, __ATOMIC_RELEASE);
 	memcpy(&op, buf, sizeof(op));
+	H.last_record_ns = now_ns();
 	if (op.seq != H.next_seq)
 		hlog(0, "op sequence gap: got %llu, expected %llu", (unsigned long long)op.seq,
 		     (unsigned long long)H.next_seq);
 	H.next_seq = op.seq + 1;
 	if (H.npend == 0)
 		H.head_seq = op.seq;
+	if (op.type == ACKPT_OP_OPEN)
+		fd = fd_for(op.seq);
 	if (op.type == ACKPT_OP_WRITE) {
 		uint64_t in_end = op.u.write.arena_pos % H.arena_size + op.u.write.len;
 
@@ -557,7 +724,7 @@ static int receive_one(void)
 	memset(h, 0, sizeof(*h));
 	h->op = op;
 	h->state = HOP_QUEUED;
-	if (ackpt_op_path_len(&op) && (size_t)n >= sizeof(op) + ackpt_op_path_len(&op)) {
+	if (ackpt_op_path_len(&op) && n >= sizeof(op) + ackpt_op_path_len(&op)) {
 		h->paths = malloc(ackpt_op_path_len(&op) + 1);
 		if (h->paths) {
 			memcpy(h->paths, buf + sizeof(op), ackpt_op_path_len(&op));
@@ -565,7 +732,6 @@ static int receive_one(void)
 		}
 	}
 	H.npend++;
-
 	if (op.type == ACKPT_OP_OPEN) {
 		struct hfile *f = op.file < ACKPT_MAX_FILES ? &H.files[op.file] : NULL;
 
@@ -844,20 +1010,17 @@ int main(int argc, char **argv)
 	for (;;) {
 		int nfds = 0, tick;
 
-		while (!eof && H.npend < MAXPEND - 1) {
-			ret = receive_one();
-			if (ret == 0)
-				break;
-			if (ret < 0) {
-				eof = 1;
-				break;
-			}
-		}
+		/* the program's hangup ends nothing: what it published is in
+		 * the ring, and all of it is written */
+		if (!eof && sock_drain() < 0)
+			eof = 1;
+		while (H.npend < MAXPEND - 1 && receive_one())
+			;
 		dispatch();
 		commit_pump();
 		tick = bar_tick();
 		commit_pump();
-		if (eof && !H.npend && !engine_inflight(H.eng) && !H.cq_head)
+		if (eof && !H.npend && !engine_inflight(H.eng) && !H.cq_head && !ring_has_records())
 			break;
 		if (!reg_tried && atomic_load(&H.prefault_done) && engine_is_uring(H.eng) &&
 		    !engine_inflight(H.eng)) {
@@ -882,7 +1045,7 @@ int main(int argc, char **argv)
 			pfd[nfds].fd = upload_event_fd();
 			pfd[nfds++].events = POLLIN;
 		}
-		if (!eof && H.npend < MAXPEND - 1) {
+		if (!eof && fdq_n < FDQ) { /* a full queue leaves the socket unread */
 			pfd[nfds].fd = H.sock;
 			pfd[nfds++].events = POLLIN;
 		}
@@ -897,7 +1060,26 @@ int main(int argc, char **argv)
 		timeout = engine_inflight(H.eng) ? 1000 : 5000;
 		if (tick >= 0 && tick < timeout)
 			timeout = tick;
-		if (poll(pfd, nfds + nbar, timeout) < 0 && errno != EINTR)
+		if (H.npend < MAXPEND - 1) {
+			/* say how we sleep, then look at the ring once more: a
+			 * record published before the shim read our state is seen
+			 * here, one after it comes with a bell (or, dozing, within
+			 * a millisecond).  Dozing for a while after the last record
+			 * spares a burst of small writes a bell each. */
+			uint32_t st = eof || now_ns() - H.last_record_ns > RING_DOZE_NS
+					      ? ACKPT_RING_ASLEEP
+					      : ACKPT_RING_DOZING;
+
+			__atomic_store_n(&H.shm->ring.sleep, st, __ATOMIC_SEQ_CST);
+			__atomic_thread_fence(__ATOMIC_SEQ_CST);
+			if (ring_has_records())
+				timeout = 0; /* still reap and serve the barrier */
+			else if (st == ACKPT_RING_DOZING && timeout > 1)
+				timeout = 1;
+		}
+		ret = poll(pfd, nfds + nbar, timeout);
+		__atomic_store_n(&H.shm->ring.sleep, ACKPT_RING_AWAKE, __ATOMIC_RELAXED);
+		if (ret < 0 && errno != EINTR)
 			break;
 		engine_reap(H.eng, reap_cb, NULL);
 		retire();

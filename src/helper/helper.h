@@ -30,6 +30,10 @@ struct hop {
 	uint64_t done_bytes;
 	int used_direct;
 	int fault_seen;      /* the fault injector has counted this op */
+	int fault_ret;       /* ... and what it said, until the write is issued */
+	uint64_t len;        /* WRITE: bytes this write covers, with the ones merged in */
+	struct hop *merged;  /* WRITE: the next op merged into this one's write */
+	int merged_in;       /* WRITE: merged into an earlier op's write, which covers it */
 	int fsync_phase;       /* CLOSE: fsync issued */
 	struct hop *fnext;     /* next pending op of the same file */
 };
@@ -62,7 +66,8 @@ struct helper {
 	struct engine *eng;
 	struct hop ring[MAXPEND];
 	uint64_t head_seq;   /* seq of ring slot at head (next to retire) */
-	uint64_t next_seq;   /* seq expected next from the socket */
+	uint64_t next_seq;   /* seq expected next from the ring */
+	uint64_t last_record_ns; /* when the ring last had a record (now_ns) */
 	unsigned npend;
 	struct hfile files[ACKPT_MAX_FILES];
 	atomic_int prefault_done;

@@ -144,56 +144,166 @@ static int log_wait_space(void)
 	return 0;
 }
 
-/* Assign the next seq, log the op and hand it to the helper. */
+/* ---- the op ring (proto.h, docs/DESIGN.md 3.21) ---- */
+
+static size_t ring_rec_bytes(size_t len)
+{
+	size_t n = sizeof(struct ackpt_ring_rec) + len;
+
+	return (n + ACKPT_RING_ALIGN - 1) & ~(size_t)(ACKPT_RING_ALIGN - 1);
+}
+
+static void ring_copy_in(struct ackpt_ring *r, uint64_t at, const void *src, size_t len)
+{
+	size_t in = (size_t)(at % ACKPT_RING_BYTES), first = ACKPT_RING_BYTES - in;
+
+	if (first > len)
+		first = len;
+	memcpy(r->data + in, src, first);
+	memcpy(r->data, (const char *)src + first, len - first);
+}
+
+/*
+ * Wake the helper if it said it sleeps (urgent: also if it only dozes).
+ * Whoever turns its state back to AWAKE sends the one doorbell message.
+ * After the record's release store, before reading the state: pairs with
+ * the helper's fence between saying it sleeps and looking at the ring.
+ */
+static int ring_bell(int urgent)
+{
+	struct ackpt_ring *r = &S.shm->ring;
+	uint32_t st;
+	char b = 0;
+	struct iovec iov = { &b, 1 };
+	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
+	ssize_t n;
+
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	st = __atomic_load_n(&r->sleep, __ATOMIC_RELAXED);
+	if (st == ACKPT_RING_AWAKE || (st == ACKPT_RING_DOZING && !urgent))
+		return 0;
+	if (!__atomic_compare_exchange_n(&r->sleep, &st, ACKPT_RING_AWAKE, 0, __ATOMIC_SEQ_CST,
+					 __ATOMIC_RELAXED))
+		return 0; /* the helper woke meanwhile */
+	do
+		n = real.sendmsg(S.sock, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+	while (n < 0 && errno == EINTR);
+	/* a full socket holds bells enough; a dead helper is found by the
+	 * caller's next wait */
+	return n < 0 && errno != EAGAIN ? -errno : 0;
+}
+
+/*
+ * For every wait on the helper's progress: wake it now rather than at its
+ * next look (at most a millisecond away: a record is never left unseen).
+ * Only under the lock, which keeps S.sock from moving (a program's dup2
+ * onto its number) while the bell is sent; a waiter that cannot take it
+ * at once leaves the bell to whoever holds it.
+ */
+void session_bell(void)
+{
+	if (!S.shm || S.state != SESS_ACTIVE)
+		return;
+	if (tls_busy) {
+		ring_bell(1);
+		return;
+	}
+	if (!session_is_owner() || pthread_mutex_trylock(&S.lock) != 0)
+		return;
+	if (S.state == SESS_ACTIVE)
+		ring_bell(1);
+	pthread_mutex_unlock(&S.lock);
+}
+
+/* Room for bytes more in the ring, waiting for the helper to take records. */
+static int ring_wait_space(size_t bytes)
+{
+	struct ackpt_ring *r = &S.shm->ring;
+
+	while (r->tail + bytes - __atomic_load_n(&r->head, __ATOMIC_ACQUIRE) > ACKPT_RING_BYTES) {
+		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
+
+		if (r->tail + bytes - __atomic_load_n(&r->head, __ATOMIC_ACQUIRE) <=
+		    ACKPT_RING_BYTES)
+			break;
+		if (!helper_alive()) {
+			session_helper_died();
+			return -EPIPE;
+		}
+		futex_wait_gen(gen, 100000000ull); /* rings the bell */
+	}
+	return 0;
+}
+
+/* The OPEN's descriptor, ahead of its record. */
+static int send_fd(int fd, uint64_t seq)
+{
+	struct ackpt_fd_msg fm = { .seq = seq };
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { &fm, sizeof(fm) };
+	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+			    .msg_controllen = sizeof(cbuf) };
+	struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+	ssize_t n;
+
+	c->cmsg_level = SOL_SOCKET;
+	c->cmsg_type = SCM_RIGHTS;
+	c->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(c), &fd, sizeof(int));
+	do
+		n = real.sendmsg(S.sock, &m, MSG_NOSIGNAL);
+	while (n < 0 && errno == EINTR);
+	return n < 0 ? -EPIPE : 0;
+}
+
+/*
+ * Assign the next seq, log the op and hand it to the helper: a record in
+ * the ring, and no system call unless the helper sleeps (or the op is an
+ * OPEN, whose descriptor only a socket can carry).
+ */
 int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 		   struct inode_state *ino)
 {
-	char buf[ACKPT_OP_MAX_MSG];
-	char cbuf[CMSG_SPACE(sizeof(int))];
-	struct iovec iov = { buf, sizeof(*op) + plen };
-	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
-	struct logrec *r;
-	ssize_t n;
+	struct ackpt_ring *r = &S.shm->ring;
+	struct ackpt_ring_rec h = { .len = (uint32_t)(sizeof(*op) + plen) };
+	size_t bytes = ring_rec_bytes(h.len);
+	struct logrec *l;
+	uint64_t at;
 
-	if (log_wait_space() < 0)
+	if (log_wait_space() < 0 || ring_wait_space(bytes) < 0)
 		return -EPIPE;
 	op->seq = ++S.seq;
-	__atomic_store_n(&S.shm->staged_seq, op->seq, __ATOMIC_RELEASE);
-	r = &oplog[op->seq % LOGCAP];
-	free(r->paths);
-	*r = (struct logrec){ .seq = op->seq, .type = op->type, .ino = ino };
+	l = &oplog[op->seq % LOGCAP];
+	free(l->paths);
+	*l = (struct logrec){ .seq = op->seq, .type = op->type, .ino = ino };
 	if (op->type == ACKPT_OP_WRITE) {
-		r->off = op->u.write.offset;
-		r->len = op->u.write.len;
-		r->arena_pos = op->u.write.arena_pos;
+		l->off = op->u.write.offset;
+		l->len = op->u.write.len;
+		l->arena_pos = op->u.write.arena_pos;
 	}
 	if (plen) {
-		r->paths = malloc(plen);
-		if (r->paths)
-			memcpy(r->paths, paths, plen);
+		l->paths = malloc(plen);
+		if (l->paths)
+			memcpy(l->paths, paths, plen);
 	}
 	if (ino) {
 		ino->last_seq = op->seq;
 		registry_note_op(ino->reg_idx, op->seq);
 	}
-	memcpy(buf, op, sizeof(*op));
-	if (plen)
-		memcpy(buf + sizeof(*op), paths, plen);
-	if (fd >= 0) {
-		struct cmsghdr *c;
-
-		m.msg_control = cbuf;
-		m.msg_controllen = sizeof(cbuf);
-		c = CMSG_FIRSTHDR(&m);
-		c->cmsg_level = SOL_SOCKET;
-		c->cmsg_type = SCM_RIGHTS;
-		c->cmsg_len = CMSG_LEN(sizeof(int));
-		memcpy(CMSG_DATA(c), &fd, sizeof(int));
+	if (fd >= 0 && send_fd(fd, op->seq) < 0) {
+		session_helper_died();
+		return -EPIPE;
 	}
-	do
-		n = real.sendmsg(S.sock, &m, MSG_NOSIGNAL);
-	while (n < 0 && errno == EINTR);
-	if (n < 0) {
+	at = r->tail;
+	ring_copy_in(r, at, &h, sizeof(h));
+	ring_copy_in(r, at + sizeof(h), op, sizeof(*op));
+	if (plen)
+		ring_copy_in(r, at + sizeof(h) + sizeof(*op), paths, plen);
+	__atomic_store_n(&r->tail, at + bytes, __ATOMIC_RELEASE);
+	__atomic_store_n(&S.shm->staged_seq, op->seq, __ATOMIC_RELEASE);
+	/* a short write can wait for a dozing helper's next look; anything
+	 * else (a large write, an fsync, a commit) should start now */
+	if (ring_bell(op->type != ACKPT_OP_WRITE || op->u.write.len >= (1u << 20)) < 0) {
 		session_helper_died();
 		return -EPIPE;
 	}

@@ -81,9 +81,12 @@ int helper_alive(void)
 	return 1;
 }
 
+/* Every wait here is for the helper's progress: wake it first if it sleeps. */
 int futex_wait_gen(uint32_t old, uint64_t timeout_ns)
 {
 	struct timespec ts = { (time_t)(timeout_ns / 1000000000ull), (long)(timeout_ns % 1000000000ull) };
+
+	session_bell();
 
 	return syscall(SYS_futex, &S.shm->progress_gen, FUTEX_WAIT, old, &ts, NULL, 0);
 }

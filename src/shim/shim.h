@@ -284,6 +284,9 @@ struct ofd {
 	int refs;                /* descriptors pointing at it */
 	struct inode_state *ino; /* [fixed] NULL for a description the helper never saw */
 	uint64_t pos;
+	int pos_lazy;            /* the kernel's offset is behind pos (set by a staged
+				  * write or lseek): ofd_pos_to_kernel before anything
+				  * that uses the kernel's (docs/DESIGN.md 3.21) */
 	int append;
 	int writable;            /* [fixed] */
 	FILE *cookie;            /* our fopencookie stream over it, if any */
@@ -375,6 +378,7 @@ int session_is_owner(void);
 int helper_alive(void);
 int helper_gone(void);         /* repairs (replay) when it died; 1 if gone */
 int futex_wait_gen(uint32_t old, uint64_t timeout_ns);
+void session_bell(void); /* wake a sleeping helper */
 /* spawn.c */
 int fd_move_high(int fd);
 int spawn_helper(int helper_sock);
@@ -419,6 +423,14 @@ struct outcome managed_write(int fd, const struct iovec *iov, int iovcnt, off_t 
 uint64_t rlimit_fsize(void);
 struct outcome managed_lseek(int fd, off_t off, int whence);
 int managed_drain_fd(int fd);
+void ofd_pos_to_kernel(int fd, struct ofd *o);
+void files_pos_to_kernel(void);
+/* /proc/self/fdinfo shows the kernel's offsets: make them ours first */
+static inline void note_fdinfo(const char *path)
+{
+	if (UNLIKELY(S.ninodes && path && !strncmp(path, "/proc/", 6) && strstr(path, "/fdinfo")))
+		files_pos_to_kernel();
+}
 void managed_resync(int fd);
 void managed_kernel_wrote(int fd); /* sendfile and the like wrote into fd */
 void files_fork_child(void);
