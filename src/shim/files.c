@@ -336,9 +336,19 @@ void files_relocate_protected(int fd)
 struct ofd *lock_writable(int fd)
 {
 	struct ofd *o;
+	int ret = session_lock();
 
-	if (session_lock() < 0)
+	if (ret < 0) {
+		/* the write goes to the kernel as it is: a vfork child's after
+		 * our data; a signal handler's (re-entered while this thread
+		 * holds the lock) at least at our offset */
+		o = fd_peek(fd);
+		if (ret == -ECHILD && o && o->writable)
+			files_share_vfork(fd);
+		else if (ret == -EDEADLK && o && o->writable)
+			ofd_pos_to_kernel(fd, o);
 		return NULL;
+	}
 	o = fd_peek(fd);
 	if (!o || !o->ino || !o->writable) {
 		session_unlock();

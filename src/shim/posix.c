@@ -23,6 +23,7 @@ static void pre_open(int dirfd, const char *path, int flags)
 
 	if (!C.enabled || !path)
 		return;
+	note_fdinfo(path);
 	if (acc == O_RDONLY && !(flags & O_TRUNC) && !ns_pending_any())
 		return; /* readers wait after the open, on the inode they got */
 	if (!ns_pending_any() && !S.ninodes && !registry_any())
@@ -513,6 +514,18 @@ static int fcntl_common(int (*fn)(int, int, ...), int fd, int cmd, va_list ap)
 			session_unlock();
 		}
 		return r;
+	case F_SETLK:
+	case F_SETLKW:
+	case F_GETLK:
+	case F_OFD_SETLK:
+	case F_OFD_SETLKW:
+	case F_OFD_GETLK:
+		/* a range may be relative to the offset (SEEK_CUR) */
+		if (session_lock() == 0) {
+			ofd_pos_to_kernel(fd, fd_peek(fd));
+			session_unlock();
+		}
+		return fn(fd, cmd, arg);
 	default:
 		return fn(fd, cmd, arg);
 	}

@@ -8,7 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/sendfile.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 
 #include "shim.h"
 
@@ -316,6 +318,18 @@ ACKPT_EXPORT long syscall(long nr, ...)
 		return pwritev((int)a[0], (const struct iovec *)a[1], (int)a[2], (off_t)a[3]);
 	case SYS_lseek:
 		return lseek((int)a[0], (off_t)a[1], (int)a[2]);
+	/* reads wait for staged writes, and some use the offset */
+	case SYS_read:
+		return read((int)a[0], (void *)a[1], (size_t)a[2]);
+	case SYS_readv:
+		return readv((int)a[0], (const struct iovec *)a[1], (int)a[2]);
+	case SYS_pread64:
+		return pread((int)a[0], (void *)a[1], (size_t)a[2], (off_t)a[3]);
+	case SYS_sendfile:
+		return sendfile((int)a[0], (int)a[1], (off_t *)a[2], (size_t)a[3]);
+	case SYS_splice:
+		return splice((int)a[0], (off_t *)a[1], (int)a[2], (off_t *)a[3], (size_t)a[4],
+			      (unsigned)a[5]);
 	case SYS_fsync:
 		return fsync((int)a[0]);
 	case SYS_fdatasync:

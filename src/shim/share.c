@@ -57,12 +57,29 @@ void files_share(int all)
 			continue;
 		}
 		o->ino->shared = 1;
+		ofd_pos_to_kernel((int)i, o);
 		if (o->ino->last_seq > wait)
 			wait = o->ino->last_seq;
 	}
 	session_unlock();
 	if (wait)
 		session_wait(wait, 0, 0);
+}
+
+/* Every description's offset to the kernel (someone reads fdinfo). */
+void files_pos_to_kernel(void)
+{
+	unsigned i;
+
+	if (session_lock() < 0)
+		return;
+	for (i = 0; i < FD_MAX; i++) {
+		struct ofd *o = atomic_load_explicit(&fdtab[i], memory_order_acquire);
+
+		if (o && o->pos_lazy)
+			ofd_pos_to_kernel((int)i, o);
+	}
+	session_unlock();
 }
 
 /* One descriptor leaves through SCM_RIGHTS. */
@@ -76,6 +93,7 @@ void files_share_fd(int fd)
 	o = fd_peek(fd);
 	if (o && o->ino && o->writable) {
 		o->ino->shared = 1;
+		ofd_pos_to_kernel(fd, o);
 		wait = o->ino->last_seq;
 	} else if (o && o->ino && ofd_inode_now(o)) {
 		wait = ofd_inode_now(o)->last_seq; /* a reader */
@@ -110,6 +128,9 @@ void files_share_vfork(int fd)
 			continue;
 		}
 		o->ino->shared = 1;
+		/* no lock here, but the parent thread that could move the
+		 * offset is suspended, and the description is the same */
+		ofd_pos_to_kernel((int)i, o);
 		if (o->ino->last_seq > wait)
 			wait = o->ino->last_seq;
 	}

@@ -151,6 +151,7 @@ static FILE *do_fopen(const char *path, const char *mode, int is64)
 	if (!C.enabled || !mode || mode_flags(mode, &flags) < 0 || tls_busy)
 		return real.fopen(path, mode);
 	if ((flags & O_ACCMODE) == O_RDONLY) {
+		note_fdinfo(path);
 		/* readers only need to wait for pending work */
 		if (ns_pending_any() || S.ninodes || registry_any())
 			wait_path_pending(AT_FDCWD, path, 0);

@@ -15,6 +15,22 @@
 #include "shim.h"
 
 /*
+ * A staged write or an lseek moves only our offset: the kernel's is set
+ * here, before anything that reads or moves it (a read through the same
+ * description, a write through the kernel, sendfile, a lock relative to
+ * SEEK_CUR) and before the description reaches another process (fork,
+ * exec, a vfork child, SCM_RIGHTS).  Private descriptions are the common
+ * case, and this saves every write an lseek.
+ */
+void ofd_pos_to_kernel(int fd, struct ofd *o)
+{
+	if (o && o->pos_lazy) {
+		if (real.lseek(fd, (off_t)o->pos, SEEK_SET) >= 0)
+			o->pos_lazy = 0;
+	}
+}
+
+/*
  * Wait, with the lock dropped and retaken, until the inode behind fd has no
  * staged work.  Returns the description again (it may have been closed by
  * another thread meanwhile: NULL), never a pointer from before the drop.
@@ -47,6 +63,7 @@ static ssize_t shared_write(int fd, const struct iovec *iov, int iovcnt, off_t o
 
 	if (!o || !o->ino)
 		return -EBADF;
+	ofd_pos_to_kernel(fd, o);
 	registry_wait(o->ino->dev, o->ino->ino); /* other writers' staged data first */
 	n = real.pwritev2(fd, iov, iovcnt, use_pos ? -1 : off, rwf);
 	if (n < 0)
@@ -251,8 +268,7 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 	clock_gettime(CLOCK_REALTIME, &ino->mtime);
 	if (use_pos) {
 		o->pos = at + total;
-		/* keep the kernel offset in step for inherited fds and exec */
-		real.lseek(fd, (off_t)o->pos, SEEK_SET);
+		o->pos_lazy = 1;
 	}
 	S.stall_ns += now_ns() - t0;
 	session_unlock();
@@ -307,6 +323,7 @@ struct outcome managed_lseek(int fd, off_t off, int whence)
 			session_unlock();
 			return done(-EBADF);
 		}
+		ofd_pos_to_kernel(fd, o);
 		r = real.lseek(fd, off, whence);
 		if (r < 0)
 			r = -errno;
@@ -326,6 +343,7 @@ struct outcome managed_lseek(int fd, off_t off, int whence)
 			session_unlock();
 			return done(-EBADF);
 		}
+		ofd_pos_to_kernel(fd, o);
 		r = real.lseek(fd, off, whence);
 		if (r < 0) {
 			r = -errno;
@@ -340,17 +358,18 @@ struct outcome managed_lseek(int fd, off_t off, int whence)
 		return done(-EINVAL);
 	}
 	o->pos = (uint64_t)(base + off);
-	real.lseek(fd, (off_t)o->pos, SEEK_SET);
+	o->pos_lazy = 1;
 	session_unlock();
 	return done((off_t)o->pos);
 }
 
-/* Make everything written to fd's file real before a pass-through op. */
+/* Make everything written to fd's file real, and the kernel's offset
+ * ours, before a pass-through op. */
 int managed_drain_fd(int fd)
 {
 	if (!fd_peek(fd) || session_lock() < 0)
 		return 0;
-	drain_fd_locked(fd);
+	ofd_pos_to_kernel(fd, drain_fd_locked(fd));
 	session_unlock();
 	return 0;
 }
@@ -384,7 +403,9 @@ void managed_resync(int fd)
 		return;
 	o = fd_peek(fd);
 	if (o && o->ino && o->writable) { /* a reader's offset and size are the kernel's */
-		off_t p = real.lseek(fd, 0, SEEK_CUR);
+		/* the op was positional if our offset is still ahead of the
+		 * kernel's (anything that moves it synced it first) */
+		off_t p = o->pos_lazy ? -1 : real.lseek(fd, 0, SEEK_CUR);
 
 		if (p >= 0)
 			o->pos = (uint64_t)p;
