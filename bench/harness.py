@@ -815,6 +815,13 @@ def targets(res):
         v = m["fastpath_overhead_ns"]
         add("untracked fast path overhead", "4 KiB write() to an unmanaged file", "%+.1f ns" % v,
             "<= 50 ns", v <= 50, "%.0f ns over" % (v - 50))
+        for key, what in (("small", "4 KiB"), ("tiny", "64 B")):
+            if m.get("%s_write_ns_ackpt" % key):
+                a, p = m["%s_write_ns_ackpt" % key], m["%s_write_ns_plain" % key]
+                r = a / p
+                add("small write / plain write()", "%s write() to a managed file" % what,
+                    "%.2fx (%.0f vs %.0f ns)" % (r, a, p), "<= 0.5x", r <= 0.5,
+                    "%.0f ns over" % (a - 0.5 * p))
     u = res.get("upload") or {}
     where = "%s MiB, %s MiB parts, concurrency %s, moto S3 server on the same cores" % (
         u.get("size_mib"), u.get("part_mib"), u.get("concurrency"))

@@ -8,11 +8,11 @@
  *    the write until everything is durable (ackpt_wait under the shim,
  *    fsync returning without it);
  *  - fastpath_ns: cost per 4 KiB write() to an unmanaged file;
- *  - managed_small_ns: cost per 4 KiB write() to a managed file (staged
- *    under the shim), per batch.
+ *  - managed_small_ns, managed_tiny_ns: cost per 4 KiB and per 64-byte
+ *    write() to a managed file (staged under the shim), per batch.
  * STAGE_BENCH_DLOPEN=LIB dlopens LIB first (a CUDA driver, so the shim
  * classifies every written buffer); STAGE_BENCH_SMALL_ONLY=1 measures only
- * managed_small_ns.
+ * managed_small_ns and managed_tiny_ns.
  */
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -43,8 +43,9 @@ static void *faulted(size_t n)
 	return p;
 }
 
-/* 4 KiB writes to a file in dir, timed per batch (ns per call) */
-static int managed_small(const char *dir, const char *src)
+/* len-byte writes to a file in dir, timed per batch (ns per call), as
+ * "key": [...] */
+static int managed_small(const char *dir, const char *src, size_t len, const char *key)
 {
 	enum { BATCHES = 20, PER = 2000 };
 	char path[4096];
@@ -56,12 +57,12 @@ static int managed_small(const char *dir, const char *src)
 		perror(path);
 		return 1;
 	}
-	printf("\"managed_small_ns\": [");
+	printf("\"%s\": [", key);
 	for (b = 0; b < BATCHES; b++) {
 		double t0 = now();
 
 		for (i = 0; i < PER; i++)
-			if (write(fd, src + (size_t)i * 4096 % (1u << 20), 4096) != 4096) {
+			if (write(fd, src + (size_t)i * len % (1u << 20), len) != (ssize_t)len) {
 				perror("write");
 				return 1;
 			}
@@ -71,6 +72,14 @@ static int managed_small(const char *dir, const char *src)
 	close(fd);
 	unlink(path);
 	return 0;
+}
+
+static int managed_smalls(const char *dir, const char *src)
+{
+	if (managed_small(dir, src, 4096, "managed_small_ns"))
+		return 1;
+	printf(", ");
+	return managed_small(dir, src, 64, "managed_tiny_ns");
 }
 
 int main(int argc, char **argv)
@@ -94,7 +103,7 @@ int main(int argc, char **argv)
 	if (getenv("STAGE_BENCH_SMALL_ONLY")) {
 		src = faulted(1u << 21);
 		printf("{\"shim\": %s, ", wait_fn ? "true" : "false");
-		if (managed_small(dir, src))
+		if (managed_smalls(dir, src))
 			return 1;
 		printf("}\n");
 		return 0;
@@ -178,7 +187,7 @@ int main(int argc, char **argv)
 			direct[b] = (now() - t0) / per * 1e9;
 		}
 		printf("], ");
-		if (managed_small(dir, src))
+		if (managed_smalls(dir, src))
 			return 1;
 		printf(", \"fastpath_ns\": [");
 		for (b = 0; b < batches; b++)
