@@ -388,6 +388,28 @@ def parse_strace(path):
     return calls
 
 
+def traced_plain_and_shim(tmp_path, name, c_src, syscalls, shim_extra=None):
+    """Build c_src as tmp_path/name, run it (argument: its output directory)
+    plainly and under the shim, each under strace for `syscalls` and process
+    creation.  Returns (plain Result, shim Result, tree differences,
+    {"plain": [Call], "shim": [Call]}, pids of the program in the shim run)."""
+    (tmp_path / (name + ".c")).write_text(c_src)
+    prog = tmp_path / name
+    subprocess.run(["cc", "-O1", "-o", str(prog), str(tmp_path / (name + ".c"))], check=True)
+    traces = {}
+
+    def wrap(label, argv, base):
+        traces[label] = base / "trace"
+        return strace_argv(base / "trace", argv, syscalls + ",execve,clone,clone3,fork,vfork")
+
+    plain, shimmed, _, _, diffs = run_plain_and_shim(lambda out: [prog, out], tmp_path,
+                                                     shim_extra=shim_extra, wrap=wrap)
+    calls = {label: parse_strace(t) for label, t in traces.items()}
+    pids = {c.pid for c in calls["shim"] if c.name == "execve" and str(prog) in c.args}
+    assert pids, "the program's exec was not traced"
+    return plain, shimmed, diffs, calls, pids
+
+
 def helper_pid_set(calls):
     """Pids belonging to the helper: those that execve'd ackpt-helper
     successfully, and every process/thread they created (transitively)."""

@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from faultutil import (assert_same_trees, helper_pid_set, need_shim, parse_strace,
-                       run_plain_and_shim, strace_argv)
+from faultutil import (assert_same_trees, helper_pid_set, need_shim, run_plain_and_shim,
+                       traced_plain_and_shim)
 
 
 @pytest.fixture(autouse=True)
@@ -151,23 +151,12 @@ def test_small_writes_make_no_system_call(tmp_path):
     itself asks the kernel for no write, lseek or sendmsg per write (the
     ring, and the offset kept lazily); the helper merges them into a few
     writes."""
-    (tmp_path / "small.c").write_text(SMALL_WRITES_PROG)
-    prog = tmp_path / "small"
-    subprocess.run(["cc", "-O1", "-o", str(prog), str(tmp_path / "small.c")], check=True)
-    traces = {}
-
-    def wrap(label, argv, base):
-        traces[label] = base / "trace"
-        return strace_argv(base / "trace", argv, "write,pwrite64,lseek,sendmsg,execve,clone,"
-                           "clone3,fork,vfork")
-
     # the pwrite pool, not io_uring, so that the helper's writes show too
-    plain, shimmed, _, _, diffs = run_plain_and_shim(lambda out: [prog, out], tmp_path,
-                                                     shim_extra={"ACKPT_IO": "pool"}, wrap=wrap)
+    _, shimmed, diffs, traces, prog_pids = traced_plain_and_shim(
+        tmp_path, "small", SMALL_WRITES_PROG, "write,pwrite64,lseek,sendmsg",
+        shim_extra={"ACKPT_IO": "pool"})
     assert_same_trees(diffs, shimmed)
-    calls = parse_strace(traces["shim"])
-    prog_pids = {c.pid for c in calls if c.name == "execve" and str(prog) in c.args}
-    assert prog_pids, "the program's exec was not traced"
+    calls = traces["shim"]
     mine = [c for c in calls if c.pid in prog_pids]
     to_file = [c for c in mine if c.name in ("write", "pwrite64") and "log.bin" in c.args]
     lseeks = [c for c in mine if c.name == "lseek"]
@@ -179,8 +168,7 @@ def test_small_writes_make_no_system_call(tmp_path):
     helpers = helper_pid_set(calls)
     helper_writes = [c for c in calls if c.pid in helpers and
                      c.name in ("write", "pwrite64") and "log.bin" in c.args]
-    plain_writes = [c for c in parse_strace(traces["plain"])
-                    if c.name == "write" and "log.bin" in c.args]
+    plain_writes = [c for c in traces["plain"] if c.name == "write" and "log.bin" in c.args]
     assert len(plain_writes) == 3000
     # records that queue up behind one another go out together (how many
     # queue depends on the two processes' pace)

@@ -161,13 +161,24 @@ int efault_copy(void *dst, const void *src, size_t n, size_t *done)
 
 /* ---- the program's view of SIGSEGV and SIGBUS ---- */
 
-ACKPT_EXPORT int sigaction(int sig, const struct sigaction *act, struct sigaction *old)
+ACKPT_EXPORT int sigaction(int sig, const struct sigaction *actp, struct sigaction *old)
 {
 	int i = guard_idx(sig);
+	struct sigaction nact, *act = actp ? &nact : NULL;
 
+	if (actp)
+		nact = *actp; /* act and old may be the same struct */
 	ENSURE_REAL();
-	if (i < 0 || !atomic_load(&guard_on))
+	if (i < 0)
+		return sig_action(sig, act, old);
+	if (!atomic_load(&guard_on))
 		return real.sigaction(sig, act, old);
+	if (!session_is_owner()) {
+		/* a vfork child: our memory is the parent's (signals.c) */
+		if (old)
+			*old = prog_act[i];
+		return act ? real.sigaction(sig, act, NULL) : 0;
+	}
 	pthread_mutex_lock(&guard_lock);
 	if (old)
 		*old = prog_act[i];
@@ -184,7 +195,7 @@ ACKPT_EXPORT sighandler_t signal(int sig, sighandler_t handler)
 	struct sigaction act = { .sa_handler = handler, .sa_flags = SA_RESTART }, old;
 
 	ENSURE_REAL();
-	if (guard_idx(sig) < 0 || !atomic_load(&guard_on))
+	if (guard_idx(sig) < 0 ? !sig_holding() : !atomic_load(&guard_on))
 		return real.signal(sig, handler);
 	sigemptyset(&act.sa_mask);
 	sigaddset(&act.sa_mask, sig);

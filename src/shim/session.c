@@ -162,6 +162,7 @@ static int session_start(void)
 	oplog_reset();
 	S.state = SESS_ACTIVE;
 	efault_init(); /* from now on we copy from the program's buffers */
+	sig_init();    /* ... and hold signals that arrive mid-write */
 
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);

@@ -476,6 +476,12 @@ int cuda_state(void);
 
 /* copies from the program's buffers (efault.c) */
 void efault_init(void);
+/* signals.c: signals held during a write, the program's dispositions */
+void sig_init(void);
+int sig_holding(void);
+void sig_hold(void);
+void sig_release(void);
+int sig_action(int sig, const struct sigaction *act, struct sigaction *old);
 /* every signal but the ones a fault raises (they stay deliverable) */
 void async_signals(sigset_t *set);
 int efault_copy(void *dst, const void *src, size_t n, size_t *done);
