@@ -198,7 +198,9 @@ def test_small_writes_touch_no_signal_mask(tmp_path):
 
 CPYTHON = "/usr/bin/python3.11"
 CPYTHON_SIGNAL = r"""
-import sys, unittest
+import signal, sys, unittest
+# as in a foreground run: a harness started in the background ignores SIGINT
+signal.signal(signal.SIGINT, signal.default_int_handler)
 # a managed file first, so the session (and ackpt's handlers) is up
 # before the first test installs anything
 with open(sys.argv[1] + "/session.txt", "w") as f:

@@ -27,7 +27,8 @@
 				* goes through the kernel); DIRTY.  3: coord_part, announced_*,
 				* cfg.  4: the job's secret in cfg, want_mib.  5: uploads.  6: open.after.
 				* 7: chunks at their file offset's place in a page, bytes_direct,
-				* FAIL.  8: op records in a ring in the control block */
+				* FAIL.  8: op records in a ring in the control block, WRITEs
+				* extended in place */
 
 /* Descriptor numbers the helper finds its channels on after exec. */
 #define ACKPT_HELPER_SOCK_FD 3
@@ -105,7 +106,9 @@ struct ackpt_op_commit {
  * producer (the session's shim, under its lock) and one consumer (the
  * helper).  The shim publishes with a release store of tail and rings the
  * doorbell (one socket message without a descriptor) only when the helper
- * said it sleeps (docs/DESIGN.md 3.21).
+ * said it sleeps (docs/DESIGN.md 3.21).  A small write that continues the
+ * last record, a WRITE the helper has not taken yet, extends it instead of
+ * adding one (ext below).
  */
 #define ACKPT_RING_BYTES (1u << 20)
 #define ACKPT_RING_ALIGN 64u
@@ -113,7 +116,14 @@ struct ackpt_op_commit {
 struct ackpt_ring_rec {
 	uint32_t len;       /* bytes of op and paths after this header */
 	uint32_t pad;
+	uint64_t ext;       /* WRITE: bytes appended to it after it was published (the
+			     * shim, by CAS, while ACKPT_REC_TAKEN is clear: the write
+			     * continues in the file and the arena); the helper sets
+			     * ACKPT_REC_TAKEN when it takes the record, and adds what
+			     * is below it to u.write.len and u.write.arena_end */
 };
+
+#define ACKPT_REC_TAKEN (1ull << 63)
 
 enum {
 	ACKPT_RING_AWAKE = 0,  /* the helper will look at the ring again by itself */

@@ -703,8 +703,17 @@ static int receive_one(void)
 		return 0;
 	}
 	ring_copy_out(at + sizeof(rec), buf, n);
-	__atomic_store_n(&r->head, at + bytes, __ATOMIC_RELEASE);
 	memcpy(&op, buf, sizeof(op));
+	if (op.type == ACKPT_OP_WRITE) {
+		/* take it: from now on the shim adds to a new record; acquire,
+		 * so the bytes it appended are in the arena */
+		struct ackpt_ring_rec *hdr = (struct ackpt_ring_rec *)(r->data + at % ACKPT_RING_BYTES);
+		uint64_t ext = __atomic_fetch_or(&hdr->ext, ACKPT_REC_TAKEN, __ATOMIC_ACQUIRE);
+
+		op.u.write.len += ext & ~ACKPT_REC_TAKEN;
+		op.u.write.arena_end += ext & ~ACKPT_REC_TAKEN;
+	}
+	__atomic_store_n(&r->head, at + bytes, __ATOMIC_RELEASE);
 	H.last_record_ns = now_ns();
 	if (op.seq != H.next_seq)
 		hlog(0, "op sequence gap: got %llu, expected %llu", (unsigned long long)op.seq,

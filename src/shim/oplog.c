@@ -235,6 +235,48 @@ static int ring_wait_space(size_t bytes)
 	return 0;
 }
 
+/*
+ * Append len bytes, already copied into the arena at pos..end, to the last
+ * record instead of adding one: only when that record is a WRITE of the
+ * same file that they continue both in the file and in the arena (same
+ * lap, same registered 1 GiB piece), and the helper has not taken it (the
+ * CAS fails once ACKPT_REC_TAKEN is set).  A burst of small writes then
+ * costs the helper one op, and the op log and the ring a record, per run
+ * rather than per call.  Returns 1 if extended.
+ */
+#define EXTEND_MAX (16ull << 20)
+
+int ring_extend(struct inode_state *ino, uint64_t off, uint64_t len, uint64_t pos, uint64_t end)
+{
+	struct ackpt_ring_rec *rec;
+	struct logrec *l;
+	uint64_t old, in;
+
+	if (!C.extend || S.ext_at == UINT64_MAX || S.ext_file != ino->slot || off != S.ext_off_end ||
+	    pos != S.ext_arena_end || end != pos + len || S.ext_bytes + len > EXTEND_MAX)
+		return 0;
+	in = pos % S.arena_size;
+	if (in < S.ext_bytes || in + len > S.arena_size ||
+	    (in - S.ext_bytes) / ACKPT_REG_BUF_MAX != (in + len - 1) / ACKPT_REG_BUF_MAX)
+		return 0; /* the run would cross the ring's end or a registered piece */
+	/* records start at 64-byte boundaries: a header is never split */
+	rec = (struct ackpt_ring_rec *)(S.shm->ring.data + S.ext_at % ACKPT_RING_BYTES);
+	old = __atomic_load_n(&rec->ext, __ATOMIC_RELAXED);
+	if (old & ACKPT_REC_TAKEN)
+		return 0;
+	/* release: the bytes are in the arena before the helper can see them */
+	if (!__atomic_compare_exchange_n(&rec->ext, &old, old + len, 0, __ATOMIC_RELEASE,
+					 __ATOMIC_RELAXED))
+		return 0; /* taken meanwhile */
+	S.ext_bytes += len;
+	S.ext_off_end += len;
+	S.ext_arena_end = end;
+	l = &oplog[S.seq % LOGCAP];
+	if (l->seq == S.seq)
+		l->len += len; /* a replay rewrites the whole run */
+	return 1;
+}
+
 /* The OPEN's descriptor, ahead of its record. */
 static int send_fd(int fd, uint64_t seq)
 {
@@ -295,6 +337,17 @@ int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 		return -EPIPE;
 	}
 	at = r->tail;
+	S.ext_at = UINT64_MAX;
+	/* extensible: a write whose reservation ends where its data does (a
+	 * write cut short by a bad page reserved more than it holds) */
+	if (op->type == ACKPT_OP_WRITE &&
+	    op->u.write.arena_end == op->u.write.arena_pos + op->u.write.len) {
+		S.ext_at = at;
+		S.ext_file = op->file;
+		S.ext_off_end = op->u.write.offset + op->u.write.len;
+		S.ext_arena_end = op->u.write.arena_end;
+		S.ext_bytes = op->u.write.len;
+	}
 	ring_copy_in(r, at, &h, sizeof(h));
 	ring_copy_in(r, at + sizeof(h), op, sizeof(*op));
 	if (plen)

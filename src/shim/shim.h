@@ -208,6 +208,10 @@ struct ackpt_config {
 	int write_through;       /* ACKPT_WRITE_THROUGH: a write staging cannot take at
 				  * memcpy speed goes through the kernel (default 1,
 				  * 0 under ACKPT_FAULT or ACKPT_TEST_DELAY_MS) */
+	int extend;              /* a write may extend the last ring record (oplog.c);
+				  * 0 under ACKPT_FAULT, read when the session starts
+				  * (a rank may set it just before, as the helper
+				  * inherits it then) */
 	int copy_threads;        /* ACKPT_COPY_THREADS: workers that split a large staging
 				  * copy with the writing thread (pcopy.c) */
 	int test_delay_ms;       /* ACKPT_TEST_DELAY_MS for this rank */
@@ -325,6 +329,10 @@ struct session {
 	uint64_t max_chunk;      /* [fixed] */
 	uint64_t head;           /* arena allocation position (monotonic) */
 	uint64_t seq;            /* last assigned op seq */
+	/* the last record in the ring, while it is a WRITE that a continuing
+	 * write may extend (oplog.c); ext_at == UINT64_MAX: none */
+	uint64_t ext_at, ext_off_end, ext_arena_end, ext_bytes;
+	uint32_t ext_file;
 	pid_t helper_pid;        /* [fixed] while ACTIVE */
 	int ninodes;             /* [atomic] read unlocked as "anything tracked?" */
 	uint64_t commits_requested;
@@ -379,6 +387,7 @@ int helper_alive(void);
 int helper_gone(void);         /* repairs (replay) when it died; 1 if gone */
 int futex_wait_gen(uint32_t old, uint64_t timeout_ns);
 void session_bell(void); /* wake a sleeping helper */
+int ring_extend(struct inode_state *ino, uint64_t off, uint64_t len, uint64_t pos, uint64_t end);
 /* spawn.c */
 int fd_move_high(int fd);
 int spawn_helper(int helper_sock);

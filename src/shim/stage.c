@@ -221,10 +221,12 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 				       ? len
 				       : S.max_chunk - ((off + S.max_chunk) & (ACKPT_ARENA_ALIGN - 1));
 		struct ackpt_op op = { .type = ACKPT_OP_WRITE, .file = ino->slot };
-		uint64_t pos, end, head = S.head, t0 = now_ns();
-		int bad = 0, full;
+		uint64_t pos, end, head = S.head, t0;
+		int bad = 0, full, through_now = may_write_through(ino, off, chunk, device, &full);
 
-		if (may_write_through(ino, off, chunk, device, &full)) {
+		/* timed only when the arena is full: the two ways' rates */
+		t0 = full ? now_ns() : 0;
+		if (through_now) {
 			ssize_t n = write_through(ino, src, chunk, off);
 
 			if (full && n > 0)
@@ -277,9 +279,11 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 		op.u.write.len = chunk;
 		op.u.write.arena_pos = pos;
 		op.u.write.arena_end = end;
-		ret = send_op(&op, NULL, 0, -1, ino);
-		if (ret < 0)
-			return ret;
+		if (!ring_extend(ino, off, chunk, pos, end)) {
+			ret = send_op(&op, NULL, 0, -1, ino);
+			if (ret < 0)
+				return ret;
+		}
 		if (off + chunk > ino->staged_hi)
 			ino->staged_hi = off + chunk;
 		S.bytes_staged += chunk;
