@@ -34,6 +34,8 @@ struct ackpt_stats {
 	uint64_t bytes_direct;     /* of bytes_written, written with O_DIRECT */
 	uint64_t bytes_through;    /* written by this process itself, past staging
 				    * (staging full or not faulted in yet) */
+	uint64_t copies_overlapped; /* staging copies that began while another
+				     * thread's copy was under way */
 };
 
 /*

@@ -23,12 +23,12 @@
 #include "job.h"
 
 #define ACKPT_PROTO_MAGIC   0x74706b63614b4341ull /* "ACKackpt" */
-#define ACKPT_PROTO_VERSION 8 /* 2: one payload struct per op; no TRUNCATE (ftruncate
+#define ACKPT_PROTO_VERSION 9 /* 2: one payload struct per op; no TRUNCATE (ftruncate
 				* goes through the kernel); DIRTY.  3: coord_part, announced_*,
 				* cfg.  4: the job's secret in cfg, want_mib.  5: uploads.  6: open.after.
 				* 7: chunks at their file offset's place in a page, bytes_direct,
 				* FAIL.  8: op records in a ring in the control block, WRITEs
-				* extended in place */
+				* extended in place.  9: WRITEs published pending their copy */
 
 /* Descriptor numbers the helper finds its channels on after exec. */
 #define ACKPT_HELPER_SOCK_FD 3
@@ -120,10 +120,16 @@ struct ackpt_ring_rec {
 			     * shim, by CAS, while ACKPT_REC_TAKEN is clear: the write
 			     * continues in the file and the arena); the helper sets
 			     * ACKPT_REC_TAKEN when it takes the record, and adds what
-			     * is below it to u.write.len and u.write.arena_end */
+			     * is below it to u.write.len and u.write.arena_end.
+			     * ACKPT_REC_PENDING: published before its bytes were
+			     * copied (a large write copied outside the shim's lock);
+			     * the helper takes no record from it on until the shim
+			     * clears it, after setting u.write.len to the bytes it
+			     * copied (0: nothing to write).  Never extended */
 };
 
-#define ACKPT_REC_TAKEN (1ull << 63)
+#define ACKPT_REC_TAKEN   (1ull << 63)
+#define ACKPT_REC_PENDING (1ull << 62)
 
 enum {
 	ACKPT_RING_AWAKE = 0,  /* the helper will look at the ring again by itself */

@@ -692,6 +692,7 @@ static int receive_one(void)
 	size_t n, bytes;
 	int fd = -1;
 
+	H.ring_blocked = 0;
 	if (tail == at)
 		return 0;
 	ring_copy_out(at, &rec, sizeof(rec));
@@ -705,13 +706,28 @@ static int receive_one(void)
 	ring_copy_out(at + sizeof(rec), buf, n);
 	memcpy(&op, buf, sizeof(op));
 	if (op.type == ACKPT_OP_WRITE) {
+		struct ackpt_ring_rec *hdr = (struct ackpt_ring_rec *)(r->data + at % ACKPT_RING_BYTES);
+		uint64_t ext = __atomic_load_n(&hdr->ext, __ATOMIC_ACQUIRE);
+
+		if (ext & ACKPT_REC_PENDING) {
+			/* its copy is under way: nothing from here on before it.
+			 * Once the program is gone it never ends (the copying
+			 * thread died with it, its write never returned): drop it */
+			if (!H.prog_gone) {
+				H.ring_blocked = 1;
+				return 0;
+			}
+			op.u.write.len = 0;
+		} else {
+			/* the shim may have cut its length (a bad page) before
+			 * clearing PENDING: read the op again after the acquire */
+			ring_copy_out(at + sizeof(rec), &op, sizeof(op));
+		}
 		/* take it: from now on the shim adds to a new record; acquire,
 		 * so the bytes it appended are in the arena */
-		struct ackpt_ring_rec *hdr = (struct ackpt_ring_rec *)(r->data + at % ACKPT_RING_BYTES);
-		uint64_t ext = __atomic_fetch_or(&hdr->ext, ACKPT_REC_TAKEN, __ATOMIC_ACQUIRE);
-
-		op.u.write.len += ext & ~ACKPT_REC_TAKEN;
-		op.u.write.arena_end += ext & ~ACKPT_REC_TAKEN;
+		ext = __atomic_fetch_or(&hdr->ext, ACKPT_REC_TAKEN, __ATOMIC_ACQUIRE);
+		op.u.write.len += ext & ~(ACKPT_REC_TAKEN | ACKPT_REC_PENDING);
+		op.u.write.arena_end += ext & ~(ACKPT_REC_TAKEN | ACKPT_REC_PENDING);
 	}
 	__atomic_store_n(&r->head, at + bytes, __ATOMIC_RELEASE);
 	H.last_record_ns = now_ns();
@@ -741,6 +757,10 @@ static int receive_one(void)
 		}
 	}
 	H.npend++;
+	if (op.type == ACKPT_OP_WRITE && !op.u.write.len) {
+		mark_done(h); /* its copy found nothing to copy, or never ended */
+		return 1;
+	}
 	if (op.type == ACKPT_OP_OPEN) {
 		struct hfile *f = op.file < ACKPT_MAX_FILES ? &H.files[op.file] : NULL;
 
@@ -1022,7 +1042,7 @@ int main(int argc, char **argv)
 		/* the program's hangup ends nothing: what it published is in
 		 * the ring, and all of it is written */
 		if (!eof && sock_drain() < 0)
-			eof = 1;
+			eof = H.prog_gone = 1;
 		while (H.npend < MAXPEND - 1 && receive_one())
 			;
 		dispatch();
@@ -1075,13 +1095,15 @@ int main(int argc, char **argv)
 			 * here, one after it comes with a bell (or, dozing, within
 			 * a millisecond).  Dozing for a while after the last record
 			 * spares a burst of small writes a bell each. */
-			uint32_t st = eof || now_ns() - H.last_record_ns > RING_DOZE_NS
+			uint32_t st = !H.ring_blocked && (eof || now_ns() - H.last_record_ns > RING_DOZE_NS)
 					      ? ACKPT_RING_ASLEEP
 					      : ACKPT_RING_DOZING;
 
 			__atomic_store_n(&H.shm->ring.sleep, st, __ATOMIC_SEQ_CST);
 			__atomic_thread_fence(__ATOMIC_SEQ_CST);
-			if (ring_has_records())
+			/* at a record whose copy is under way: its copier rings
+			 * when done, and we look every millisecond meanwhile */
+			if (ring_has_records() && !H.ring_blocked)
 				timeout = 0; /* still reap and serve the barrier */
 			else if (st == ACKPT_RING_DOZING && timeout > 1)
 				timeout = 1;

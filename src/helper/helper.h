@@ -68,6 +68,8 @@ struct helper {
 	uint64_t head_seq;   /* seq of ring slot at head (next to retire) */
 	uint64_t next_seq;   /* seq expected next from the ring */
 	uint64_t last_record_ns; /* when the ring last had a record (now_ns) */
+	int ring_blocked;        /* the next record's copy is under way (ACKPT_REC_PENDING) */
+	int prog_gone;           /* the program hung up: a pending record never fills */
 	unsigned npend;
 	struct hfile files[ACKPT_MAX_FILES];
 	atomic_int prefault_done;

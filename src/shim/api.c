@@ -50,6 +50,7 @@ ACKPT_EXPORT int ackpt_get_stats(struct ackpt_stats *out, size_t size)
 	s.active = S.state == SESS_ACTIVE;
 	s.staging_bytes = S.arena_size;
 	s.bytes_through = S.bytes_through;
+	s.copies_overlapped = __atomic_load_n(&S.copies_overlapped, __ATOMIC_RELAXED);
 	if (S.shm) {
 		s.bytes_written = __atomic_load_n(&S.shm->bytes_written, __ATOMIC_ACQUIRE);
 		s.errors = __atomic_load_n(&S.shm->errors, __ATOMIC_ACQUIRE);

@@ -440,6 +440,13 @@ static uint64_t ofd_put(struct ofd *o)
 	return commit;
 }
 
+/* A write that dropped the lock held o (stage_write): let go of it; the
+ * last reference queues the file's CLOSE as a close would have. */
+LOCKED void ofd_unpin(struct ofd *o)
+{
+	ofd_put(o);
+}
+
 /* Returns a pending error for the file, if any; *commit (if given) the id
  * of the metadata commit this last close queued, or 0. */
 LOCKED int fd_release_commit(int fd, uint64_t *commit)

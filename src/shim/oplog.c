@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include "shim.h"
 
@@ -19,6 +20,8 @@ struct logrec {
 	uint32_t type;
 	struct inode_state *ino;
 	uint64_t off, len, arena_pos;
+	int pending;   /* [atomic] a WRITE whose copy runs outside the lock:
+			* replay waits for it (stage.c, stage_unlocked) */
 	char *paths;
 };
 
@@ -47,6 +50,12 @@ static void replay(void)
 
 		if (r->seq != s)
 			continue;
+		/* its copy needs no lock to finish, and finishes soon */
+		while (__atomic_load_n(&r->pending, __ATOMIC_ACQUIRE)) {
+			struct timespec ts = { 0, 50000 };
+
+			nanosleep(&ts, NULL);
+		}
 		switch (r->type) {
 		case ACKPT_OP_WRITE: {
 			const char *p = S.arena + r->arena_pos % S.arena_size;
@@ -303,8 +312,8 @@ static int send_fd(int fd, uint64_t seq)
  * the ring, and no system call unless the helper sleeps (or the op is an
  * OPEN, whose descriptor only a socket can carry).
  */
-int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
-		   struct inode_state *ino)
+static int publish(struct ackpt_op *op, const char *paths, size_t plen, int fd,
+		   struct inode_state *ino, uint64_t *ring_at)
 {
 	struct ackpt_ring *r = &S.shm->ring;
 	struct ackpt_ring_rec h = { .len = (uint32_t)(sizeof(*op) + plen) };
@@ -339,14 +348,21 @@ int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 	at = r->tail;
 	S.ext_at = UINT64_MAX;
 	/* extensible: a write whose reservation ends where its data does (a
-	 * write cut short by a bad page reserved more than it holds) */
-	if (op->type == ACKPT_OP_WRITE &&
+	 * write cut short by a bad page reserved more than it holds), and
+	 * whose copy is done */
+	if (op->type == ACKPT_OP_WRITE && !ring_at &&
 	    op->u.write.arena_end == op->u.write.arena_pos + op->u.write.len) {
 		S.ext_at = at;
 		S.ext_file = op->file;
 		S.ext_off_end = op->u.write.offset + op->u.write.len;
 		S.ext_arena_end = op->u.write.arena_end;
 		S.ext_bytes = op->u.write.len;
+	}
+	if (ring_at) {
+		/* its bytes are not in the arena yet: the helper waits at it */
+		h.ext = ACKPT_REC_PENDING;
+		l->pending = 1;
+		*ring_at = at;
 	}
 	ring_copy_in(r, at, &h, sizeof(h));
 	ring_copy_in(r, at + sizeof(h), op, sizeof(*op));
@@ -355,8 +371,11 @@ int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 	__atomic_store_n(&r->tail, at + bytes, __ATOMIC_RELEASE);
 	__atomic_store_n(&S.shm->staged_seq, op->seq, __ATOMIC_RELEASE);
 	/* a short write can wait for a dozing helper's next look; anything
-	 * else (a large write, an fsync, a commit) should start now */
-	if (ring_bell(op->type != ACKPT_OP_WRITE || op->u.write.len >= (1u << 20)) < 0) {
+	 * else (a large write, an fsync, a commit) should start now.  Not a
+	 * pending write: its copier rings when it is done, and a dead helper
+	 * found here would make us replay a record we have not filled */
+	if (!ring_at &&
+	    ring_bell(op->type != ACKPT_OP_WRITE || op->u.write.len >= (1u << 20)) < 0) {
 		session_helper_died();
 		return -EPIPE;
 	}
@@ -364,6 +383,45 @@ int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 	 * (callers pass no inode whose CLOSE was sent) */
 	session_reap();
 	return 0;
+}
+
+int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
+	    struct inode_state *ino)
+{
+	return publish(op, paths, plen, fd, ino, NULL);
+}
+
+/*
+ * A WRITE published before its bytes are copied, so the copy can run
+ * outside the lock (stage.c): the record carries ACKPT_REC_PENDING, at
+ * which the helper stops, and replay waits.  *ring_at: where it is, for
+ * send_write_filled.
+ */
+int send_write_pending(struct ackpt_op *op, struct inode_state *ino, uint64_t *ring_at)
+{
+	return publish(op, NULL, 0, -1, ino, ring_at);
+}
+
+/*
+ * The copy of a pending WRITE is done, len bytes of it (fewer than
+ * published after a bad source page; 0 leaves nothing to write).  No lock:
+ * the record and its log entry are the copier's until the release stores
+ * below, and finishing must never wait for the lock, which a thread
+ * waiting for this record's progress may hold.
+ */
+void send_write_filled(struct ackpt_op *op, uint64_t ring_at, uint64_t len)
+{
+	struct ackpt_ring *r = &S.shm->ring;
+	struct ackpt_ring_rec *rec = (struct ackpt_ring_rec *)(r->data + ring_at % ACKPT_RING_BYTES);
+	struct logrec *l = &oplog[op->seq % LOGCAP];
+
+	if (len != op->u.write.len) {
+		op->u.write.len = len;
+		ring_copy_in(r, ring_at + sizeof(*rec), op, sizeof(*op));
+		l->len = len;
+	}
+	__atomic_store_n(&l->pending, 0, __ATOMIC_RELEASE);
+	__atomic_fetch_and(&rec->ext, ~ACKPT_REC_PENDING, __ATOMIC_RELEASE);
 }
 
 int session_send_open(struct inode_state *ino, int fd)

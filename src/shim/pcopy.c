@@ -35,6 +35,7 @@ static struct {
 	int nthreads;
 	unsigned gen;                 /* bumped per copy; workers wait for a new one */
 	int pending;                  /* parts not yet copied by workers */
+	int busy;                     /* a copy owns the parts and workers */
 	struct part parts[PCOPY_MAX_THREADS + 1];
 } P = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER };
 
@@ -116,6 +117,7 @@ void pcopy_atfork_child(void)
 	P.pid = 0;
 	P.nthreads = 0;
 	P.pending = 0;
+	P.busy = 0;
 }
 
 int stage_copy(void *dst, const void *src, size_t n, size_t *done)
@@ -126,11 +128,18 @@ int stage_copy(void *dst, const void *src, size_t n, size_t *done)
 	if (n < PCOPY_MIN || C.copy_threads <= 0)
 		return efault_copy(dst, src, n, done);
 	pthread_mutex_lock(&P.lock);
+	/* another thread's copy has the workers (copies run outside the
+	 * session lock): the cores are busy anyway, copy alone */
+	if (P.busy) {
+		pthread_mutex_unlock(&P.lock);
+		return efault_copy(dst, src, n, done);
+	}
 	nparts = ensure_workers() + 1;
 	if (nparts < 2) {
 		pthread_mutex_unlock(&P.lock);
 		return efault_copy(dst, src, n, done);
 	}
+	P.busy = 1;
 	step = ((n + nparts - 1) / nparts + 4095) & ~(size_t)4095;
 	for (k = 0; k < nparts; k++) {
 		struct part *p = &P.parts[k];
@@ -155,8 +164,6 @@ int stage_copy(void *dst, const void *src, size_t n, size_t *done)
 	pthread_mutex_lock(&P.lock);
 	while (P.pending)
 		pthread_cond_wait(&P.finished, &P.lock);
-	pthread_mutex_unlock(&P.lock);
-
 	*done = 0;
 	ret = 0;
 	for (k = 0; k < nparts; k++) {
@@ -166,5 +173,7 @@ int stage_copy(void *dst, const void *src, size_t n, size_t *done)
 			break;
 		}
 	}
+	P.busy = 0;
+	pthread_mutex_unlock(&P.lock);
 	return ret;
 }

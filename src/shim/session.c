@@ -413,6 +413,8 @@ static void atfork_child(void)
 	S.head = 0;
 	S.ninodes = 0;
 	S.bytes_staged = S.files = S.stall_ns = S.bytes_through = 0;
+	S.copying = 0; /* a parent's thread mid-copy is not here */
+	S.copies_overlapped = 0;
 	S.through_bytes = S.through_ns = S.waited_bytes = S.waited_ns = 0;
 	S.commits_requested = S.commit_failures_seen = S.dead_commit_failures = 0;
 }

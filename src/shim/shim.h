@@ -341,6 +341,8 @@ struct session {
 	/* stats */
 	uint64_t bytes_staged, files;
 	uint64_t bytes_through;  /* written through the kernel: staging could not take them at once */
+	int copying;              /* [atomic] staging copies under way outside the lock */
+	uint64_t copies_overlapped; /* [atomic] ... that began while another was under way */
 	/* with the arena full: bytes and stall time written through, and
 	 * staged after waiting for room (stage.c, through_is_faster) */
 	uint64_t through_bytes, through_ns, waited_bytes, waited_ns;
@@ -359,8 +361,10 @@ int session_lock(void);        /* returns 0 if we may use managed state */
 void session_unlock(void);
 DROPS void session_unlock_wait(uint64_t seq); /* until seq is done */
 int session_ensure(void);      /* start arena+helper; -errno on failure */
+/* a chunk this large is copied with the session lock dropped (stage.c) */
+#define UNLOCKED_MIN (256u << 10)
 LOCKED int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off, int device,
-		  size_t *staged);
+			 int unlock, size_t *staged);
 LOCKED int session_send_simple(uint32_t type, struct inode_state *ino);
 LOCKED int session_send_dirty(struct inode_state *ino);
 LOCKED int session_send_open(struct inode_state *ino, int fd);
@@ -397,6 +401,8 @@ void *arena_prefault_main(void *arg);
 struct ackpt_op;
 LOCKED int send_op(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 		   struct inode_state *ino);
+LOCKED int send_write_pending(struct ackpt_op *op, struct inode_state *ino, uint64_t *ring_at);
+void send_write_filled(struct ackpt_op *op, uint64_t ring_at, uint64_t len);
 LOCKED void session_helper_died(void);
 LOCKED void oplog_prune(uint64_t durable);
 LOCKED void oplog_prune_commits(uint64_t done);
@@ -425,6 +431,7 @@ LOCKED struct inode_state *ofd_inode_now(struct ofd *o);
 int wait_path_pending(int dirfd, const char *path, int flags);
 int wait_stat_pending(const struct stat *st);
 LOCKED int fd_install(int fd, struct ofd *o);
+LOCKED void ofd_unpin(struct ofd *o); /* after o->refs++ by a write */
 LOCKED int fd_release(int fd); /* drop our state for fd; -errno from pending error */
 LOCKED int fd_release_commit(int fd, uint64_t *commit); /* ... and the commit it queued */
 struct outcome managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos,

@@ -207,8 +207,50 @@ static int may_write_through(struct inode_state *ino, uint64_t off, uint64_t len
  * queued and -EFAULT returned.  1: the kernel took only *staged bytes (a
  * short write through it); report those.
  */
+/*
+ * A chunk of UNLOCKED_MIN (shim.h) or more is copied with the session lock dropped,
+ * so that threads writing at once copy at once (DCP's writer threads, one
+ * file each).  Under the lock: arena space is reserved and the WRITE
+ * published, marked pending; the helper stops at it and a replay waits for
+ * it.  Without it: the copy, then the record is filled in (its length cut
+ * to the good prefix after a bad page) and unmarked, neither needing the
+ * lock, so a lock holder waiting for the helper's progress never waits on
+ * us.  Then the lock again, and the bell.  Smaller chunks copy under the
+ * lock, where they can extend the last record instead.  The caller has
+ * pinned the description (stage_write): another thread's close cannot
+ * queue the file's CLOSE meanwhile.
+ */
+static int stage_unlocked(struct inode_state *ino, const char *src, uint64_t *chunk,
+			  uint64_t off, uint64_t pos, uint64_t end)
+{
+	struct ackpt_op op = { .type = ACKPT_OP_WRITE, .file = ino->slot };
+	uint64_t at, want = *chunk;
+	size_t done;
+	int ret;
+
+	op.u.write.offset = off;
+	op.u.write.len = want;
+	op.u.write.arena_pos = pos;
+	op.u.write.arena_end = end;
+	ret = send_write_pending(&op, ino, &at);
+	if (ret < 0)
+		return ret;
+	if (off + want > ino->staged_hi)
+		ino->staged_hi = off + want;
+	pthread_mutex_unlock(&S.lock); /* tls_busy stays: a re-entry passes through */
+	if (__atomic_add_fetch(&S.copying, 1, __ATOMIC_RELAXED) > 1)
+		__atomic_add_fetch(&S.copies_overlapped, 1, __ATOMIC_RELAXED);
+	ret = stage_copy(S.arena + pos % S.arena_size, src, want, &done);
+	__atomic_sub_fetch(&S.copying, 1, __ATOMIC_RELAXED);
+	send_write_filled(&op, at, ret < 0 ? done : want);
+	pthread_mutex_lock(&S.lock);
+	session_bell();
+	*chunk = ret < 0 ? done : want;
+	return ret < 0 ? -EFAULT : 0;
+}
+
 int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off, int device,
-		  size_t *staged)
+		  int unlock, size_t *staged)
 {
 	const char *src = buf;
 	int through = 0, ret;
@@ -253,9 +295,25 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 			len -= chunk;
 			continue;
 		}
+		/* the lock was dropped for the last chunk: the helper may be gone */
+		if (S.state != SESS_ACTIVE)
+			return -EPIPE;
 		ret = arena_reserve(chunk, off, &pos, &end);
 		if (ret < 0)
 			return ret;
+		if (unlock && !device && chunk >= UNLOCKED_MIN) {
+			ret = stage_unlocked(ino, src, &chunk, off, pos, end);
+			if (ret < 0 && ret != -EFAULT)
+				return ret;
+			S.bytes_staged += chunk;
+			*staged += chunk;
+			if (ret == -EFAULT)
+				goto dirty;
+			src += chunk;
+			off += chunk;
+			len -= chunk;
+			continue;
+		}
 		if (device) {
 			/* chunked through the arena with back-pressure, like host data */
 			ret = cuda_copy_to_host(S.arena + pos % S.arena_size, src, chunk);
@@ -269,7 +327,8 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 				chunk = done;
 				if (!chunk) {
 					S.head = head; /* nothing of it was used */
-					return -EFAULT;
+					ret = -EFAULT;
+					goto dirty;
 				}
 			}
 		}

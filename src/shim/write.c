@@ -141,10 +141,10 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 {
 	struct ofd *o;
 	struct inode_state *ino;
-	uint64_t t0 = now_ns(), at, pos;
-	size_t total = 0, left;
-	ssize_t lim;
-	int i, ret, append;
+	uint64_t t0 = now_ns(), at, pos, size0 = 0;
+	size_t total = 0, total0, left;
+	ssize_t lim, result;
+	int i, ret, append, unlock;
 
 	o = lock_writable(fd);
 	if (!o)
@@ -202,9 +202,27 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 		session_unlock();
 		return done(lim);
 	}
-	total = (size_t)lim;
+	total = total0 = (size_t)lim;
 	pos = at;
 	left = total;
+	/*
+	 * A large write copies with the lock dropped (stage.c): hold the
+	 * description, as the kernel holds the file, so another thread's
+	 * close queues the file's CLOSE only after it; and take the range now,
+	 * so that another thread's write, lseek or append meanwhile comes
+	 * after this one, as with the kernel's position lock.
+	 */
+	unlock = S.state == SESS_ACTIVE && total >= UNLOCKED_MIN && !ino->commit_final;
+	if (unlock) {
+		o->refs++;
+		size0 = ino->size;
+		if (at + total > ino->size)
+			ino->size = at + total;
+		if (use_pos) {
+			o->pos = at + total;
+			o->pos_lazy = 1;
+		}
+	}
 	if (S.state == SESS_ACTIVE) {
 		for (i = 0; i < iovcnt && left; i++) {
 			size_t len = iov[i].iov_len < left ? iov[i].iov_len : left, staged;
@@ -212,7 +230,7 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 			if (!len)
 				continue;
 			ret = session_stage(ino, iov[i].iov_base, len, pos,
-					    cuda_is_device(iov[i].iov_base), &staged);
+					    cuda_is_device(iov[i].iov_base), unlock, &staged);
 			if (ret == 1) {
 				/* the kernel took part of it (written through) */
 				pos += staged;
@@ -224,22 +242,24 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 				pos += staged;
 				total = (size_t)(pos - at);
 				if (!total) {
-					session_unlock();
-					return done(-EFAULT);
+					result = -EFAULT;
+					goto out;
 				}
 				break;
 			}
 			if (ret < 0 && S.state != SESS_DEAD) {
-				session_unlock();
-				return done(ret);
+				result = ret;
+				total = (size_t)(pos - at);
+				goto out;
 			}
 			if (ret < 0) {
 				/* helper died mid-write: the rest goes straight to the file */
 				ssize_t n = real.pwrite(ino->shadow_fd, iov[i].iov_base, len, (off_t)pos);
 
 				if (n < 0) {
-					session_unlock();
-					return done(-errno);
+					result = -errno;
+					total = (size_t)(pos - at);
+					goto out;
 				}
 			}
 			pos += len;
@@ -263,16 +283,33 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 		}
 		total = (size_t)n;
 	}
-	if (at + total > ino->size)
-		ino->size = at + total;
-	clock_gettime(CLOCK_REALTIME, &ino->mtime);
-	if (use_pos) {
-		o->pos = at + total;
-		o->pos_lazy = 1;
+	result = (ssize_t)total;
+out:
+	if (unlock) {
+		/* cut short (a bad page; an error, which moves nothing): give
+		 * back what was not written, unless another thread has moved
+		 * on from it */
+		uint64_t kept = result < 0 ? 0 : total;
+
+		if (use_pos && o->pos == at + total0)
+			o->pos = at + kept;
+		if (ino->size == at + total0 && kept < total0)
+			ino->size = size0 > at + kept ? size0 : at + kept;
+	} else if (result >= 0) {
+		if (at + total > ino->size)
+			ino->size = at + total;
+		if (use_pos) {
+			o->pos = at + total;
+			o->pos_lazy = 1;
+		}
 	}
+	if (result >= 0)
+		clock_gettime(CLOCK_REALTIME, &ino->mtime);
+	if (unlock)
+		ofd_unpin(o);
 	S.stall_ns += now_ns() - t0;
 	session_unlock();
-	return done((ssize_t)total);
+	return done(result);
 }
 
 /*

@@ -1,0 +1,281 @@
+"""Threads that write at once (docs/DESIGN.md 3.22): large copies into
+staging run outside the session lock, and a program must still observe
+what the kernel gives it.
+
+One program runs without and under the shim; its output and every file it
+leaves must match byte for byte:
+- four threads writing their own files (write, pwrite, writev, lseek, large
+  and small) while the main thread forks a child that writes too;
+- four threads writing through one shared description: each write stays
+  one whole block and the file's size is their sum (the kernel's position
+  lock), checked by the program itself;
+- threads pwriting disjoint ranges of one file;
+- a close from another thread while a 48 MiB write is being copied: the
+  write completes and all of it lands, as with the kernel's file reference;
+- a bad page in the middle of one thread's large write while another
+  thread writes: the bytes before it, then the next write goes on from
+  there.
+Under the shim the program also reads ackpt_get_stats: copies did overlap.
+"""
+import pytest
+
+from faultutil import assert_same_trees, need_shim, run_plain_and_shim
+from test_posix_corners import compile_c
+
+PROG = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MiB (1u << 20)
+#define NT 4
+
+static char *src;          /* 64 MiB of pattern */
+static size_t src_len = 64 * MiB;
+static pthread_mutex_t out_lock = PTHREAD_MUTEX_INITIALIZER;
+static char results[NT][512];
+
+static void fail(const char *what)
+{
+	perror(what);
+	exit(2);
+}
+
+/* four threads, four files: every kind of write, large and small */
+static void *own_file(void *arg)
+{
+	int id = (int)(intptr_t)arg, fd, k;
+	char name[32], *r = results[id];
+	struct iovec iov[3] = { { src + 11, 300 << 10 }, { src + 5, 1 }, { src + 99, 5 * MiB } };
+	size_t n = 0;
+
+	snprintf(name, sizeof(name), "own%d.bin", id);
+	fd = open(name, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	if (fd < 0)
+		fail("open own");
+	n += snprintf(r + n, 512 - n, "%zd ", write(fd, src + id * 7, 3 * MiB + 1));
+	n += snprintf(r + n, 512 - n, "%zd ", write(fd, src + id, 100));
+	n += snprintf(r + n, 512 - n, "%zd ", pwrite(fd, src + 5 + id, 17 * MiB, MiB + 3));
+	n += snprintf(r + n, 512 - n, "%zd ", writev(fd, iov, 3));
+	for (k = 0; k < 20; k++)
+		if (write(fd, src + k * 4099 + id, 300 << 10) != 300 << 10)
+			fail("write 300K");
+	n += snprintf(r + n, 512 - n, "%lld ", (long long)lseek(fd, 2 * MiB + 17, SEEK_SET));
+	n += snprintf(r + n, 512 - n, "%zd ", write(fd, src + 1234 * id, 2 * MiB));
+	n += snprintf(r + n, 512 - n, "%lld ", (long long)lseek(fd, 0, SEEK_CUR));
+	n += snprintf(r + n, 512 - n, "%lld", (long long)lseek(fd, 0, SEEK_END));
+	if (close(fd))
+		fail("close own");
+	return NULL;
+}
+
+/* one description, four threads: each write is one whole block */
+static int shared_fd;
+static void *shared_writer(void *arg)
+{
+	int id = (int)(intptr_t)arg, k;
+
+	for (k = 0; k < 6; k++) {
+		unsigned char tag = (unsigned char)(1 + id * 16 + k);
+		size_t len = (512 << 10) + tag * 4096 + tag;
+		char *b = malloc(len);
+
+		memset(b, tag, len);
+		if (write(shared_fd, b, len) != (ssize_t)len)
+			fail("shared write");
+		free(b);
+	}
+	return NULL;
+}
+
+static void check_shared(void)
+{
+	int fd = open("shared.bin", O_RDONLY), seen[256] = { 0 }, blocks = 0, i;
+	off_t size = lseek(fd, 0, SEEK_END), at = 0;
+	char *m = size > 0 ? mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+
+	if (m == MAP_FAILED)
+		fail("map shared");
+	while (at < size) {
+		unsigned char tag = (unsigned char)m[at];
+		size_t len = (512 << 10) + tag * 4096 + tag, j;
+
+		if (!tag || seen[tag] || at + (off_t)len > size) {
+			printf("shared: bad block %u at %lld\n", tag, (long long)at);
+			exit(3);
+		}
+		for (j = 0; j < len; j++)
+			if ((unsigned char)m[at + j] != tag) {
+				printf("shared: block %u torn at %lld\n", tag, (long long)(at + j));
+				exit(3);
+			}
+		seen[tag] = 1;
+		blocks++;
+		at += len;
+	}
+	printf("shared: %d whole blocks, %lld bytes:", blocks, (long long)size);
+	for (i = 0; i < 256; i++)
+		if (seen[i])
+			printf(" %d", i);
+	printf("\n");
+	munmap(m, size);
+	close(fd);
+	unlink("shared.bin"); /* its order is the scheduler's */
+}
+
+/* disjoint ranges of one file */
+static int pw_fd;
+static void *pwriter(void *arg)
+{
+	int id = (int)(intptr_t)arg, k;
+
+	for (k = 0; k < 8; k++) {
+		off_t off = (off_t)(k * NT + id) * MiB + id * 13;
+
+		if (pwrite(pw_fd, src + k * 8191 + id, MiB - 100, off) != MiB - 100)
+			fail("pwrite");
+	}
+	return NULL;
+}
+
+/* a write that another thread's close overtakes */
+static int close_fd;
+static volatile int started;
+static ssize_t close_ret;
+static void *long_writer(void *arg)
+{
+	(void)arg;
+	started = 1;
+	close_ret = write(close_fd, src + 3, 48 * MiB);
+	return NULL;
+}
+
+/* a bad page in one thread's large write */
+static char *holey;
+static ssize_t bad_ret[2];
+static void *bad_writer(void *arg)
+{
+	int fd = open("holey.bin", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+
+	(void)arg;
+	bad_ret[0] = write(fd, holey, 12 * MiB);
+	bad_ret[1] = write(fd, src, 3 * MiB);
+	close(fd);
+	return NULL;
+}
+static void *good_writer(void *arg)
+{
+	int fd = open("beside.bin", O_WRONLY | O_CREAT | O_TRUNC, 0644), k;
+
+	(void)arg;
+	for (k = 0; k < 4; k++)
+		write(fd, src + k, 6 * MiB);
+	close(fd);
+	return NULL;
+}
+
+int main(int argc, char **argv)
+{
+	pthread_t t[NT];
+	struct timespec ms3 = { 0, 3000000 };
+	size_t i;
+	int k, st;
+	pid_t c;
+
+	if (chdir(argv[1]))
+		fail("chdir");
+	src = malloc(src_len);
+	for (i = 0; i < src_len; i++)
+		src[i] = (char)(i * 131 + (i >> 12) + (i >> 20));
+
+	for (k = 0; k < NT; k++)
+		pthread_create(&t[k], NULL, own_file, (void *)(intptr_t)k);
+	c = fork();
+	if (c == 0) {
+		int fd = open("child.bin", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+
+		write(fd, src + 77, 5 * MiB);
+		close(fd);
+		_exit(0);
+	}
+	waitpid(c, &st, 0);
+	for (k = 0; k < NT; k++)
+		pthread_join(t[k], NULL);
+	for (k = 0; k < NT; k++)
+		printf("own%d: %s\n", k, results[k]);
+	printf("child: %d\n", st);
+
+	shared_fd = open("shared.bin", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	for (k = 0; k < NT; k++)
+		pthread_create(&t[k], NULL, shared_writer, (void *)(intptr_t)k);
+	for (k = 0; k < NT; k++)
+		pthread_join(t[k], NULL);
+	printf("shared offset: %lld\n", (long long)lseek(shared_fd, 0, SEEK_CUR));
+	close(shared_fd);
+	check_shared();
+
+	pw_fd = open("pw.bin", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	for (k = 0; k < NT; k++)
+		pthread_create(&t[k], NULL, pwriter, (void *)(intptr_t)k);
+	for (k = 0; k < NT; k++)
+		pthread_join(t[k], NULL);
+	printf("pw offset: %lld\n", (long long)lseek(pw_fd, 0, SEEK_CUR));
+	close(pw_fd);
+
+	close_fd = open("closed.bin", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	pthread_create(&t[0], NULL, long_writer, NULL);
+	while (!started)
+		;
+	nanosleep(&ms3, NULL);
+	printf("close meanwhile: %d\n", close(close_fd));
+	pthread_join(t[0], NULL);
+	printf("long write: %zd\n", close_ret);
+
+	holey = mmap(NULL, 12 * MiB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	memcpy(holey, src, 12 * MiB);
+	mprotect(holey + 5 * MiB + 8192, 4096, PROT_NONE);
+	pthread_create(&t[0], NULL, bad_writer, NULL);
+	pthread_create(&t[1], NULL, good_writer, NULL);
+	pthread_join(t[0], NULL);
+	pthread_join(t[1], NULL);
+	printf("bad page: %zd, then %zd\n", bad_ret[0], bad_ret[1]);
+
+	if (argc > 2) {
+		/* the shim's figure, when it is there: did copies overlap? */
+		int (*get)(void *, size_t) = (int (*)(void *, size_t))dlsym(RTLD_DEFAULT, "ackpt_get_stats");
+		uint64_t s[32] = { 0 };
+		FILE *f = fopen(argv[2], "w");
+
+		if (get && get(s, sizeof(s)) == 0)
+			fprintf(f, "%llu\n", (unsigned long long)s[15]);
+		fclose(f);
+	}
+	return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("copy_threads", ["0", "1"])
+def test_threads_writing_at_once(tmp_path, copy_threads):
+    need_shim()
+    exe = compile_c(tmp_path, "threads", PROG, "-pthread", "-ldl")
+    figure = tmp_path / "overlapped.txt"
+    plain, shim, _, _, diffs = run_plain_and_shim(
+        lambda out: [exe, out, figure], tmp_path, staging="512M",
+        shim_extra={"ACKPT_WRITE_THROUGH": "off", "ACKPT_COPY_THREADS": copy_threads})
+    assert_same_trees(diffs, shim)
+    assert shim.stdout == plain.stdout, (plain.stdout, shim.stdout)
+    assert "close meanwhile: 0" in plain.stdout and "long write: %d" % (48 << 20) in plain.stdout
+    overlapped = int(figure.read_text())
+    assert overlapped > 0, "no two staging copies overlapped: they still take turns"
