@@ -822,6 +822,16 @@ def targets(res):
                 add("small write / plain write()", "%s write() to a managed file" % what,
                     "%.2fx (%.0f vs %.0f ns)" % (r, a, p), "<= 0.5x", r <= 0.5,
                     "%.0f ns over" % (a - 0.5 * p))
+    t = m.get("writer_threads")
+    if t:
+        n, lim = t["threads"], t["memcpy1_s"] / t["memcpyn_s"]
+        r = t["stall1_nosplit_s"] / t["stalln_nosplit_s"]
+        goal = min(n, lim)
+        # within a tenth of what memcpy itself gains from the extra threads
+        add("writer threads' staging rate / one thread's",
+            "%d threads, one file each, %d MiB in 8 MiB writes, no split copy" % (n, m["size_mib"]),
+            "%.2fx" % r, ">= %.2fx (memcpy's own %d-thread scaling, at most %dx)" % (0.9 * goal, n, n),
+            r >= 0.9 * goal, "%.2fx short" % (0.9 * goal - r))
     u = res.get("upload") or {}
     where = "%s MiB, %s MiB parts, concurrency %s, moto S3 server on the same cores" % (
         u.get("size_mib"), u.get("part_mib"), u.get("concurrency"))

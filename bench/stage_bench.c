@@ -12,9 +12,11 @@
  *    write() to a managed file (staged under the shim), per batch.
  * STAGE_BENCH_DLOPEN=LIB dlopens LIB first (a CUDA driver, so the shim
  * classifies every written buffer); STAGE_BENCH_SMALL_ONLY=1 measures only
- * managed_small_ns and managed_tiny_ns.
+ * managed_small_ns and managed_tiny_ns.  STAGE_BENCH_THREADS=N measures
+ * writer threads instead (threads_main).
  */
 #include <dlfcn.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -82,6 +84,122 @@ static int managed_smalls(const char *dir, const char *src)
 	return managed_small(dir, src, 64, "managed_tiny_ns");
 }
 
+/*
+ * STAGE_BENCH_THREADS=N: N threads write SIZE bytes in all, each its own
+ * file in 8 MiB write() calls, as DCP's writer threads do.  Prints the
+ * machine's limit (a warm memcpy of SIZE by 1 and by N threads at once) and,
+ * per round, the wall time until every thread's writes returned and until
+ * all is durable.
+ */
+#define TB_MAX 16
+
+struct tb {
+	const char *dir;
+	char *src, *dst;
+	size_t len;
+	int id, round;
+	pthread_barrier_t *go;
+};
+
+static void *tb_copy(void *arg)
+{
+	struct tb *a = arg;
+
+	pthread_barrier_wait(a->go);
+	memcpy(a->dst, a->src, a->len);
+	return NULL;
+}
+
+static void *tb_write(void *arg)
+{
+	struct tb *a = arg;
+	char path[4096];
+	size_t off, step = 8u << 20;
+	int fd;
+
+	snprintf(path, sizeof(path), "%s/stage_t%d_%d.bin", a->dir, a->id, a->round);
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	if (fd < 0) {
+		perror(path);
+		exit(1);
+	}
+	pthread_barrier_wait(a->go);
+	for (off = 0; off < a->len; off += step) {
+		size_t n = a->len - off < step ? a->len - off : step;
+
+		if (write(fd, a->src + off, n) != (ssize_t)n) {
+			perror("write");
+			exit(1);
+		}
+	}
+	close(fd);
+	return NULL;
+}
+
+/* Run fn on n threads over len bytes of src (and dst); seconds from the
+ * start barrier until the last thread is done. */
+static double tb_run(void *(*fn)(void *), int n, const char *dir, char *src, char *dst, size_t len,
+		     int round)
+{
+	pthread_t t[TB_MAX];
+	struct tb a[TB_MAX];
+	pthread_barrier_t go;
+	size_t each = len / n / 4096 * 4096;
+	double t0;
+	int k;
+
+	pthread_barrier_init(&go, NULL, n + 1);
+	for (k = 0; k < n; k++) {
+		a[k] = (struct tb){ dir, src + k * each, dst ? dst + k * each : NULL, each, k, round,
+				    &go };
+		pthread_create(&t[k], NULL, fn, &a[k]);
+	}
+	pthread_barrier_wait(&go);
+	t0 = now();
+	for (k = 0; k < n; k++)
+		pthread_join(t[k], NULL);
+	t0 = now() - t0;
+	pthread_barrier_destroy(&go);
+	return t0;
+}
+
+static int threads_main(const char *dir, size_t size, int rounds, int n, int (*wait_fn)(double))
+{
+	char *src = faulted(size), *dst = faulted(size), path[4096];
+	double best1 = 1e9, bestn = 1e9, t;
+	int r, k;
+
+	if (n < 1 || n > TB_MAX)
+		return 1;
+	for (r = 0; r < 3; r++) {
+		t = tb_run(tb_copy, 1, dir, src, dst, size, 0);
+		best1 = t < best1 ? t : best1;
+		t = tb_run(tb_copy, n, dir, src, dst, size, 0);
+		bestn = t < bestn ? t : bestn;
+	}
+	munmap(dst, size);
+	printf("{\"size\": %zu, \"threads\": %d, \"shim\": %s, \"memcpy1_s\": %.6f, "
+	       "\"memcpyn_s\": %.6f, \"rounds\": [", size, n, wait_fn ? "true" : "false", best1, bestn);
+	for (r = 0; r < rounds; r++) {
+		double tw = tb_run(tb_write, n, dir, src, NULL, size, r), td;
+
+		t = now();
+		if (wait_fn && wait_fn(0) != 0) {
+			fprintf(stderr, "ackpt_wait failed\n");
+			return 1;
+		}
+		td = tw + now() - t;
+		printf("%s{\"write_s\": %.6f, \"durable_s\": %.6f}", r ? ", " : "", tw, td);
+		fflush(stdout);
+		for (k = 0; k < n; k++) {
+			snprintf(path, sizeof(path), "%s/stage_t%d_%d.bin", dir, k, r);
+			unlink(path);
+		}
+	}
+	printf("]}\n");
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	const char *dir = argc > 1 ? argv[1] : ".";
@@ -100,6 +218,8 @@ int main(int argc, char **argv)
 		fprintf(stderr, "stage_bench: %s\n", dlerror());
 		return 1;
 	}
+	if (getenv("STAGE_BENCH_THREADS"))
+		return threads_main(dir, size, rounds, atoi(getenv("STAGE_BENCH_THREADS")), wait_fn);
 	if (getenv("STAGE_BENCH_SMALL_ONLY")) {
 		src = faulted(1u << 21);
 		printf("{\"shim\": %s, ", wait_fn ? "true" : "false");
