@@ -16,6 +16,8 @@
  * run at full PCIe bandwidth; until then they still work, more slowly.
  */
 #include <dlfcn.h>
+#include <link.h>
+#include <stddef.h>
 #include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
@@ -205,12 +207,34 @@ void cuda_session_ready(void)
 		pin_arena(ctx);
 }
 
-/* A write large enough to matter on an fd opened before the driver was
- * loaded: look again (dlopen with RTLD_NOLOAD, about a microsecond). */
+/* The loader's count of objects ever loaded (0 if this glibc lacks it):
+ * the first object's dlpi_adds is enough. */
+static int adds_cb(struct dl_phdr_info *info, size_t size, void *data)
+{
+	if (size >= offsetof(struct dl_phdr_info, dlpi_adds) + sizeof(info->dlpi_adds))
+		*(unsigned long long *)data = info->dlpi_adds;
+	return 1;
+}
+
+/*
+ * A write large enough to matter on an fd opened before the driver was
+ * loaded: look again, but only if some library was loaded since the last
+ * look.  A dlopen with RTLD_NOLOAD of a library that is not there opens and
+ * maps the loader's cache each time (five system calls under the loader's
+ * lock), which every 64 KiB write of a process without CUDA paid; asking
+ * the loader how many objects it has loaded so far costs none.
+ */
 void cuda_probe_late(size_t len)
 {
-	if (len >= (64u << 10) && atomic_load_explicit(&G.state, memory_order_relaxed) == 0)
-		cuda_probe();
+	static _Atomic unsigned long long seen = ~0ull;
+	unsigned long long adds = 0;
+
+	if (len < (64u << 10) || atomic_load_explicit(&G.state, memory_order_relaxed) != 0)
+		return;
+	dl_iterate_phdr(adds_cb, &adds);
+	if (adds && atomic_exchange(&seen, adds) == adds)
+		return;
+	cuda_probe();
 }
 
 /* At exit, after the last copy: give the pinned pages back. */

@@ -260,6 +260,7 @@ struct inode_state {
 	uint64_t size;           /* logical size */
 	struct timespec mtime;   /* when the last write was staged */
 	uint64_t last_seq;       /* last op touching this inode */
+	uint64_t dirty_seq;      /* its last DIRTY (written through the kernel) */
 	uint64_t staged_hi;      /* end of the furthest WRITE staged for it: writing
 				  * through the kernel at or past it overtakes nothing */
 	int nofd;                /* open file descriptions referencing it */

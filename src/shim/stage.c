@@ -357,12 +357,16 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 	}
 	ret = 0;
 dirty:
-	/* the helper fsyncs what went through the kernel with the rest */
-	if (through) {
+	/* the helper fsyncs what went through the kernel with the rest; one
+	 * DIRTY not done yet covers this write too (every FSYNC, CLOSE
+	 * or barrier that could leave the file clean comes after it) */
+	if (through && ino->dirty_seq <= session_durable()) {
 		int r = session_send_simple(ACKPT_OP_DIRTY, ino);
 
 		if (r < 0 && !ret)
 			ret = r;
+		if (r == 0)
+			ino->dirty_seq = S.seq;
 	}
 	return ret;
 }
