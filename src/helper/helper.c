@@ -931,9 +931,15 @@ static void wait_uploads(void)
 
 static void registry_map(void)
 {
+	unsigned freed;
+
 	H.reg = ackpt_registry_map(1);
-	if (H.reg)
-		H.reg_helper = ackpt_registry_claim_helper(H.reg, H.pid);
+	if (!H.reg)
+		return;
+	H.reg_helper = ackpt_registry_claim_helper(H.reg, H.pid);
+	freed = ackpt_registry_sweep(H.reg);
+	if (freed)
+		hlog(3, "freed %u node registry entries of helpers that died", freed);
 }
 
 int main(int argc, char **argv)

@@ -34,18 +34,21 @@ void fd_protect(int fd, int on)
 /* ---- readers' descriptors ---- */
 
 /*
- * A managed file opened for reading while no process of the node had work
- * pending on it: another process may stage writes to it later, and a read
- * through this descriptor after that process's write returned must see
- * them.  Such descriptors are watched: their reads wait in the registry
- * for the file's pending work, when there is any on the node.  The file's
- * identity is kept, and checked again with fstat, because the number may
- * have been closed behind our back and reused.
+ * A descriptor opened for reading a file that another process of the node
+ * has work pending for, or a managed file (another process may stage
+ * writes to it later, and a read after that process's write returned must
+ * see them).  Such descriptors are watched: the open does not wait, but
+ * their reads, and copies of them (dup) handed to code no wrapper sees
+ * (exec, posix_spawn, SCM_RIGHTS, fdopen), wait in the registry for the
+ * file's pending work, when there is any on the node.  The file's identity
+ * is kept, and checked again with fstat, because the number may have been
+ * closed behind our back and reused.
  */
 atomic_uchar fd_watched[FD_MAX];
 static struct { uint64_t dev, ino; } *watch_id;
+static atomic_int nwatched; /* how many are set: the handoffs scan only then */
 
-static void watch_set(int fd, const struct stat *st)
+static void watch_set_id(int fd, uint64_t dev, uint64_t ino)
 {
 	if ((unsigned)fd >= FD_MAX)
 		return;
@@ -59,15 +62,59 @@ static void watch_set(int fd, const struct stat *st)
 						 __ATOMIC_ACQUIRE))
 			free(p);
 	}
-	watch_id[fd].dev = st->st_dev;
-	watch_id[fd].ino = st->st_ino;
-	atomic_store_explicit(&fd_watched[fd], 1, memory_order_release);
+	watch_id[fd].dev = dev;
+	watch_id[fd].ino = ino;
+	if (!atomic_exchange_explicit(&fd_watched[fd], 1, memory_order_release))
+		atomic_fetch_add_explicit(&nwatched, 1, memory_order_relaxed);
+}
+
+static void watch_set(int fd, const struct stat *st)
+{
+	watch_set_id(fd, st->st_dev, st->st_ino);
 }
 
 void watch_clear(int fd)
 {
-	if ((unsigned)fd < FD_MAX && atomic_load_explicit(&fd_watched[fd], memory_order_relaxed))
-		atomic_store_explicit(&fd_watched[fd], 0, memory_order_relaxed);
+	if ((unsigned)fd < FD_MAX && atomic_load_explicit(&fd_watched[fd], memory_order_relaxed) &&
+	    atomic_exchange_explicit(&fd_watched[fd], 0, memory_order_relaxed))
+		atomic_fetch_sub_explicit(&nwatched, 1, memory_order_relaxed);
+}
+
+/*
+ * to is a copy of from (dup, dup2, dup3, F_DUPFD): it reads the same file,
+ * so it is watched as from is.  A vfork child shares our tables but not our
+ * descriptors, so it marks nothing: it waits now, before the copy can reach
+ * the image it execs (a subprocess's stdin).
+ */
+void watch_copy(int from, int to)
+{
+	if ((unsigned)to >= FD_MAX)
+		return;
+	if (!session_is_owner()) {
+		if (fd_is_watched(from))
+			watch_wait(from);
+		return;
+	}
+	if (fd_is_watched(from) && watch_id)
+		watch_set_id(to, watch_id[from].dev, watch_id[from].ino);
+	else
+		watch_clear(to);
+}
+
+/*
+ * Before a descriptor leaves for code no wrapper of ours sees (exec,
+ * posix_spawn, SCM_RIGHTS, a stdio stream's reads inside glibc): every
+ * watched descriptor's file is made complete first.
+ */
+void watch_wait_all(void)
+{
+	int fd;
+
+	if (!atomic_load_explicit(&nwatched, memory_order_relaxed))
+		return;
+	for (fd = 0; fd < FD_MAX; fd++)
+		if (fd_is_watched(fd))
+			watch_wait(fd);
 }
 
 /* Before a read through a watched descriptor. */
@@ -76,10 +123,17 @@ void watch_wait(int fd)
 	struct stat st;
 	int saved = errno;
 
-	if (!registry_any() || real.fstat(fd, &st) < 0)
+	if (!registry_any())
 		goto out;
+	/* a vfork child shares the table, not the descriptors: it only reads */
+	if (real.fstat(fd, &st) < 0) {
+		if (errno == EBADF && session_is_owner())
+			watch_clear(fd); /* closed behind our back (close_range) */
+		goto out;
+	}
 	if (!watch_id || st.st_dev != watch_id[fd].dev || st.st_ino != watch_id[fd].ino) {
-		watch_clear(fd); /* another file now: closed behind our back */
+		if (session_is_owner())
+			watch_clear(fd); /* another file now: closed behind our back */
 		goto out;
 	}
 	registry_wait(st.st_dev, st.st_ino);
@@ -499,7 +553,7 @@ int files_post_open(int fd, int flags, const char *how, int force)
 	struct inode_state *ino;
 	struct stat st;
 	struct ofd *o;
-	int acc = flags & O_ACCMODE, writable = acc == O_WRONLY || acc == O_RDWR;
+	int acc = flags & O_ACCMODE, writable = acc == O_WRONLY || acc == O_RDWR, theirs;
 
 	if (fd < 0 || (unsigned)fd >= FD_MAX || !C.enabled)
 		return fd;
@@ -509,18 +563,31 @@ int files_post_open(int fd, int flags, const char *how, int force)
 		fd_release(fd);
 		session_unlock();
 	}
-	watch_clear(fd);
+	if (UNLIKELY(fd_is_watched(fd)) && session_is_owner())
+		watch_clear(fd);
 	if (flags & O_PATH)
 		return fd;
 	if (!writable) {
 		if (real.fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
 			return fd;
-		if (C.nroots && fd_path(fd, canon, sizeof(canon)) == 0 && path_is_managed(canon))
-			watch_set(fd, &st); /* later writes by others: its reads wait */
-		/* a reader of another process's pending work waits for it */
-		if (!S.ninodes && !registry_any())
-			return fd;
-		registry_wait(st.st_dev, st.st_ino);
+		/*
+		 * Watched, so that its reads wait for other processes' staged
+		 * work: a managed path's (they may write it later), and any
+		 * file another process has work pending for now.  The open
+		 * itself cannot observe that work, so it does not wait; what
+		 * can (read, mmap, fstat, lseek to the end, a copy of the
+		 * descriptor handed to an exec or over SCM_RIGHTS) waits first.
+		 */
+		theirs = registry_any() && registry_pending(st.st_dev, st.st_ino);
+		if (!session_is_owner()) {
+			/* a vfork child shares our table, not our descriptors: it
+			 * cannot mark this one, so it waits now */
+			if (theirs)
+				registry_wait(st.st_dev, st.st_ino);
+		} else if (theirs || (C.nroots && fd_path(fd, canon, sizeof(canon)) == 0 &&
+				      path_is_managed(canon))) {
+			watch_set(fd, &st);
+		}
 		if (!S.ninodes || session_lock() < 0)
 			return fd;
 		/*

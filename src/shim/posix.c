@@ -24,8 +24,16 @@ static void pre_open(int dirfd, const char *path, int flags)
 	if (!C.enabled || !path)
 		return;
 	note_fdinfo(path);
-	if (acc == O_RDONLY && !(flags & O_TRUNC) && !ns_pending_any())
-		return; /* readers wait after the open, on the inode they got */
+	if (acc == O_RDONLY && !(flags & O_TRUNC)) {
+		/* readers wait after the open, on the inode they got (files.c,
+		 * watched descriptors); only a deferred rename of the name
+		 * decides which file that is */
+		char canon[PATH_MAX];
+
+		if (ns_pending_any() && canon_path(dirfd, path, canon, sizeof(canon)) == 0)
+			ns_wait_path(canon);
+		return;
+	}
 	if (!ns_pending_any() && !S.ninodes && !registry_any())
 		return;
 	/* a writer that does not truncate observes nothing at its open: our
@@ -320,7 +328,8 @@ ACKPT_EXPORT int close(int fd)
 		errno = EBADF; /* never the program's: it did not open it */
 		return -1;
 	}
-	watch_clear(fd);
+	if (UNLIKELY(fd_is_watched(fd)) && session_is_owner())
+		watch_clear(fd); /* not a vfork child's: the table is its parent's */
 	if (LIKELY(!fd_peek(fd)))
 		return real.close(fd);
 	if (session_lock() < 0)
@@ -418,6 +427,8 @@ ACKPT_EXPORT int dup(int fd)
 		dup_track(fd, nfd);
 		errno = saved;
 	}
+	if (nfd >= 0 && UNLIKELY(fd_is_watched(fd) || fd_is_watched(nfd)))
+		watch_copy(fd, nfd);
 	return nfd;
 }
 
@@ -462,20 +473,32 @@ static int dup23(int oldfd, int newfd, int flags, int three)
 	return r;
 }
 
+/* newfd is now a copy of oldfd: watched as oldfd is (files.c) */
+static int dup_watch(int oldfd, int newfd, int r)
+{
+	if (r >= 0 && oldfd != newfd && UNLIKELY(fd_is_watched(oldfd) || fd_is_watched(newfd))) {
+		int saved = errno;
+
+		watch_copy(oldfd, newfd);
+		errno = saved;
+	}
+	return r;
+}
+
 ACKPT_EXPORT int dup2(int oldfd, int newfd)
 {
 	ENSURE_REAL();
 	if (!fd_peek(oldfd) && !fd_peek(newfd) && !is_protected(newfd))
-		return real.dup2(oldfd, newfd);
-	return dup23(oldfd, newfd, 0, 0);
+		return dup_watch(oldfd, newfd, real.dup2(oldfd, newfd));
+	return dup_watch(oldfd, newfd, dup23(oldfd, newfd, 0, 0));
 }
 
 ACKPT_EXPORT int dup3(int oldfd, int newfd, int flags)
 {
 	ENSURE_REAL();
 	if (!fd_peek(oldfd) && !fd_peek(newfd) && !is_protected(newfd))
-		return real.dup3(oldfd, newfd, flags);
-	return dup23(oldfd, newfd, flags, 1);
+		return dup_watch(oldfd, newfd, real.dup3(oldfd, newfd, flags));
+	return dup_watch(oldfd, newfd, dup23(oldfd, newfd, flags, 1));
 }
 
 static int fcntl_common(int (*fn)(int, int, ...), int fd, int cmd, va_list ap)
@@ -491,6 +514,8 @@ static int fcntl_common(int (*fn)(int, int, ...), int fd, int cmd, va_list ap)
 			dup_track(fd, r);
 			errno = saved;
 		}
+		if (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)
+			dup_watch(fd, r, r);
 		return r;
 	}
 	switch (cmd) {
@@ -503,7 +528,7 @@ static int fcntl_common(int (*fn)(int, int, ...), int fd, int cmd, va_list ap)
 			dup_track(fd, r);
 			errno = saved;
 		}
-		return r;
+		return dup_watch(fd, r, r);
 	case F_SETFL:
 		r = fn(fd, cmd, arg);
 		if (r == 0 && session_lock() == 0) {

@@ -20,6 +20,9 @@ static void exec_prepare(void)
 {
 	int saved = errno;
 
+	/* a reader's descriptor goes to the new image, whose reads no
+	 * wrapper of ours may see: other processes' staged work first */
+	watch_wait_all();
 	if (S.state != SESS_ACTIVE)
 		return;
 	if (!session_is_owner()) {
@@ -51,6 +54,7 @@ static void spawn_prepare(const posix_spawn_file_actions_t *fa)
 {
 	int saved = errno;
 
+	watch_wait_all(); /* as exec_prepare */
 	if (S.state != SESS_ACTIVE || !session_is_owner())
 		return;
 	if (!fa) {
@@ -246,8 +250,11 @@ ACKPT_EXPORT ssize_t sendmsg(int sock, const struct msghdr *msg, int flags)
 	struct cmsghdr *c;
 
 	ENSURE_REAL();
-	if (LIKELY(!msg || !msg->msg_controllen) || !C.enabled || S.state != SESS_ACTIVE ||
-	    !session_is_owner())
+	if (LIKELY(!msg || !msg->msg_controllen) || !C.enabled)
+		return real.sendmsg(sock, msg, flags);
+	/* a reader's descriptor: the receiver's reads may be no wrapper's */
+	watch_wait_all();
+	if (S.state != SESS_ACTIVE || !session_is_owner())
 		return real.sendmsg(sock, msg, flags);
 	for (c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR((struct msghdr *)msg, c)) {
 		size_t i, n;

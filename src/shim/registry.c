@@ -136,6 +136,33 @@ void registry_note_op(int idx, uint64_t seq)
 
 /* Wait while another process's helper has pending work on (dev, ino).
  * Returns 1 if there was some, 0 if not. */
+/* Another process's helper has work for the file that is not durable yet
+ * (a snapshot: more may come).  Never waits. */
+int registry_pending(uint64_t dev, uint64_t ino)
+{
+	struct ackpt_registry *r = registry_map(0);
+	unsigned i;
+
+	if (!r || !__atomic_load_n(&r->used, __ATOMIC_RELAXED))
+		return 0;
+	for (i = 0; i < ACKPT_REGISTRY_ENTRIES; i++) {
+		struct ackpt_registry_entry *e = &r->e[i];
+		int32_t pid = __atomic_load_n(&e->pid, __ATOMIC_ACQUIRE);
+		struct ackpt_registry_helper *h;
+
+		if (!pid || e->dev != dev || e->ino != ino)
+			continue;
+		if (pid == S.helper_pid && S.state == SESS_ACTIVE)
+			continue;
+		h = &r->helpers[e->helper % ACKPT_REGISTRY_HELPERS];
+		if (__atomic_load_n(&h->pid, __ATOMIC_ACQUIRE) != pid ||
+		    __atomic_load_n(&h->durable_seq, __ATOMIC_ACQUIRE) <
+			    __atomic_load_n(&e->last_seq, __ATOMIC_ACQUIRE))
+			return 1;
+	}
+	return 0;
+}
+
 int registry_wait(uint64_t dev, uint64_t ino)
 {
 	struct ackpt_registry *r = registry_map(0);

@@ -303,6 +303,8 @@ extern atomic_uchar fd_protected[FD_MAX];
 extern atomic_uchar fd_watched[FD_MAX];
 void watch_clear(int fd);
 void watch_wait(int fd);
+void watch_copy(int from, int to); /* a dup of a watched descriptor */
+void watch_wait_all(void);         /* before a descriptor leaves for another image */
 static inline int fd_is_watched(int fd)
 {
 	return (unsigned)fd < FD_MAX &&
@@ -469,6 +471,7 @@ void job_fd_moved(int from, int to);
 
 void registry_init(void);
 int registry_wait(uint64_t dev, uint64_t ino);
+int registry_pending(uint64_t dev, uint64_t ino); /* another process's, not durable: 1 */
 int registry_name_add(const char *oldp, const char *newp, uint64_t seq, uint64_t commit_id);
 void registry_name_del(int idx);
 int registry_names_any(void);

@@ -205,6 +205,13 @@ ACKPT_EXPORT FILE *fdopen(int fd, const char *mode)
 	int fl;
 
 	ENSURE_REAL();
+	if (UNLIKELY(fd_is_watched(fd))) {
+		int saved = errno;
+
+		/* the stream reads inside glibc, where no wrapper waits */
+		watch_wait(fd);
+		errno = saved;
+	}
 	o = fd_peek(fd);
 	if (!o || !o->writable)
 		return real.fdopen(fd, mode);

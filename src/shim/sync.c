@@ -273,8 +273,9 @@ ACKPT_EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off
 
 /* glibc's POSIX AIO writes and reads in its own threads through internal
  * calls: what we staged for the file must be in it before they run. */
-#define AIO_DRAIN(cb) do { if ((cb) && fd_peek((cb)->aio_fildes)) { \
-	int saved_ = errno; managed_drain_fd((cb)->aio_fildes); errno = saved_; } } while (0)
+#define AIO_DRAIN(cb) do { if ((cb) && (fd_peek((cb)->aio_fildes) || \
+					 fd_is_watched((cb)->aio_fildes))) { \
+	int saved_ = errno; drain_if_tracked((cb)->aio_fildes); errno = saved_; } } while (0)
 
 ACKPT_EXPORT int aio_write(struct aiocb *cb)
 {

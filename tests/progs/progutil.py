@@ -73,6 +73,7 @@ class AckptStats(ctypes.Structure):
         ("uploads_pending", ctypes.c_uint64),
         ("bytes_direct", ctypes.c_uint64),
         ("bytes_through", ctypes.c_uint64),
+        ("copies_overlapped", ctypes.c_uint64),
         # room to grow: the library rejects a size smaller than its own struct
         ("_spare", ctypes.c_char * 256),
     ]
