@@ -123,7 +123,7 @@ void pcopy_atfork_child(void)
 int stage_copy(void *dst, const void *src, size_t n, size_t *done)
 {
 	size_t step, off = 0;
-	int k, nparts, ret;
+	int k, nparts, ret, cancel;
 
 	if (n < PCOPY_MIN || C.copy_threads <= 0)
 		return efault_copy(dst, src, n, done);
@@ -157,6 +157,9 @@ int stage_copy(void *dst, const void *src, size_t n, size_t *done)
 	P.gen++;
 	pthread_cond_broadcast(&P.work);
 	pthread_mutex_unlock(&P.lock);
+	/* the wait below is a cancellation point: a thread cancelled there
+	 * would leave the workers owned and its staging record unfilled */
+	pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel);
 
 	P.parts[0].ret = efault_copy(P.parts[0].dst, P.parts[0].src, P.parts[0].len,
 				     &P.parts[0].done);
@@ -175,5 +178,6 @@ int stage_copy(void *dst, const void *src, size_t n, size_t *done)
 	}
 	P.busy = 0;
 	pthread_mutex_unlock(&P.lock);
+	pthread_setcancelstate(cancel, NULL);
 	return ret;
 }
