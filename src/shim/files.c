@@ -102,19 +102,26 @@ void watch_copy(int from, int to)
 }
 
 /*
- * Before a descriptor leaves for code no wrapper of ours sees (exec,
- * posix_spawn, SCM_RIGHTS, a stdio stream's reads inside glibc): every
- * watched descriptor's file is made complete first.
+ * Before descriptors leave for an image no wrapper of ours sees: every
+ * watched descriptor's file is made complete first.  exec: those it keeps
+ * (inherited: not close-on-exec); posix_spawn: all of them, as its file
+ * actions may dup any onto the child's stdin.
  */
-void watch_wait_all(void)
+void watch_wait_all(int inherited)
 {
 	int fd;
 
 	if (!atomic_load_explicit(&nwatched, memory_order_relaxed))
 		return;
-	for (fd = 0; fd < FD_MAX; fd++)
-		if (fd_is_watched(fd))
+	for (fd = 0; fd < FD_MAX; fd++) {
+		int fl;
+
+		if (!fd_is_watched(fd))
+			continue;
+		fl = inherited ? real.fcntl(fd, F_GETFD) : 0;
+		if (fl >= 0 && !(fl & FD_CLOEXEC))
 			watch_wait(fd);
+	}
 }
 
 /* Before a read through a watched descriptor. */

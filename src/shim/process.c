@@ -22,7 +22,7 @@ static void exec_prepare(void)
 
 	/* a reader's descriptor goes to the new image, whose reads no
 	 * wrapper of ours may see: other processes' staged work first */
-	watch_wait_all();
+	watch_wait_all(1);
 	if (S.state != SESS_ACTIVE)
 		return;
 	if (!session_is_owner()) {
@@ -54,7 +54,7 @@ static void spawn_prepare(const posix_spawn_file_actions_t *fa)
 {
 	int saved = errno;
 
-	watch_wait_all(); /* as exec_prepare */
+	watch_wait_all(0); /* as exec_prepare; file actions may dup any of them */
 	if (S.state != SESS_ACTIVE || !session_is_owner())
 		return;
 	if (!fa) {
@@ -252,10 +252,6 @@ ACKPT_EXPORT ssize_t sendmsg(int sock, const struct msghdr *msg, int flags)
 	ENSURE_REAL();
 	if (LIKELY(!msg || !msg->msg_controllen) || !C.enabled)
 		return real.sendmsg(sock, msg, flags);
-	/* a reader's descriptor: the receiver's reads may be no wrapper's */
-	watch_wait_all();
-	if (S.state != SESS_ACTIVE || !session_is_owner())
-		return real.sendmsg(sock, msg, flags);
 	for (c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR((struct msghdr *)msg, c)) {
 		size_t i, n;
 
@@ -266,7 +262,11 @@ ACKPT_EXPORT ssize_t sendmsg(int sock, const struct msghdr *msg, int flags)
 			int fd;
 
 			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-			if (fd_peek(fd)) {
+			/* a reader's descriptor: the receiver's reads may be no
+			 * wrapper's, so other processes' staged work first */
+			if (UNLIKELY(fd_is_watched(fd)))
+				watch_wait(fd);
+			if (fd_peek(fd) && S.state == SESS_ACTIVE && session_is_owner()) {
 				int saved = errno;
 
 				files_share_fd(fd);

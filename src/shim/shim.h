@@ -304,7 +304,7 @@ extern atomic_uchar fd_watched[FD_MAX];
 void watch_clear(int fd);
 void watch_wait(int fd);
 void watch_copy(int from, int to); /* a dup of a watched descriptor */
-void watch_wait_all(void);         /* before a descriptor leaves for another image */
+void watch_wait_all(int inherited); /* before descriptors leave for another image */
 static inline int fd_is_watched(int fd)
 {
 	return (unsigned)fd < FD_MAX &&
