@@ -134,8 +134,6 @@ void registry_note_op(int idx, uint64_t seq)
 		__atomic_store_n(&reg->e[idx].last_seq, seq, __ATOMIC_RELEASE);
 }
 
-/* Wait while another process's helper has pending work on (dev, ino).
- * Returns 1 if there was some, 0 if not. */
 /* Another process's helper has work for the file that is not durable yet
  * (a snapshot: more may come).  Never waits. */
 int registry_pending(uint64_t dev, uint64_t ino)
@@ -163,6 +161,8 @@ int registry_pending(uint64_t dev, uint64_t ino)
 	return 0;
 }
 
+/* Wait while another process's helper has pending work on (dev, ino).
+ * Returns 1 if there was some, 0 if not. */
 int registry_wait(uint64_t dev, uint64_t ino)
 {
 	struct ackpt_registry *r = registry_map(0);

@@ -199,20 +199,11 @@ static int may_write_through(struct inode_state *ino, uint64_t off, uint64_t len
 }
 
 /*
- * Copy len bytes at buf into the arena, in chunks, and queue a WRITE for
- * each.  A chunk the arena cannot take at memcpy speed goes through the
- * kernel instead when that keeps the file's order (may_write_through).
- * *staged: bytes queued or written.  A bad source pointer stops at the page
- * it faulted on, as the kernel's copy does: the chunk's good prefix is
- * queued and -EFAULT returned.  1: the kernel took only *staged bytes (a
- * short write through it); report those.
- */
-/*
- * A chunk of UNLOCKED_MIN (shim.h) or more is copied with the session lock dropped,
- * so that threads writing at once copy at once (DCP's writer threads, one
- * file each).  Under the lock: arena space is reserved and the WRITE
- * published, marked pending; the helper stops at it and a replay waits for
- * it.  Without it: the copy, then the record is filled in (its length cut
+ * A chunk of UNLOCKED_MIN (shim.h) or more is copied with the session lock
+ * dropped, so that threads writing at once copy at once (DCP's writer
+ * threads, one file each).  Under the lock: arena space is reserved and
+ * the WRITE published, marked pending; the helper stops at it and a replay
+ * waits for it.  Without it: the copy, then the record is filled in (its length cut
  * to the good prefix after a bad page) and unmarked, neither needing the
  * lock, so a lock holder waiting for the helper's progress never waits on
  * us.  Then the lock again, and the bell.  Smaller chunks copy under the
@@ -249,6 +240,15 @@ static int stage_unlocked(struct inode_state *ino, const char *src, uint64_t *ch
 	return ret < 0 ? -EFAULT : 0;
 }
 
+/*
+ * Copy len bytes at buf into the arena, in chunks, and queue a WRITE for
+ * each.  A chunk the arena cannot take at memcpy speed goes through the
+ * kernel instead when that keeps the file's order (may_write_through).
+ * *staged: bytes queued or written.  A bad source pointer stops at the page
+ * it faulted on, as the kernel's copy does: the chunk's good prefix is
+ * queued and -EFAULT returned.  1: the kernel took only *staged bytes (a
+ * short write through it); report those.
+ */
 int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t off, int device,
 		  int unlock, size_t *staged)
 {
