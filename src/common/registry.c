@@ -83,14 +83,9 @@ void ackpt_registry_release(struct ackpt_registry *r, int idx, int32_t pid, uint
 		__atomic_fetch_sub(&r->used, 1, __ATOMIC_RELAXED);
 }
 
-/* An entry or name of a helper that is gone: its pid is dead, or (a
- * finished claim, live set) its helper slot is no longer that pid's. */
-static int owner_gone(const struct ackpt_registry *r, int32_t pid, uint32_t live, uint32_t helper)
+int ackpt_registry_owner_gone(int32_t pid)
 {
-	if (kill(pid, 0) < 0 && errno == ESRCH)
-		return 1;
-	return live && __atomic_load_n(&r->helpers[helper % ACKPT_REGISTRY_HELPERS].pid,
-				       __ATOMIC_ACQUIRE) != pid;
+	return kill(pid, 0) < 0 && errno == ESRCH;
 }
 
 /*
@@ -98,7 +93,10 @@ static int owner_gone(const struct ackpt_registry *r, int32_t pid, uint32_t live
  * (SIGKILL, the OOM killer).  Otherwise the table's counts stay up, and
  * every process of the node keeps paying for "is anything pending?" (a
  * reader's open then looks up its path; its reads scan the table).  Run by
- * each helper at its start.  Returns how many were freed.
+ * each helper at its start.  Only a dead pid counts: an entry's other
+ * fields may belong to a claim still being filled in.  live is left as it
+ * is, since a new claimer may already own the entry again when we would
+ * store it; a claim sets it last.  Returns how many were freed.
  */
 unsigned ackpt_registry_sweep(struct ackpt_registry *r)
 {
@@ -108,9 +106,8 @@ unsigned ackpt_registry_sweep(struct ackpt_registry *r)
 		struct ackpt_registry_entry *e = &r->e[i];
 		int32_t pid = __atomic_load_n(&e->pid, __ATOMIC_ACQUIRE);
 
-		if (!pid || !owner_gone(r, pid, __atomic_load_n(&e->live, __ATOMIC_ACQUIRE), e->helper))
+		if (!pid || !ackpt_registry_owner_gone(pid))
 			continue;
-		__atomic_store_n(&e->live, 0, __ATOMIC_RELEASE);
 		if (__atomic_compare_exchange_n(&e->pid, &pid, 0, 0, __ATOMIC_ACQ_REL,
 						__ATOMIC_RELAXED)) {
 			__atomic_fetch_sub(&r->used, 1, __ATOMIC_RELAXED);
@@ -121,9 +118,8 @@ unsigned ackpt_registry_sweep(struct ackpt_registry *r)
 		struct ackpt_registry_name *n = &r->names[i];
 		int32_t pid = __atomic_load_n(&n->pid, __ATOMIC_ACQUIRE);
 
-		if (!pid || !owner_gone(r, pid, __atomic_load_n(&n->live, __ATOMIC_ACQUIRE), n->helper))
+		if (!pid || !ackpt_registry_owner_gone(pid))
 			continue;
-		__atomic_store_n(&n->live, 0, __ATOMIC_RELEASE);
 		if (__atomic_compare_exchange_n(&n->pid, &pid, 0, 0, __ATOMIC_ACQ_REL,
 						__ATOMIC_RELAXED)) {
 			__atomic_fetch_sub(&r->names_used, 1, __ATOMIC_RELAXED);

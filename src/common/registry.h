@@ -22,6 +22,7 @@ struct ackpt_registry *ackpt_registry_map(int create);
 /* Take a progress slot for helper pid: returns its index, or -1. */
 int ackpt_registry_claim_helper(struct ackpt_registry *r, int32_t pid);
 unsigned ackpt_registry_sweep(struct ackpt_registry *r); /* dead helpers' entries: freed */
+int ackpt_registry_owner_gone(int32_t pid); /* the entry's helper is dead */
 
 /* Release entry idx if pid still owns it for (dev, ino). */
 void ackpt_registry_release(struct ackpt_registry *r, int idx, int32_t pid, uint64_t dev,

@@ -152,6 +152,9 @@ int registry_pending(uint64_t dev, uint64_t ino)
 			continue;
 		if (pid == S.helper_pid && S.state == SESS_ACTIVE)
 			continue;
+		if (ackpt_registry_owner_gone(pid))
+			continue;
+		/* a claim still being filled in counts as pending */
 		h = &r->helpers[e->helper % ACKPT_REGISTRY_HELPERS];
 		if (__atomic_load_n(&h->pid, __ATOMIC_ACQUIRE) != pid ||
 		    __atomic_load_n(&h->durable_seq, __ATOMIC_ACQUIRE) <
@@ -189,7 +192,7 @@ int registry_wait(uint64_t dev, uint64_t ino)
 			    __atomic_load_n(&h->durable_seq, __ATOMIC_ACQUIRE) >=
 				    __atomic_load_n(&e->last_seq, __ATOMIC_ACQUIRE))
 				break; /* nothing pending right now */
-			if (kill(pid, 0) < 0 && errno == ESRCH) {
+			if (ackpt_registry_owner_gone(pid)) {
 				/* owner died without releasing: reclaim */
 				if (__atomic_compare_exchange_n(&e->pid, &pid, 0, 0, __ATOMIC_ACQ_REL,
 								__ATOMIC_RELAXED))
