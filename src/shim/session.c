@@ -96,7 +96,7 @@ static int session_start(void)
 	uint64_t hdr = ackpt_shm_hdr_size();
 	uint64_t t0 = now_ns(), start_limit = 10000000000ull;
 	int sv[2] = { -1, -1 };
-	int ret, sndbuf = 4 << 20;
+	int ret;
 	pthread_t t;
 	sigset_t all, old;
 
@@ -133,7 +133,6 @@ static int session_start(void)
 		goto err;
 	}
 	S.sock = fd_move_high(sv[0]);
-	setsockopt(S.sock, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
 	fd_protect(S.memfd, 1);
 	fd_protect(S.sock, 1);
 	ret = spawn_helper(sv[1]);
