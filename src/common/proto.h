@@ -18,6 +18,7 @@
 #ifndef ACKPT_PROTO_H
 #define ACKPT_PROTO_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "job.h"
@@ -145,6 +146,26 @@ struct ackpt_ring {
 	uint8_t pad1[52];
 	uint8_t data[ACKPT_RING_BYTES];
 };
+
+/* Ring bytes a record with len bytes of op and paths takes, header and
+ * padding included. */
+static inline size_t ackpt_ring_rec_bytes(size_t len)
+{
+	size_t n = sizeof(struct ackpt_ring_rec) + len;
+
+	return (n + ACKPT_RING_ALIGN - 1) & ~(size_t)(ACKPT_RING_ALIGN - 1);
+}
+
+/* len bytes at ring position at lie at data + *in, the first of them up
+ * to the ring's end (returned), the rest from data[0]. */
+static inline size_t ackpt_ring_span(uint64_t at, size_t len, size_t *in)
+{
+	size_t first;
+
+	*in = (size_t)(at % ACKPT_RING_BYTES);
+	first = ACKPT_RING_BYTES - *in;
+	return first > len ? len : first;
+}
 
 /* The payload of the descriptor message that goes with an OPEN record. */
 struct ackpt_fd_msg {

@@ -667,10 +667,8 @@ static int fd_for(uint64_t seq)
 static void ring_copy_out(uint64_t at, void *dst, size_t len)
 {
 	const struct ackpt_ring *r = &H.shm->ring;
-	size_t in = (size_t)(at % ACKPT_RING_BYTES), first = ACKPT_RING_BYTES - in;
+	size_t in, first = ackpt_ring_span(at, len, &in);
 
-	if (first > len)
-		first = len;
 	memcpy(dst, r->data + in, first);
 	memcpy((char *)dst + first, r->data, len - first);
 }
@@ -697,7 +695,7 @@ static int receive_one(void)
 		return 0;
 	ring_copy_out(at, &rec, sizeof(rec));
 	n = rec.len;
-	bytes = (sizeof(rec) + n + ACKPT_RING_ALIGN - 1) & ~(size_t)(ACKPT_RING_ALIGN - 1);
+	bytes = ackpt_ring_rec_bytes(n);
 	if (n < sizeof(op) || n > sizeof(buf) || bytes > tail - at) {
 		hlog(0, "bad op record (%zu bytes); protocol mismatch", n);
 		__atomic_store_n(&r->head, tail, __ATOMIC_RELEASE);

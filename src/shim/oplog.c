@@ -155,19 +155,10 @@ static int log_wait_space(void)
 
 /* ---- the op ring (proto.h, docs/DESIGN.md 3.21) ---- */
 
-static size_t ring_rec_bytes(size_t len)
-{
-	size_t n = sizeof(struct ackpt_ring_rec) + len;
-
-	return (n + ACKPT_RING_ALIGN - 1) & ~(size_t)(ACKPT_RING_ALIGN - 1);
-}
-
 static void ring_copy_in(struct ackpt_ring *r, uint64_t at, const void *src, size_t len)
 {
-	size_t in = (size_t)(at % ACKPT_RING_BYTES), first = ACKPT_RING_BYTES - in;
+	size_t in, first = ackpt_ring_span(at, len, &in);
 
-	if (first > len)
-		first = len;
 	memcpy(r->data + in, src, first);
 	memcpy(r->data, (const char *)src + first, len - first);
 }
@@ -317,7 +308,7 @@ static int publish(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 {
 	struct ackpt_ring *r = &S.shm->ring;
 	struct ackpt_ring_rec h = { .len = (uint32_t)(sizeof(*op) + plen) };
-	size_t bytes = ring_rec_bytes(h.len);
+	size_t bytes = ackpt_ring_rec_bytes(h.len);
 	struct logrec *l;
 	uint64_t at;
 
