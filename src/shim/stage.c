@@ -203,27 +203,22 @@ static int may_write_through(struct inode_state *ino, uint64_t off, uint64_t len
  * dropped, so that threads writing at once copy at once (DCP's writer
  * threads, one file each).  Under the lock: arena space is reserved and
  * the WRITE published, marked pending; the helper stops at it and a replay
- * waits for it.  Without it: the copy, then the record is filled in (its length cut
- * to the good prefix after a bad page) and unmarked, neither needing the
- * lock, so a lock holder waiting for the helper's progress never waits on
- * us.  Then the lock again, and the bell.  Smaller chunks copy under the
- * lock, where they can extend the last record instead.  The caller has
- * pinned the description (stage_write): another thread's close cannot
- * queue the file's CLOSE meanwhile.
+ * waits for it.  Without it: the copy, then the record is filled in (its
+ * length cut to the good prefix after a bad page) and unmarked, neither
+ * needing the lock, so a lock holder waiting for the helper's progress
+ * never waits on us.  Then the lock again, and the bell.  Smaller chunks
+ * copy under the lock, where they can extend the last record instead.  The
+ * caller has pinned the description (stage_write): another thread's close
+ * cannot queue the file's CLOSE meanwhile.
  */
-static int stage_unlocked(struct inode_state *ino, const char *src, uint64_t *chunk,
-			  uint64_t off, uint64_t pos, uint64_t end)
+static int stage_unlocked(struct inode_state *ino, struct ackpt_op *op, const char *src,
+			  uint64_t *chunk)
 {
-	struct ackpt_op op = { .type = ACKPT_OP_WRITE, .file = ino->slot };
-	uint64_t at, want = *chunk;
+	uint64_t at, want = op->u.write.len, off = op->u.write.offset;
 	size_t done;
 	int ret;
 
-	op.u.write.offset = off;
-	op.u.write.len = want;
-	op.u.write.arena_pos = pos;
-	op.u.write.arena_end = end;
-	ret = send_write_pending(&op, ino, &at);
+	ret = send_write_pending(op, ino, &at);
 	if (ret < 0)
 		return ret;
 	if (off + want > ino->staged_hi)
@@ -231,9 +226,9 @@ static int stage_unlocked(struct inode_state *ino, const char *src, uint64_t *ch
 	pthread_mutex_unlock(&S.lock); /* tls_busy stays: a re-entry passes through */
 	if (__atomic_add_fetch(&S.copying, 1, __ATOMIC_RELAXED) > 1)
 		__atomic_add_fetch(&S.copies_overlapped, 1, __ATOMIC_RELAXED);
-	ret = stage_copy(S.arena + pos % S.arena_size, src, want, &done);
+	ret = stage_copy(S.arena + op->u.write.arena_pos % S.arena_size, src, want, &done);
 	__atomic_sub_fetch(&S.copying, 1, __ATOMIC_RELAXED);
-	send_write_filled(&op, at, ret < 0 ? done : want);
+	send_write_filled(op, at, ret < 0 ? done : want);
 	pthread_mutex_lock(&S.lock);
 	session_bell();
 	*chunk = ret < 0 ? done : want;
@@ -301,48 +296,43 @@ int session_stage(struct inode_state *ino, const void *buf, size_t len, uint64_t
 		ret = arena_reserve(chunk, off, &pos, &end);
 		if (ret < 0)
 			return ret;
-		if (unlock && !device && chunk >= UNLOCKED_MIN) {
-			ret = stage_unlocked(ino, src, &chunk, off, pos, end);
-			if (ret < 0 && ret != -EFAULT)
-				return ret;
-			S.bytes_staged += chunk;
-			*staged += chunk;
-			if (ret == -EFAULT)
-				goto dirty;
-			src += chunk;
-			off += chunk;
-			len -= chunk;
-			continue;
-		}
-		if (device) {
-			/* chunked through the arena with back-pressure, like host data */
-			ret = cuda_copy_to_host(S.arena + pos % S.arena_size, src, chunk);
-			if (ret < 0)
-				return ret;
-		} else {
-			size_t done;
-
-			if (stage_copy(S.arena + pos % S.arena_size, src, chunk, &done) < 0) {
-				bad = 1;
-				chunk = done;
-				if (!chunk) {
-					S.head = head; /* nothing of it was used */
-					ret = -EFAULT;
-					goto dirty;
-				}
-			}
-		}
-		if (full)
-			rate_add(&S.waited_bytes, &S.waited_ns, chunk, now_ns() - t0);
 		op.u.write.offset = off;
 		op.u.write.len = chunk;
 		op.u.write.arena_pos = pos;
 		op.u.write.arena_end = end;
-		if (!ring_extend(ino, off, chunk, pos, end)) {
-			ret = send_op(&op, NULL, 0, -1, ino);
-			if (ret < 0)
+		if (unlock && !device && chunk >= UNLOCKED_MIN) {
+			ret = stage_unlocked(ino, &op, src, &chunk);
+			if (ret < 0 && ret != -EFAULT)
 				return ret;
+			bad = ret == -EFAULT;
+		} else {
+			if (device) {
+				/* chunked through the arena with back-pressure, like host data */
+				ret = cuda_copy_to_host(S.arena + pos % S.arena_size, src, chunk);
+				if (ret < 0)
+					return ret;
+			} else {
+				size_t done;
+
+				if (stage_copy(S.arena + pos % S.arena_size, src, chunk, &done) < 0) {
+					bad = 1;
+					chunk = done;
+					if (!chunk) {
+						S.head = head; /* nothing of it was used */
+						ret = -EFAULT;
+						goto dirty;
+					}
+				}
+			}
+			op.u.write.len = chunk;
+			if (!ring_extend(ino, off, chunk, pos, end)) {
+				ret = send_op(&op, NULL, 0, -1, ino);
+				if (ret < 0)
+					return ret;
+			}
 		}
+		if (full && chunk)
+			rate_add(&S.waited_bytes, &S.waited_ns, chunk, now_ns() - t0);
 		if (off + chunk > ino->staged_hi)
 			ino->staged_hi = off + chunk;
 		S.bytes_staged += chunk;

@@ -249,7 +249,6 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 			}
 			if (ret < 0 && S.state != SESS_DEAD) {
 				result = ret;
-				total = (size_t)(pos - at);
 				goto out;
 			}
 			if (ret < 0) {
@@ -258,7 +257,6 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 
 				if (n < 0) {
 					result = -errno;
-					total = (size_t)(pos - at);
 					goto out;
 				}
 			}
