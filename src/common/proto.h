@@ -339,17 +339,20 @@ static inline uint64_t ackpt_shm_hdr_size(void)
  * under ackpt (cp, an upload script) that opens such a file waits for it.
  * One table per uid in /dev/shm; entries are claimed with a CAS on `pid`.
  */
-#define ACKPT_REGISTRY_PATH "/dev/shm/ackpt-registry-v4.%u" /* %u: uid; bump with the layout */
+#define ACKPT_REGISTRY_PATH "/dev/shm/ackpt-registry-v5.%u" /* %u: uid; bump with the layout */
 #define ACKPT_REGISTRY_ENTRIES 4096
 #define ACKPT_REGISTRY_HELPERS 1024
 #define ACKPT_REGISTRY_NAMES   1024
 #define ACKPT_REGISTRY_MAGIC   (0x34746572706b6361ull ^ (uint64_t)sizeof(struct ackpt_registry))
 
 /* One per live helper: how far its queue is durable.  Written by that
- * helper only (pid cleared by it at exit). */
+ * helper only (owner cleared by it at exit).  owner is the helper's pid in
+ * its low 32 bits and the low 32 bits of its start time (clock ticks after
+ * boot, /proc/<pid>/stat field 22) in its high ones: one word, claimed with
+ * one CAS.  The two name one process: a waiter whose helper died unseen
+ * cannot be fooled by another process that got the same pid. */
 struct ackpt_registry_helper {
-	int32_t pid;        /* 0 = free */
-	uint32_t pad;
+	uint64_t owner;     /* 0 = free */
 	uint64_t durable_seq;
 	uint64_t commits_done; /* as ackpt_shm.commits_done */
 };

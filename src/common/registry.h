@@ -19,10 +19,21 @@
  * cannot be had (no /dev/shm, another layout there). */
 struct ackpt_registry *ackpt_registry_map(int create);
 
-/* Take a progress slot for helper pid: returns its index, or -1. */
-int ackpt_registry_claim_helper(struct ackpt_registry *r, int32_t pid);
+/* A helper slot's owner (proto.h): its pid. */
+static inline int32_t ackpt_owner_pid(uint64_t owner)
+{
+	return (int32_t)(uint32_t)owner;
+}
+
+/* Take a progress slot for the calling helper: returns its index, or -1. */
+int ackpt_registry_claim_helper(struct ackpt_registry *r);
 unsigned ackpt_registry_sweep(struct ackpt_registry *r); /* dead helpers' entries: freed */
-int ackpt_registry_owner_gone(int32_t pid); /* the entry's helper is dead */
+int ackpt_registry_owner_gone(int32_t pid); /* no process has the entry's pid (cheap) */
+/* The helper pid of slot `slot` is gone: dead, or its pid now names
+ * another process (reads /proc: for waits that last, and for sweeps).
+ * 0 when it cannot tell (the slot holds another pid: a claim still being
+ * filled in). */
+int ackpt_registry_helper_gone(const struct ackpt_registry *r, uint32_t slot, int32_t pid);
 
 /* Release entry idx if pid still owns it for (dev, ino). */
 void ackpt_registry_release(struct ackpt_registry *r, int idx, int32_t pid, uint64_t dev,

@@ -934,7 +934,7 @@ static void registry_map(void)
 	H.reg = ackpt_registry_map(1);
 	if (!H.reg)
 		return;
-	H.reg_helper = ackpt_registry_claim_helper(H.reg, H.pid);
+	H.reg_helper = ackpt_registry_claim_helper(H.reg);
 	freed = ackpt_registry_sweep(H.reg);
 	if (freed)
 		hlog(3, "freed %u node registry entries of helpers that died", freed);
@@ -1169,7 +1169,7 @@ int main(int argc, char **argv)
 	upload_finish();
 	publish();
 	if (H.reg && H.reg_helper >= 0)
-		__atomic_store_n(&H.reg->helpers[H.reg_helper].pid, 0, __ATOMIC_RELEASE);
+		__atomic_store_n(&H.reg->helpers[H.reg_helper].owner, 0, __ATOMIC_RELEASE);
 	bar_shutdown();
 	hlog(3, "done: %llu bytes written, %llu errors",
 	     (unsigned long long)H.shm->bytes_written, (unsigned long long)H.shm->errors);

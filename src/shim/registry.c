@@ -156,9 +156,10 @@ int registry_pending(uint64_t dev, uint64_t ino)
 			continue;
 		/* a claim still being filled in counts as pending */
 		h = &r->helpers[e->helper % ACKPT_REGISTRY_HELPERS];
-		if (__atomic_load_n(&h->pid, __ATOMIC_ACQUIRE) != pid ||
-		    __atomic_load_n(&h->durable_seq, __ATOMIC_ACQUIRE) <
-			    __atomic_load_n(&e->last_seq, __ATOMIC_ACQUIRE))
+		if ((ackpt_owner_pid(__atomic_load_n(&h->owner, __ATOMIC_ACQUIRE)) != pid ||
+		     __atomic_load_n(&h->durable_seq, __ATOMIC_ACQUIRE) <
+			     __atomic_load_n(&e->last_seq, __ATOMIC_ACQUIRE)) &&
+		    !ackpt_registry_helper_gone(r, e->helper, pid))
 			return 1;
 	}
 	return 0;
@@ -170,7 +171,7 @@ int registry_wait(uint64_t dev, uint64_t ino)
 {
 	struct ackpt_registry *r = registry_map(0);
 	uint64_t t0 = now_ns(), warned = 0;
-	unsigned i;
+	unsigned i, spins = 0;
 	int waited = 0;
 
 	if (!r || !__atomic_load_n(&r->used, __ATOMIC_RELAXED))
@@ -188,11 +189,14 @@ int registry_wait(uint64_t dev, uint64_t ino)
 			if (pid == S.helper_pid && S.state == SESS_ACTIVE)
 				break; /* ours: the local table orders it */
 			h = &r->helpers[e->helper % ACKPT_REGISTRY_HELPERS];
-			if (__atomic_load_n(&h->pid, __ATOMIC_ACQUIRE) == pid &&
+			if (ackpt_owner_pid(__atomic_load_n(&h->owner, __ATOMIC_ACQUIRE)) == pid &&
 			    __atomic_load_n(&h->durable_seq, __ATOMIC_ACQUIRE) >=
 				    __atomic_load_n(&e->last_seq, __ATOMIC_ACQUIRE))
 				break; /* nothing pending right now */
-			if (ackpt_registry_owner_gone(pid)) {
+			/* every 2 ms: is it dead?  Every 0.5 s: is its pid another
+			 * process's now? (a look in /proc) */
+			if (ackpt_registry_owner_gone(pid) ||
+			    (++spins % 256 == 0 && ackpt_registry_helper_gone(r, e->helper, pid))) {
 				/* owner died without releasing: reclaim */
 				if (__atomic_compare_exchange_n(&e->pid, &pid, 0, 0, __ATOMIC_ACQ_REL,
 								__ATOMIC_RELAXED))
@@ -300,7 +304,7 @@ void registry_names_wait(const char *canon, int as_dir)
 {
 	struct ackpt_registry *r = registry_map(0);
 	uint64_t h, t0 = 0;
-	unsigned i;
+	unsigned i, spins = 0;
 	int warned = 0;
 
 	if (!r || !__atomic_load_n(&r->names_used, __ATOMIC_RELAXED))
@@ -321,7 +325,8 @@ void registry_names_wait(const char *canon, int as_dir)
 					 (n->old_hash == h || n->new_hash == h);
 			if (!match || !ackpt_registry_name_pending(r, n, pid))
 				break;
-			if (kill(pid, 0) < 0 && errno == ESRCH)
+			if (ackpt_registry_owner_gone(pid) ||
+			    (++spins % 512 == 0 && ackpt_registry_helper_gone(r, n->helper, pid)))
 				break; /* its helper is gone: what it did is all there is */
 			if (!t0)
 				t0 = now_ns();

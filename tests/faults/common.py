@@ -27,7 +27,7 @@ from conftest import HELPER, LIB, REPO, VENV_PY, compare_trees  # noqa: E402,F40
 
 PROGS = HERE / "progs"
 UID = os.getuid()
-REGISTRY = "ackpt-registry-v4.%d" % UID
+REGISTRY = "ackpt-registry-v5.%d" % UID
 
 
 @dataclasses.dataclass
@@ -174,7 +174,7 @@ def shm_leftovers(before):
     """ackpt entries in /dev/shm that appeared since `before`, other than the
     per-uid registry (and other projects' benchmark scratch dirs)."""
     return sorted(n for n in shm_snapshot() - before
-                  if not n.startswith("ackpt-registry-v4.") and not n.startswith("ackpt-bench"))
+                  if not n.startswith("ackpt-registry-v5.") and not n.startswith("ackpt-bench"))
 
 
 def ackpt_lines(stderr):
