@@ -629,6 +629,77 @@ def test_signal_dispositions_are_the_programs(tmp_path):
     assert outs["shim"] == outs["plain"], outs
 
 
+VFORK_SIGACTION_PROG = r"""
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static void h(int sig) { (void)sig; }
+
+/* what sigaction reads back for sig, as one letter: the program's handler,
+ * the default, or something else */
+static char look(int sig)
+{
+	struct sigaction a;
+
+	if (sigaction(sig, NULL, &a) < 0)
+		return 'E';
+	return a.sa_handler == h ? 'h' : a.sa_handler == SIG_DFL ? 'D' : '?';
+}
+
+int main(int argc, char **argv)
+{
+	static char buf[1 << 20];
+	static const int sigs[] = { SIGSEGV, SIGBUS, SIGUSR1, SIGTERM };
+	/* the child writes them in memory it shares with us: not in registers */
+	static volatile char seen[64];
+	static volatile int n;
+	char path[4096];
+	int fd, i, st;
+	pid_t pid;
+
+	(void)argc;
+	snprintf(path, sizeof(path), "%s/f.bin", argv[1]);
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	if (fd < 0 || write(fd, buf, sizeof(buf)) != sizeof(buf))
+		return 2; /* the session starts: ackpt now runs its own handlers */
+	for (i = 0; i < 4; i++)
+		signal(sigs[i], h);
+	/* CPython's subprocess: the vfork child resets handlers before exec */
+	pid = vfork();
+	if (pid == 0) {
+		for (i = 0; i < 4; i++) {
+			seen[n++] = look(sigs[i]);
+			signal(sigs[i], SIG_DFL);
+			seen[n++] = look(sigs[i]);
+		}
+		_exit(0);
+	}
+	waitpid(pid, &st, 0);
+	seen[n++] = '|';
+	for (i = 0; i < 4; i++)
+		seen[n++] = look(sigs[i]);
+	seen[n++] = '\n';
+	return write(fd, (const char *)seen, n) == n && close(fd) == 0 ? 0 : 3;
+}
+"""
+
+
+def test_vfork_child_reads_back_its_own_dispositions(tmp_path):
+    """In a vfork child, sigaction reads back what the child set (the
+    kernel's), or the parent's handler where the child has not changed it,
+    for the signals ackpt runs itself (SIGSEGV and SIGBUS for EFAULT, the
+    others held during a write); the parent's stay its own."""
+    exe = compile_c(tmp_path, "vfsig", VFORK_SIGACTION_PROG)
+    plain, shimmed, _, _, diffs = run_plain_and_shim(lambda out: [exe, out], tmp_path)
+    assert_same_trees(diffs, shimmed)
+    tail = (tmp_path / "shim" / "out" / "f.bin").read_bytes()[1 << 20:]
+    assert tail == b"hDhDhDhD|hhhh\n", tail
+
+
 APPEND_0444_PROG = """
 import fcntl, os, sys, time
 os.chdir(sys.argv[1])

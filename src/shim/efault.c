@@ -173,12 +173,8 @@ ACKPT_EXPORT int sigaction(int sig, const struct sigaction *actp, struct sigacti
 		return sig_action(sig, act, old);
 	if (!atomic_load(&guard_on))
 		return real.sigaction(sig, act, old);
-	if (!session_is_owner()) {
-		/* a vfork child: our memory is the parent's (signals.c) */
-		if (old)
-			*old = prog_act[i];
-		return act ? real.sigaction(sig, act, NULL) : 0;
-	}
+	if (!session_is_owner())
+		return sig_action_vfork(sig, act, old, on_fault, &prog_act[i]);
 	pthread_mutex_lock(&guard_lock);
 	if (old)
 		*old = prog_act[i];

@@ -502,6 +502,10 @@ int sig_holding(void);
 void sig_hold(void);
 void sig_release(void);
 int sig_action(int sig, const struct sigaction *act, struct sigaction *old);
+/* sigaction in a vfork child, for a signal whose kernel handler is ours
+ * (handler) and whose program disposition is prog */
+int sig_action_vfork(int sig, const struct sigaction *act, struct sigaction *old,
+		     void (*handler)(int, siginfo_t *, void *), const struct sigaction *prog);
 /* every signal but the ones a fault raises (they stay deliverable) */
 void async_signals(sigset_t *set);
 int efault_copy(void *dst, const void *src, size_t n, size_t *done);

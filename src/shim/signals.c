@@ -143,6 +143,24 @@ void sig_init(void)
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
+/*
+ * A vfork child (CPython's subprocess resets every handler there before
+ * exec): its dispositions are its own, but our memory is the parent's, so
+ * only the kernel's change.  What it reads back is the kernel's, or the
+ * parent's program disposition where the kernel still runs our handler.
+ */
+int sig_action_vfork(int sig, const struct sigaction *act, struct sigaction *old,
+		     void (*handler)(int, siginfo_t *, void *), const struct sigaction *prog)
+{
+	if (old) {
+		if (real.sigaction(sig, NULL, old) < 0)
+			return -1;
+		if (old->sa_sigaction == handler)
+			*old = *prog;
+	}
+	return act ? real.sigaction(sig, act, NULL) : 0;
+}
+
 /* The program's sigaction for the signals we run. */
 int sig_action(int sig, const struct sigaction *actp, struct sigaction *old)
 {
@@ -154,14 +172,8 @@ int sig_action(int sig, const struct sigaction *actp, struct sigaction *old)
 		nact = *actp; /* act and old may be the same struct */
 	if (!atomic_load(&sig_on) || !ours_to_run(sig))
 		return real.sigaction(sig, act, old);
-	if (!session_is_owner()) {
-		/* a vfork child (CPython's subprocess resets every handler
-		 * there before exec): its dispositions are its own, but our
-		 * memory is the parent's, so only the kernel's change */
-		if (old && real.sigaction(sig, NULL, old) == 0 && old->sa_sigaction == on_signal)
-			*old = prog_act[sig];
-		return act ? real.sigaction(sig, act, NULL) : 0;
-	}
+	if (!session_is_owner())
+		return sig_action_vfork(sig, act, old, on_signal, &prog_act[sig]);
 	/* a handler may call sigaction: none runs while we hold the lock */
 	sigfillset(&all);
 	pthread_sigmask(SIG_BLOCK, &all, &omask);
