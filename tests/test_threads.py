@@ -16,6 +16,9 @@ leaves must match byte for byte:
   thread writes: the bytes before it, then the next write goes on from
   there.
 Under the shim the program also reads ackpt_get_stats: copies did overlap.
+Two more tests: SIGKILL while threads copy (every write that returned
+lands), and the last close during another thread's large write reports the
+file's write error.
 """
 import pytest
 
@@ -379,3 +382,107 @@ def test_kill_while_threads_copy(tmp_path, after):
         got = (out / ("k%d.bin" % k)).read_bytes()
         assert len(got) >= n, "k%d.bin: %d bytes, but writes of %d returned" % (k, len(got), n)
         assert got[:n] == src[:n], "k%d.bin differs within the %d bytes acknowledged" % (k, n)
+
+
+CLOSE_ERR_PROG = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BIG (48u << 20)
+
+struct stats { uint64_t bytes_staged, files, bytes_written, errors; char rest[256]; };
+
+static int fd;
+static char *buf;
+static ssize_t big;
+
+static void *writer(void *a)
+{
+	(void)a;
+	big = write(fd, buf, BIG);
+	return NULL;
+}
+
+int main(int argc, char **argv)
+{
+	int (*get)(struct stats *, size_t) = (int (*)(struct stats *, size_t))dlsym(RTLD_DEFAULT,
+										  "ackpt_get_stats");
+	struct uffdio_api api = { .api = UFFD_API };
+	struct uffdio_register reg;
+	struct uffdio_zeropage zp;
+	struct stats s;
+	char path[4096], small[4096];
+	pthread_t t;
+	int uffd, i, r, e;
+
+	if (!get)
+		return 10;
+	snprintf(path, sizeof(path), "%s/f.bin", argv[1]);
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	/* the large write's second half faults on pages nobody fills until
+	 * we say: it stays mid-copy, holding the description */
+	buf = mmap(NULL, BIG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	memset(buf, 'b', BIG / 2);
+	uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC);
+	if (fd < 0 || buf == MAP_FAILED || uffd < 0 || ioctl(uffd, UFFDIO_API, &api) < 0)
+		return 11;
+	reg.range.start = (uintptr_t)buf + BIG / 2;
+	reg.range.len = BIG / 2;
+	reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+	if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
+		return 12;
+	memset(small, 'a', sizeof(small));
+	if (write(fd, small, sizeof(small)) != sizeof(small)) /* the helper fails this one */
+		return 13;
+	pthread_create(&t, NULL, writer, NULL);
+	for (i = 0; i < 3000; i++) { /* until the helper has failed the small write */
+		struct timespec ts = { 0, 10000000 };
+
+		if (get(&s, sizeof(s)) == 0 && s.errors)
+			break;
+		nanosleep(&ts, NULL);
+	}
+	r = close(fd);
+	e = errno;
+	printf("errors seen %d\nclose %d %s\n", (int)s.errors, r, r ? strerror(e) : "ok");
+	zp.range = reg.range;
+	zp.mode = 0;
+	ioctl(uffd, UFFDIO_ZEROPAGE, &zp);
+	pthread_join(t, NULL);
+	printf("large write returned %s\n", big == (ssize_t)BIG ? "all" : "not all");
+	return 0;
+}
+"""
+
+
+def test_close_during_a_large_write_reports_the_files_error(tmp_path):
+    """The last close of a file whose data the helper failed to write returns
+    the error, also while another thread's large write still holds the
+    description (it is mid-copy, waiting on a userfaultfd page, with the
+    lock dropped)."""
+    from faultutil import run, shim_env
+
+    need_shim()
+    exe = compile_c(tmp_path, "closeerr", CLOSE_ERR_PROG, "-pthread", "-ldl")
+    out = tmp_path / "out"
+    out.mkdir()
+    r = run([exe, out], shim_env(out, staging="256M", ACKPT_WRITE_THROUGH="off",
+                                 ACKPT_TEST_DELAY_MS=200,
+                                 ACKPT_FAULT="op=write,nth=1,err=EIO,mode=once"))
+    if r.returncode in (11, 12):
+        pytest.skip("userfaultfd is not available here (exit %d)" % r.returncode)
+    assert r.returncode in (0, 1), r.describe()
+    assert "errors seen 1" in r.stdout, r.describe()
+    assert "close -1 Input/output error" in r.stdout, r.describe()

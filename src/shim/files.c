@@ -501,10 +501,18 @@ static uint64_t ofd_put(struct ofd *o)
 	return commit;
 }
 
-/* A write that dropped the lock held o (stage_write): let go of it; the
- * last reference queues the file's CLOSE as a close would have. */
+/* A write that drops the lock holds o (stage_write), as the kernel pins
+ * the file during a write: another thread's close returns at once, and
+ * the last reference, maybe ours, queues the file's CLOSE. */
+LOCKED void ofd_pin(struct ofd *o)
+{
+	o->refs++;
+	o->pins++;
+}
+
 LOCKED void ofd_unpin(struct ofd *o)
 {
+	o->pins--;
 	ofd_put(o);
 }
 
@@ -521,7 +529,9 @@ LOCKED int fd_release_commit(int fd, uint64_t *commit)
 	if (!o)
 		return 0;
 	atomic_store_explicit(&fdtab[fd], NULL, memory_order_release);
-	if (o->ino && o->refs == 1 && o->writable)
+	/* the last descriptor reports the file's error, whether or not a
+	 * write still holds the description */
+	if (o->ino && o->refs - o->pins == 1 && o->writable)
 		err = session_check_error_sticky(o->ino);
 	id = ofd_put(o);
 	if (commit)

@@ -286,7 +286,8 @@ struct inode_state {
 };
 
 struct ofd {
-	int refs;                /* descriptors pointing at it */
+	int refs;                /* descriptors pointing at it, and pins */
+	int pins;                /* writes under way without the lock (stage_write) */
 	struct inode_state *ino; /* [fixed] NULL for a description the helper never saw */
 	uint64_t pos;
 	int pos_lazy;            /* the kernel's offset is behind pos (set by a staged
@@ -434,7 +435,8 @@ LOCKED struct inode_state *ofd_inode_now(struct ofd *o);
 int wait_path_pending(int dirfd, const char *path, int flags);
 int wait_stat_pending(const struct stat *st);
 LOCKED int fd_install(int fd, struct ofd *o);
-LOCKED void ofd_unpin(struct ofd *o); /* after o->refs++ by a write */
+LOCKED void ofd_unpin(struct ofd *o); /* after ofd_pin, by a write */
+LOCKED void ofd_pin(struct ofd *o);
 LOCKED int fd_release(int fd); /* drop our state for fd; -errno from pending error */
 LOCKED int fd_release_commit(int fd, uint64_t *commit); /* ... and the commit it queued */
 struct outcome managed_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos,

@@ -234,7 +234,7 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 	 */
 	unlock = S.state == SESS_ACTIVE && total >= UNLOCKED_MIN && !ino->commit_final;
 	if (unlock) {
-		o->refs++;
+		ofd_pin(o);
 		size0 = ino->size;
 		if (at + total > ino->size)
 			ino->size = at + total;
