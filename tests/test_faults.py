@@ -402,6 +402,7 @@ BAD_VALUES = [
     ("ACKPT_PATHS", "relative/path"),
     ("ACKPT_DIRECT", "2"),
     ("ACKPT_IO", "aio"),
+    ("ACKPT_EARLY_START", "sometimes"),
 ]
 
 

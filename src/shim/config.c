@@ -351,6 +351,20 @@ void config_load(void)
 			return;
 		}
 	}
+	C.early_start = -1;
+	v = getenv("ACKPT_EARLY_START");
+	if (v && *v) {
+		if (!strcmp(v, "auto"))
+			C.early_start = -1;
+		else if (!strcmp(v, "on") || !strcmp(v, "1"))
+			C.early_start = 1;
+		else if (!strcmp(v, "off") || !strcmp(v, "0"))
+			C.early_start = 0;
+		else {
+			bad("ACKPT_EARLY_START", v, "expected auto, on or off");
+			return;
+		}
+	}
 	/* the cores this process may run on, shared by the node's ranks, less
 	 * the writing thread's own; at most 3 (memory bandwidth, not cores,
 	 * is the limit beyond that) */

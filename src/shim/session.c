@@ -6,6 +6,7 @@
  * rest of the session's jobs have their own files (shim.h lists them).
  */
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <poll.h>
@@ -389,8 +390,26 @@ static void atfork_child(void)
 	C.coord_host = 0; /* the parent's helper hosts the coordinator */
 	cuda_fork_child(); /* a CUDA context does not survive fork */
 	job_fork_child();
-	if (S.state == SESS_NONE || S.state == SESS_FAILED)
+	if (S.state == SESS_NONE || S.state == SESS_FAILED) {
+		/* another thread of the parent was starting the session (at
+		 * program start: ACKPT_EARLY_START): its channels are the
+		 * parent's, and a copy of the socket here would keep its helper
+		 * from seeing the parent hang up */
+		if (S.sock >= 0) {
+			fd_protect(S.sock, 0);
+			real.close(S.sock);
+		}
+		if (S.memfd >= 0) {
+			fd_protect(S.memfd, 0);
+			real.close(S.memfd);
+		}
+		if (S.shm)
+			munmap(S.shm, ackpt_shm_hdr_size() + S.arena_size);
+		S.sock = S.memfd = -1;
+		S.shm = NULL;
+		S.arena = NULL;
 		return;
+	}
 	/* The parent's helper and arena stay the parent's; this child starts
 	 * its own session on its first managed open. */
 	oplog_fork_child();
@@ -418,17 +437,132 @@ static void atfork_child(void)
 	S.commits_requested = S.commit_failures_seen = S.dead_commit_failures = 0;
 }
 
+/* ---- starting early ---- */
+
+/* Up to n - 1 bytes of a /proc/self file, without the wrappers. */
+static ssize_t read_self(const char *name, char *buf, size_t n)
+{
+	long fd = syscall(SYS_openat, AT_FDCWD, name, O_RDONLY | O_CLOEXEC);
+	long r;
+
+	if (fd < 0)
+		return -1;
+	r = syscall(SYS_read, fd, buf, n - 1);
+	syscall(SYS_close, fd);
+	if (r < 0)
+		return -1;
+	buf[r] = 0;
+	return r;
+}
+
+/*
+ * A Python program that is not a launcher: its executable is a Python
+ * interpreter, and neither its name (a console script: torchrun,
+ * deepspeed, accelerate) nor its command line (python -m
+ * torch.distributed.run) names one.  A launcher never checkpoints.
+ */
+static int looks_like_trainer(void)
+{
+	static const char *launchers[] = { "torchrun", "deepspeed", "accelerate" };
+	static const char *modules[] = { "torch.distributed.run", "torch.distributed.launch" };
+	char buf[4096];
+	const char *base;
+	ssize_t n;
+	size_t i;
+	long r;
+
+	r = syscall(SYS_readlinkat, AT_FDCWD, "/proc/self/exe", buf, sizeof(buf) - 1);
+	if (r <= 0)
+		return 0;
+	buf[r] = 0;
+	base = strrchr(buf, '/');
+	if (strncmp(base ? base + 1 : buf, "python", 6))
+		return 0;
+	if (read_self("/proc/self/comm", buf, sizeof(buf)) > 0)
+		for (i = 0; i < sizeof(launchers) / sizeof(launchers[0]); i++)
+			if (!strncmp(buf, launchers[i], strlen(launchers[i])))
+				return 0;
+	n = read_self("/proc/self/cmdline", buf, sizeof(buf));
+	for (i = 0; i < (size_t)(n > 0 ? n : 0); i++)
+		if (!buf[i])
+			buf[i] = ' ';
+	for (i = 0; n > 0 && i < sizeof(modules) / sizeof(modules[0]); i++)
+		if (strstr(buf, modules[i]))
+			return 0;
+	return 1;
+}
+
+/*
+ * Start this process's session at its start, in the background, rather
+ * than at its first managed open, so that the first checkpoint does not
+ * pay for the helper's start (ACKPT_EARLY_START; docs/DESIGN.md 3.23).  By
+ * default ("auto") only a process that looks like the trainer: a Python
+ * program, not a launcher, that ackpt-run started itself (ACKPT_RUN_PID)
+ * or that a launcher started as a rank (RANK and LOCAL_RANK).  Not a rank
+ * of a multi-rank job: its start waits for the coordinator, and would hold
+ * the session lock meanwhile (rank 0, which hosts it, starts at once, in
+ * session_init_once).  Not a process that an early-started one of the
+ * same rank started (ACKPT_EARLY_OWNER: a data loader's workers).
+ */
+static int early_wanted(void)
+{
+	const char *run = getenv("ACKPT_RUN_PID"), *mark = getenv("ACKPT_EARLY_OWNER");
+	const char *rank = getenv("RANK"), *colon;
+	char me[64];
+
+	if (C.early_start == 0 || C.coord_host)
+		return 0;
+	if (!rank)
+		rank = "";
+	colon = mark ? strchr(mark, ':') : NULL;
+	if (C.early_start < 0) {
+		if (C.multi_rank)
+			return 0;
+		if (!(run && atoi(run) == (int)getpid()) && !(*rank && getenv("LOCAL_RANK")))
+			return 0;
+		if (colon && atoi(mark) != (int)getpid() && !strcmp(colon + 1, rank))
+			return 0;
+		if (!looks_like_trainer())
+			return 0;
+	}
+	snprintf(me, sizeof(me), "%d:%s", (int)getpid(), rank);
+	setenv("ACKPT_EARLY_OWNER", me, 1);
+	return 1;
+}
+
+static void *early_main(void *arg)
+{
+	(void)arg;
+	if (session_lock() == 0) {
+		if (S.state == SESS_NONE && session_ensure() == 0)
+			alog(L_DEBUG, "session started at program start (ACKPT_EARLY_START)");
+		session_unlock();
+	}
+	return NULL;
+}
+
 void session_init_once(void)
 {
 	S.owner = getpid();
 	pthread_atfork(atfork_prepare, NULL, atfork_child);
+	if (!C.enabled)
+		return;
 	/* rank 0 hosts the coordinator from program start, so that other
 	 * ranks can register before their first managed open returns */
-	if (C.enabled && C.coord_host && session_lock() == 0) {
+	if (C.coord_host && session_lock() == 0) {
 		if (session_ensure() < 0)
 			alog(L_ERROR, "cannot start the barrier coordinator; other ranks will fall "
 			     "back to synchronous writes");
 		session_unlock();
+	} else if (early_wanted()) {
+		sigset_t all, old;
+		pthread_t t;
+
+		sigfillset(&all);
+		pthread_sigmask(SIG_SETMASK, &all, &old);
+		if (pthread_create(&t, NULL, early_main, NULL) == 0)
+			pthread_detach(t);
+		pthread_sigmask(SIG_SETMASK, &old, NULL);
 	}
 }
 

@@ -217,6 +217,7 @@ struct ackpt_config {
 	int test_delay_ms;       /* ACKPT_TEST_DELAY_MS for this rank */
 	int test_skip_dirfsync;  /* ACKPT_TEST_SKIP_DIRFSYNC */
 	int coord_host;          /* this process's helper hosts the coordinator */
+	int early_start;         /* ACKPT_EARLY_START: -1 auto, 0 off, 1 on */
 	double barrier_timeout;  /* seconds */
 	char **roots;            /* canonical directories, or globs */
 	int *root_is_glob;

@@ -1,0 +1,188 @@
+"""The session starts at program start for the trainer (docs/DESIGN.md 3.23).
+
+ACKPT_EARLY_START=auto (the default) starts the helper in the background as
+the program starts, instead of at its first managed open, when the process
+looks like the trainer: a Python program that ackpt-run started itself, or
+one a launcher started as a rank of a one-rank job (RANK and LOCAL_RANK).
+Each case runs a Python program that reports, before it opens anything
+under the managed root, whether its session is up (ackpt_get_stats'
+`active`), and whether a Python child it starts has one; then it writes a
+checkpoint.  The checkpoint must match a plain run byte for byte, and every
+helper must be gone when the program is.
+
+- ackpt-run -- python prog: up before the first managed open; its child
+  (same environment, another pid) does not start early;
+- ACKPT_EARLY_START=off, and LD_PRELOAD without ackpt-run: no session
+  until the first managed open;
+- RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 (torchrun --nproc-per-node 1): early;
+  a rank of a two-rank job: not early (its start waits for the
+  coordinator);
+- ACKPT_EARLY_START=on: any program, here a shell;
+- a fork at the very start, while the session may be starting: parent and
+  child write their files, and nothing is left behind.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, VENV_PY, find_launcher
+from faultutil import need_shim, plain_env, run, shim_env
+
+PROGS = REPO / "tests" / "progs"
+
+PROG = r"""
+import os, subprocess, sys, time
+sys.path.insert(0, sys.argv[2])
+from progutil import get_stats, prng_bytes
+out, wait = sys.argv[1], float(sys.argv[3])
+
+def up():
+    return get_stats().get("active", 0)
+
+t0 = time.monotonic()
+while not up() and time.monotonic() - t0 < wait:
+    time.sleep(0.01)
+before = up()
+child = subprocess.run([sys.executable, "-c",
+                        "import sys, time; sys.path.insert(0, %r); from progutil import get_stats; "
+                        "time.sleep(1); print(get_stats().get('active', 0))" % sys.argv[2]],
+                       stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
+with open(os.path.join(out, "model.pt"), "wb") as f:
+    f.write(prng_bytes(8 << 20, 1))
+print("before-open", before, "child", child, "after", up(), file=sys.stderr)
+"""
+
+FORK_PROG = r"""
+import os, sys
+pid = os.fork()  # at once: the session may be starting in another thread
+sys.path.insert(0, sys.argv[2])
+from progutil import prng_bytes
+name = "child.bin" if pid == 0 else "parent.bin"
+with open(os.path.join(sys.argv[1], name), "wb") as f:
+    f.write(prng_bytes(4 << 20, 2 if pid == 0 else 3))
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def observed(res):
+    line = [ln for ln in res.stderr.splitlines() if ln.startswith("before-open")]
+    assert line, res.describe()
+    w = line[-1].split()
+    return {"before": int(w[1]), "child": int(w[3]), "after": int(w[5])}
+
+
+@pytest.fixture
+def prog(tmp_path):
+    need_shim()
+    p = tmp_path / "early.py"
+    p.write_text(PROG)
+    return p
+
+
+def run_prog(tmp_path, label, argv_prefix, env, wait):
+    out = tmp_path / label
+    out.mkdir()
+    r = run(argv_prefix + [VENV_PY, tmp_path / "early.py", out, PROGS, str(wait)], env, cwd=tmp_path)
+    assert r.returncode == 0, r.describe()
+    return r, out
+
+
+def same_checkpoint(a, b):
+    assert (a / "model.pt").read_bytes() == (b / "model.pt").read_bytes()
+
+
+def launcher_env(out, **extra):
+    env = shim_env(out, **extra)
+    for k in ("LD_PRELOAD", "ACKPT_PATHS", "ACKPT_STAGING", "ACKPT_HELPER"):
+        env.pop(k, None)
+    return env
+
+
+def test_ackpt_run_starts_the_program_early_not_its_child(tmp_path, prog):
+    plain, pout = run_prog(tmp_path, "plain", [], plain_env(), 0)
+    runner = find_launcher()
+    out = tmp_path / "shim"
+    r, sout = run_prog(tmp_path, "shim", [runner, "--dir", out, "--staging", "64M", "--"],
+                       launcher_env(out), 20)
+    o = observed(r)
+    assert o == {"before": 1, "child": 0, "after": 1}, (o, r.describe())
+    same_checkpoint(pout, sout)
+
+
+@pytest.mark.parametrize("how", ["off", "no-ackpt-run", "two-rank-job"])
+def test_no_early_start(tmp_path, prog, how):
+    plain, pout = run_prog(tmp_path, "plain", [], plain_env(), 0)
+    out = tmp_path / "shim"
+    if how == "off":
+        argv = [find_launcher(), "--dir", out, "--staging", "64M", "--"]
+        env = launcher_env(out, ACKPT_EARLY_START="off")
+    elif how == "no-ackpt-run":
+        argv, env = [], shim_env(out)
+    else:
+        # rank 1 of 2: it would wait for rank 0's coordinator; it writes
+        # its checkpoint synchronously here (no coordinator comes)
+        argv, env = [], shim_env(out, RANK=1, LOCAL_RANK=1, WORLD_SIZE=2,
+                                 ACKPT_BARRIER_TIMEOUT=1)
+    r, sout = run_prog(tmp_path, "shim", argv, env, 1)
+    assert observed(r)["before"] == 0, r.describe()
+    same_checkpoint(pout, sout)
+
+
+def test_a_one_rank_job_starts_early(tmp_path, prog):
+    plain, pout = run_prog(tmp_path, "plain", [], plain_env(), 0)
+    out = tmp_path / "shim"
+    r, sout = run_prog(tmp_path, "shim", [], shim_env(out, RANK=0, LOCAL_RANK=0, WORLD_SIZE=1), 20)
+    o = observed(r)
+    assert o["before"] == 1 and o["child"] == 0, (o, r.describe())
+    same_checkpoint(pout, sout)
+
+
+def test_on_starts_any_program(tmp_path):
+    """on: a shell that opens nothing gets its helper; auto: it does not."""
+    import subprocess
+    import time
+
+    from faultutil import helper_pids, new_mark, wait_helpers
+
+    need_shim()
+    out = tmp_path / "out"
+    out.mkdir()
+    for mode, want in (("on", True), ("auto", False)):
+        mark = new_mark()
+        p = subprocess.Popen(["bash", "-c", "read line"], stdin=subprocess.PIPE,
+                             env=shim_env(out, mark=mark, ACKPT_EARLY_START=mode))
+        t0, seen = time.monotonic(), False
+        while time.monotonic() - t0 < (10 if want else 1):
+            seen = bool(helper_pids(mark))
+            if seen:
+                break
+            time.sleep(0.02)
+        p.communicate(b"done\n", timeout=30)
+        wait_helpers(mark)
+        assert p.returncode == 0 and seen == want, (mode, seen)
+
+
+def test_fork_at_start(tmp_path):
+    need_shim()
+    prog = tmp_path / "fork.py"
+    prog.write_text(FORK_PROG)
+    runner = find_launcher()
+    want = {}
+    for i in range(6):
+        for label in ("plain", "shim"):
+            out = tmp_path / ("%s%d" % (label, i))
+            out.mkdir()
+            if label == "plain":
+                r = run([VENV_PY, prog, out, PROGS], plain_env())
+            else:
+                r = run([runner, "--dir", out, "--staging", "64M", "--", VENV_PY, prog, out, PROGS],
+                        launcher_env(out))
+            assert r.returncode == 0, r.describe()
+            got = {p.name: p.read_bytes() for p in out.iterdir()}
+            if label == "plain" and not want:
+                want = got
+            assert got == want, "run %d, %s: files differ from the plain run's" % (i, label)
