@@ -12,8 +12,9 @@ helper must be gone when the program is.
 
 - ackpt-run -- python prog: up before the first managed open; its child
   (same environment, another pid) does not start early;
-- ACKPT_EARLY_START=off, and LD_PRELOAD without ackpt-run: no session
-  until the first managed open;
+- ACKPT_EARLY_START=off, LD_PRELOAD without ackpt-run, and a launcher
+  (a script named torchrun run by python): no session until the first
+  managed open;
 - RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 (torchrun --nproc-per-node 1): early;
   a rank of a two-rank job: not early (its start waits for the
   coordinator);
@@ -83,10 +84,12 @@ def prog(tmp_path):
     return p
 
 
-def run_prog(tmp_path, label, argv_prefix, env, wait):
+def run_prog(tmp_path, label, argv_prefix, env, wait, script="early.py"):
     out = tmp_path / label
     out.mkdir()
-    r = run(argv_prefix + [VENV_PY, tmp_path / "early.py", out, PROGS, str(wait)], env, cwd=tmp_path)
+    if not (tmp_path / script).exists():
+        (tmp_path / script).write_text(PROG)
+    r = run(argv_prefix + [VENV_PY, tmp_path / script, out, PROGS, str(wait)], env, cwd=tmp_path)
     assert r.returncode == 0, r.describe()
     return r, out
 
@@ -113,11 +116,16 @@ def test_ackpt_run_starts_the_program_early_not_its_child(tmp_path, prog):
     same_checkpoint(pout, sout)
 
 
-@pytest.mark.parametrize("how", ["off", "no-ackpt-run", "two-rank-job"])
+@pytest.mark.parametrize("how", ["off", "no-ackpt-run", "two-rank-job", "launcher"])
 def test_no_early_start(tmp_path, prog, how):
     plain, pout = run_prog(tmp_path, "plain", [], plain_env(), 0)
     out = tmp_path / "shim"
-    if how == "off":
+    script = "early.py"
+    if how == "launcher":
+        # python .../torchrun: a launcher, whatever the interpreter's name
+        argv = [find_launcher(), "--dir", out, "--staging", "64M", "--"]
+        env, script = launcher_env(out), "torchrun"
+    elif how == "off":
         argv = [find_launcher(), "--dir", out, "--staging", "64M", "--"]
         env = launcher_env(out, ACKPT_EARLY_START="off")
     elif how == "no-ackpt-run":
@@ -127,7 +135,7 @@ def test_no_early_start(tmp_path, prog, how):
         # its checkpoint synchronously here (no coordinator comes)
         argv, env = [], shim_env(out, RANK=1, LOCAL_RANK=1, WORLD_SIZE=2,
                                  ACKPT_BARRIER_TIMEOUT=1)
-    r, sout = run_prog(tmp_path, "shim", argv, env, 1)
+    r, sout = run_prog(tmp_path, "shim", argv, env, 1, script)
     assert observed(r)["before"] == 0, r.describe()
     same_checkpoint(pout, sout)
 

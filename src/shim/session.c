@@ -455,20 +455,33 @@ static ssize_t read_self(const char *name, char *buf, size_t n)
 	return r;
 }
 
+/* s, or the part of it after its last '/', is one of names[0..n) */
+static int names_one_of(const char *s, const char *const *names, size_t n)
+{
+	const char *base = strrchr(s, '/');
+	size_t i;
+
+	for (i = 0; i < n; i++)
+		if (!strcmp(base ? base + 1 : s, names[i]))
+			return 1;
+	return 0;
+}
+
 /*
  * A Python program that is not a launcher: its executable is a Python
  * interpreter, and neither its name (a console script: torchrun,
- * deepspeed, accelerate) nor its command line (python -m
- * torch.distributed.run) names one.  A launcher never checkpoints.
+ * deepspeed, accelerate) nor an argument of its command line (python
+ * .../torchrun, python -m torch.distributed.run) names one.  A launcher
+ * never checkpoints.
  */
 static int looks_like_trainer(void)
 {
-	static const char *launchers[] = { "torchrun", "deepspeed", "accelerate" };
-	static const char *modules[] = { "torch.distributed.run", "torch.distributed.launch" };
+	static const char *const launchers[] = { "torchrun", "deepspeed", "accelerate",
+						 "torch.distributed.run", "torch.distributed.launch" };
+	const size_t nl = sizeof(launchers) / sizeof(launchers[0]);
 	char buf[4096];
 	const char *base;
-	ssize_t n;
-	size_t i;
+	ssize_t n, i;
 	long r;
 
 	r = syscall(SYS_readlinkat, AT_FDCWD, "/proc/self/exe", buf, sizeof(buf) - 1);
@@ -478,16 +491,16 @@ static int looks_like_trainer(void)
 	base = strrchr(buf, '/');
 	if (strncmp(base ? base + 1 : buf, "python", 6))
 		return 0;
-	if (read_self("/proc/self/comm", buf, sizeof(buf)) > 0)
-		for (i = 0; i < sizeof(launchers) / sizeof(launchers[0]); i++)
-			if (!strncmp(buf, launchers[i], strlen(launchers[i])))
-				return 0;
+	n = read_self("/proc/self/comm", buf, sizeof(buf));
+	if (n > 0 && buf[n - 1] == '\n')
+		buf[n - 1] = 0;
+	if (n > 0 && names_one_of(buf, launchers, nl))
+		return 0;
+	/* the arguments, each ended by a NUL (a long line is cut: the
+	 * launcher comes first) */
 	n = read_self("/proc/self/cmdline", buf, sizeof(buf));
-	for (i = 0; i < (size_t)(n > 0 ? n : 0); i++)
-		if (!buf[i])
-			buf[i] = ' ';
-	for (i = 0; n > 0 && i < sizeof(modules) / sizeof(modules[0]); i++)
-		if (strstr(buf, modules[i]))
+	for (i = 0; i < n; i += (ssize_t)strlen(buf + i) + 1)
+		if (names_one_of(buf + i, launchers, nl))
 			return 0;
 	return 1;
 }
