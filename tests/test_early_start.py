@@ -20,7 +20,9 @@ helper must be gone when the program is.
   coordinator);
 - ACKPT_EARLY_START=on: any program, here a shell;
 - a fork at the very start, while the session may be starting: parent and
-  child write their files, and nothing is left behind.
+  child write their files, and nothing is left behind;
+- a close of every descriptor above 2 at the very start: ackpt's own are
+  spared, the session stays up, and stderr stays empty.
 """
 import os
 import sys
@@ -194,3 +196,38 @@ def test_fork_at_start(tmp_path):
             if label == "plain" and not want:
                 want = got
             assert got == want, "run %d, %s: files differ from the plain run's" % (i, label)
+
+
+CLOSERANGE_PROG = r"""
+import os, sys
+os.closerange(3, 65536)  # at once: the session may be starting in another thread
+sys.path.insert(0, sys.argv[2])
+from progutil import ackpt_wait, get_stats, prng_bytes
+with open(os.path.join(sys.argv[1], "model.pt"), "wb") as f:
+    f.write(prng_bytes(8 << 20, 4))
+st = get_stats()
+if st["present"]:
+    print("wait", ackpt_wait(60), "active", st["active"], "staged", st["bytes_staged"] > 0)
+"""
+
+
+def test_closerange_at_start(tmp_path):
+    """A program that closes every descriptor above 2 as it starts (daemons,
+    some launchers) while its session is starting: ackpt's own descriptors
+    are spared, the session stays up, and nothing is said on stderr."""
+    need_shim()
+    prog = tmp_path / "cr.py"
+    prog.write_text(CLOSERANGE_PROG)
+    runner = find_launcher()
+    pout = tmp_path / "plain"
+    pout.mkdir()
+    r = run([VENV_PY, prog, pout, PROGS], plain_env())
+    assert r.returncode == 0, r.describe()
+    for i in range(6):
+        out = tmp_path / ("shim%d" % i)
+        out.mkdir()
+        r = run([runner, "--dir", out, "--staging", "64M", "--", VENV_PY, prog, out, PROGS],
+                launcher_env(out))
+        assert r.returncode == 0 and not r.stderr.strip(), r.describe()
+        assert r.stdout.split() == ["wait", "0", "active", "1", "staged", "True"], r.describe()
+        same_checkpoint(pout, out)

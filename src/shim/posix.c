@@ -375,7 +375,11 @@ ACKPT_EXPORT int close_range(unsigned lo, unsigned hi, int flags)
 	int r;
 
 	ENSURE_REAL();
-	if (!session_is_owner() || !C.enabled || S.state == SESS_NONE)
+	/* a session that another thread is starting (at program start:
+	 * ACKPT_EARLY_START) has channels to spare already: the lock waits
+	 * for it */
+	if (!session_is_owner() || !C.enabled ||
+	    (S.state == SESS_NONE && !__atomic_load_n(&S.starting, __ATOMIC_SEQ_CST)))
 		return real.close_range(lo, hi, flags); /* vfork child: hands off */
 	if (session_lock() < 0)
 		return real.close_range(lo, hi, flags);

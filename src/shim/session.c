@@ -101,13 +101,18 @@ static int session_start(void)
 	pthread_t t;
 	sigset_t all, old;
 
+	/* before any channel exists: close_range must spare them (posix.c) */
+	__atomic_store_n(&S.starting, 1, __ATOMIC_SEQ_CST);
 	S.arena_size = config_staging();
 	/* the fault injector's nth write is the nth write call (or chunk):
 	 * with it, a write never extends the record of the one before */
 	C.extend = !getenv("ACKPT_FAULT");
 	S.memfd = memfd_create("ackpt-staging", MFD_CLOEXEC);
-	if (S.memfd < 0)
-		return -errno;
+	if (S.memfd < 0) {
+		ret = -errno;
+		__atomic_store_n(&S.starting, 0, __ATOMIC_RELEASE);
+		return ret;
+	}
 	S.memfd = fd_move_high(S.memfd);
 	if (ftruncate(S.memfd, hdr + S.arena_size) < 0) {
 		ret = -errno;
@@ -177,6 +182,7 @@ static int session_start(void)
 	     (unsigned long long)(S.arena_size >> 20), (int)S.helper_pid,
 	     S.shm->helper_flags & ACKPT_HF_URING ? "io_uring" : "pwrite pool",
 	     S.shm->helper_flags & ACKPT_HF_DIRECT ? ", O_DIRECT" : "");
+	__atomic_store_n(&S.starting, 0, __ATOMIC_RELEASE);
 	return 0;
 err:
 	if (S.sock >= 0) {
@@ -193,6 +199,7 @@ err:
 	S.shm = NULL;
 	S.arena = NULL;
 	S.state = SESS_FAILED;
+	__atomic_store_n(&S.starting, 0, __ATOMIC_RELEASE);
 	return ret;
 }
 
@@ -408,6 +415,7 @@ static void atfork_child(void)
 		S.sock = S.memfd = -1;
 		S.shm = NULL;
 		S.arena = NULL;
+		S.starting = 0;
 		return;
 	}
 	/* The parent's helper and arena stay the parent's; this child starts

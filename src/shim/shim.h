@@ -326,6 +326,8 @@ enum { SESS_NONE = 0, SESS_ACTIVE, SESS_DEAD, SESS_FAILED };
 struct session {
 	pthread_mutex_t lock;
 	int state;               /* [atomic] read unlocked as a hint, changed locked */
+	int starting;            /* [atomic] session_start is under way (its channels may
+				  * exist while state is still SESS_NONE) */
 	pid_t owner;             /* [fixed] per process (set again in a fork child) */
 	int memfd, sock;         /* [fixed] while ACTIVE (moved only on dup2 onto them) */
 	struct ackpt_shm *shm;   /* [fixed] while ACTIVE; its fields: see proto.h */
