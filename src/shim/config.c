@@ -146,7 +146,7 @@ static void config_upload(void)
 
 /* A small file, read whole with raw system calls (this runs inside the
  * program's constructors); -1 when it cannot be read. */
-static ssize_t read_small(const char *path, char *buf, size_t size)
+ssize_t read_small(const char *path, char *buf, size_t size)
 {
 	long fd = syscall(SYS_openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC);
 	ssize_t got = 0;

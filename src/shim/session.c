@@ -447,22 +447,6 @@ static void atfork_child(void)
 
 /* ---- starting early ---- */
 
-/* Up to n - 1 bytes of a /proc/self file, without the wrappers. */
-static ssize_t read_self(const char *name, char *buf, size_t n)
-{
-	long fd = syscall(SYS_openat, AT_FDCWD, name, O_RDONLY | O_CLOEXEC);
-	long r;
-
-	if (fd < 0)
-		return -1;
-	r = syscall(SYS_read, fd, buf, n - 1);
-	syscall(SYS_close, fd);
-	if (r < 0)
-		return -1;
-	buf[r] = 0;
-	return r;
-}
-
 /* s, or the part of it after its last '/', is one of names[0..n) */
 static int names_one_of(const char *s, const char *const *names, size_t n)
 {
@@ -499,14 +483,14 @@ static int looks_like_trainer(void)
 	base = strrchr(buf, '/');
 	if (strncmp(base ? base + 1 : buf, "python", 6))
 		return 0;
-	n = read_self("/proc/self/comm", buf, sizeof(buf));
+	n = read_small("/proc/self/comm", buf, sizeof(buf));
 	if (n > 0 && buf[n - 1] == '\n')
 		buf[n - 1] = 0;
 	if (n > 0 && names_one_of(buf, launchers, nl))
 		return 0;
 	/* the arguments, each ended by a NUL (a long line is cut: the
 	 * launcher comes first) */
-	n = read_self("/proc/self/cmdline", buf, sizeof(buf));
+	n = read_small("/proc/self/cmdline", buf, sizeof(buf));
 	for (i = 0; i < n; i += (ssize_t)strlen(buf + i) + 1)
 		if (names_one_of(buf + i, launchers, nl))
 			return 0;

@@ -230,6 +230,8 @@ extern struct ackpt_config C;
 
 void config_load(void);
 uint64_t config_staging(void); /* at session start */
+/* a small file (/proc, /sys) read whole without the wrappers; -1 if unreadable */
+ssize_t read_small(const char *path, char *buf, size_t size);
 struct ackpt_helper_config;
 void config_for_helper(struct ackpt_helper_config *h); /* at session start */
 int path_is_managed(const char *canon);
