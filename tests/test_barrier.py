@@ -466,7 +466,10 @@ def test_write_error_on_rank1_aborts_commit(tmp_path):
     base = tmp_path / "fault"
     c = base / "ckpt"
     base.mkdir()
-    env = job_env(ACKPT_TEST_DELAY_RANK=1, ACKPT_TEST_DELAY_MS=100, ACKPT_BARRIER_TIMEOUT=KILL_TIMEOUT)
+    # the fault goes to rank 1's helper through its environment, so that
+    # helper must start at the first managed open, not with the program
+    env = job_env(ACKPT_TEST_DELAY_RANK=1, ACKPT_TEST_DELAY_MS=100, ACKPT_BARRIER_TIMEOUT=KILL_TIMEOUT,
+                  ACKPT_EARLY_START="off")
     job = run_job("fault", shimmed(_dcp_job(2, free_master_port(), [(c, 1, 41)],
                                             extra=["--env-rank", "1",
                                                    "ACKPT_FAULT=op=write,nth=1,err=EIO,mode=once"]),

@@ -16,8 +16,9 @@ helper must be gone when the program is.
   (a script named torchrun run by python): no session until the first
   managed open;
 - RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 (torchrun --nproc-per-node 1): early;
-  a rank of a two-rank job: not early (its start waits for the
-  coordinator);
+- rank 1 of a two-rank job started before rank 0: early, and while its
+  start waits for rank 0's coordinator, the program's dup2, fcntl and
+  close_range go on (the start waits with the session lock dropped);
 - ACKPT_EARLY_START=on: any program, here a shell;
 - a fork at the very start, while the session may be starting: parent and
   child write their files, and nothing is left behind;
@@ -118,7 +119,7 @@ def test_ackpt_run_starts_the_program_early_not_its_child(tmp_path, prog):
     same_checkpoint(pout, sout)
 
 
-@pytest.mark.parametrize("how", ["off", "no-ackpt-run", "two-rank-job", "launcher"])
+@pytest.mark.parametrize("how", ["off", "no-ackpt-run", "launcher"])
 def test_no_early_start(tmp_path, prog, how):
     plain, pout = run_prog(tmp_path, "plain", [], plain_env(), 0)
     out = tmp_path / "shim"
@@ -130,13 +131,8 @@ def test_no_early_start(tmp_path, prog, how):
     elif how == "off":
         argv = [find_launcher(), "--dir", out, "--staging", "64M", "--"]
         env = launcher_env(out, ACKPT_EARLY_START="off")
-    elif how == "no-ackpt-run":
-        argv, env = [], shim_env(out)
     else:
-        # rank 1 of 2: it would wait for rank 0's coordinator; it writes
-        # its checkpoint synchronously here (no coordinator comes)
-        argv, env = [], shim_env(out, RANK=1, LOCAL_RANK=1, WORLD_SIZE=2,
-                                 ACKPT_BARRIER_TIMEOUT=1)
+        argv, env = [], shim_env(out)
     r, sout = run_prog(tmp_path, "shim", argv, env, 1, script)
     assert observed(r)["before"] == 0, r.describe()
     same_checkpoint(pout, sout)
@@ -231,3 +227,137 @@ def test_closerange_at_start(tmp_path):
         assert r.returncode == 0 and not r.stderr.strip(), r.describe()
         assert r.stdout.split() == ["wait", "0", "active", "1", "staged", "True"], r.describe()
         same_checkpoint(pout, out)
+
+
+RANK_PROG = r"""
+import fcntl, os, sys, time
+sys.path.insert(0, sys.argv[2])
+from progutil import get_stats, prng_bytes
+out, rank = sys.argv[1], int(os.environ["RANK"])
+if rank == 1:
+    sys.stdin.readline()  # the test has seen our helper wait for the coordinator
+    os.dup2(0, 200)       # each of these takes the session lock
+    fcntl.fcntl(200, fcntl.F_GETFD)
+    os.closerange(3, 65536)
+    print("meanwhile", get_stats().get("active", 0), flush=True)
+    sys.stdin.readline()  # rank 0 is on its way
+t0 = time.monotonic()
+while get_stats()["present"] and not get_stats()["active"] and time.monotonic() - t0 < 60:
+    time.sleep(0.01)
+before = get_stats().get("active", 0)
+with open(os.path.join(out, "rank%d.bin" % rank), "wb") as f:
+    f.write(prng_bytes(8 << 20, 10 + rank))
+print("before-open", before, flush=True)
+if rank == 0:
+    sys.stdin.readline()  # as in a real job, rank 0 outlives the others' work
+"""
+
+
+def test_a_rank_waits_for_the_coordinator_without_the_lock(tmp_path):
+    """Rank 1 of a two-rank job starts early, and its start waits for rank
+    0's coordinator, which comes only when the test starts rank 0.  The
+    wait must not hold the session lock: the program's dup2, fcntl and
+    close_range meanwhile return (with the lock held they would wait for
+    rank 0, which the test starts only after they have returned), and
+    close_range spares the start's descriptors.  Then both ranks' sessions
+    are up before their first managed open, and their files match a plain
+    run's."""
+    import select
+    import subprocess
+    import time
+
+    from barrierutil import free_port
+    from faultutil import helper_pids, new_mark, wait_helpers
+
+    need_shim()
+    prog = tmp_path / "rank.py"
+    prog.write_text(RANK_PROG)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for rank in (0, 1):
+        r = run([VENV_PY, prog, plain, PROGS], plain_env(RANK=rank), input="\n\n\n")
+        assert r.returncode == 0, r.describe()
+    out = tmp_path / "shim"
+    out.mkdir()
+    mark = new_mark()
+    common = dict(WORLD_SIZE=2, ACKPT_COORD="127.0.0.1:%d" % free_port(),
+                  ACKPT_SECRET=os.urandom(32).hex(), ACKPT_BARRIER_TIMEOUT=60)
+
+    def start(rank):
+        env = shim_env(out, mark=mark, RANK=rank, LOCAL_RANK=rank, **common)
+        return subprocess.Popen([VENV_PY, str(prog), str(out), str(PROGS)], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    r1 = start(1)
+    r0 = None
+    try:
+        t0 = time.monotonic()
+        while not helper_pids(mark) and time.monotonic() - t0 < 20:
+            time.sleep(0.02)
+        assert helper_pids(mark), "rank 1 did not start its helper at program start"
+        r1.stdin.write("\n")
+        r1.stdin.flush()
+        # nothing here means the calls above wait for the coordinator
+        ready, _, _ = select.select([r1.stdout], [], [], 30)
+        assert ready, "rank 1's dup2, fcntl and close_range waited for the coordinator"
+        line = r1.stdout.readline().split()
+        assert line == ["meanwhile", "0"], line
+        r0 = start(0)
+        r1.stdin.write("\n")
+        r1.stdin.flush()
+        res = {}
+        for rank, p in ((1, r1), (0, r0)):
+            so, se = p.communicate("\n" if rank == 0 else None, timeout=120)
+            assert p.returncode == 0, (rank, so, se)
+            assert ": warning:" not in se and ": error:" not in se, (rank, se)
+            res[rank] = so.split()
+        assert res[0] == ["before-open", "1"] and res[1] == ["before-open", "1"], res
+    finally:
+        for p in (r0, r1):
+            if p and p.poll() is None:
+                p.kill()
+                p.communicate()
+    wait_helpers(mark)
+    for rank in (0, 1):
+        name = "rank%d.bin" % rank
+        assert (out / name).read_bytes() == (plain / name).read_bytes(), name
+
+
+LONELY_PROG = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[2])
+from progutil import get_stats, prng_bytes
+t0, polls = time.monotonic(), 0
+while time.monotonic() - t0 < float(sys.argv[3]):
+    st = get_stats()  # unlocked, while the start gives up and unmaps
+    polls += 1
+with open(os.path.join(sys.argv[1], "model.pt"), "wb") as f:
+    f.write(prng_bytes(8 << 20, 5))
+print("active", get_stats().get("active", 0), "polled", polls > 0)
+"""
+
+
+def test_a_rank_whose_coordinator_never_comes(tmp_path):
+    """Rank 1 of two, and rank 0 never comes: its early start gives up
+    (ACKPT_BARRIER_TIMEOUT), says so, and its writes go through the kernel
+    as in a plain run.  The program reads ackpt_get_stats without pause
+    meanwhile, which must not touch the failed start's memory as it goes."""
+    from barrierutil import free_port
+
+    need_shim()
+    prog = tmp_path / "lonely.py"
+    prog.write_text(LONELY_PROG)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    r = run([VENV_PY, prog, plain, PROGS, "0"], plain_env())
+    assert r.returncode == 0, r.describe()
+    out = tmp_path / "shim"
+    out.mkdir()
+    env = shim_env(out, RANK=1, LOCAL_RANK=1, WORLD_SIZE=2, ACKPT_BARRIER_TIMEOUT=1,
+                   ACKPT_COORD="127.0.0.1:%d" % free_port(), ACKPT_SECRET=os.urandom(32).hex())
+    r = run([VENV_PY, prog, out, PROGS, "4"], env)
+    assert r.returncode == 0, r.describe()
+    assert r.stdout.split() == ["active", "0", "polled", "True"], r.describe()
+    assert "did not start; writes stay synchronous" in r.stderr, r.describe()
+    same_checkpoint(plain, out)

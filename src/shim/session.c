@@ -24,7 +24,8 @@
 #include "config.h"
 #include "shim.h"
 
-struct session S = { .lock = PTHREAD_MUTEX_INITIALIZER, .memfd = -1, .sock = -1 };
+struct session S = { .lock = PTHREAD_MUTEX_INITIALIZER, .started = PTHREAD_COND_INITIALIZER,
+		     .memfd = -1, .sock = -1 };
 __thread int tls_busy;
 extern char **environ;
 
@@ -50,6 +51,13 @@ void session_unlock(void)
 	pthread_mutex_unlock(&S.lock);
 }
 
+/* Take the lock again after dropping it on purpose (tls_busy was cleared). */
+static void relock(void)
+{
+	pthread_mutex_lock(&S.lock);
+	tls_busy = 1;
+}
+
 /* The one way to wait with the lock held: drop it, wait until op seq is
  * done, retake it, and free what completed.  Pointers into the tables from
  * before are stale after this. */
@@ -57,8 +65,7 @@ DROPS void session_unlock_wait(uint64_t seq)
 {
 	session_unlock();
 	session_wait(seq, 0, 0);
-	pthread_mutex_lock(&S.lock);
-	tls_busy = 1;
+	relock();
 	session_reap();
 }
 
@@ -92,7 +99,50 @@ int futex_wait_gen(uint32_t old, uint64_t timeout_ns)
 	return syscall(SYS_futex, &S.shm->progress_gen, FUTEX_WAIT, old, &ts, NULL, 0);
 }
 
-static int session_start(void)
+/*
+ * Wait for the helper to publish its pid (once it is up and, in a
+ * multi-rank job, registered with the coordinator).  unlocked: an early
+ * start (ACKPT_EARLY_START), which waits with the session lock dropped, so
+ * that the program's other threads are not held up meanwhile (dup, fcntl,
+ * close_range take the lock; a managed open waits for the start in
+ * session_ensure).  The socket can move (a dup2 onto it) only under the
+ * lock, so its liveness is checked with the lock taken again.
+ */
+static int helper_wait_up(uint64_t t0, uint64_t limit, int unlocked)
+{
+	int ret = 0;
+
+	if (unlocked) {
+		S.start_unlocked = 1;
+		session_unlock();
+	}
+	while (!__atomic_load_n(&S.shm->helper_pid, __ATOMIC_ACQUIRE)) {
+		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
+		int alive;
+
+		if (__atomic_load_n(&S.shm->helper_pid, __ATOMIC_ACQUIRE))
+			break;
+		if (unlocked)
+			relock();
+		alive = helper_alive();
+		if (unlocked)
+			session_unlock();
+		if (!alive || now_ns() - t0 > limit) {
+			alog(L_WARN, "ackpt-helper did not start; writes stay synchronous");
+			ret = -ECHILD;
+			break;
+		}
+		futex_wait_gen(gen, 50000000ull);
+	}
+	if (unlocked) {
+		relock();
+		S.start_unlocked = 0;
+		pthread_cond_broadcast(&S.started);
+	}
+	return ret;
+}
+
+static int session_start(int early)
 {
 	uint64_t hdr = ackpt_shm_hdr_size();
 	uint64_t t0 = now_ns(), start_limit = 10000000000ull;
@@ -146,30 +196,22 @@ static int session_start(void)
 	if (ret < 0)
 		goto err;
 	/* the open that started us returns only once the helper is up (and,
-	 * in a multi-rank job, registered: it may wait for the coordinator) */
+	 * in a multi-rank job, registered: it may wait for the coordinator;
+	 * an early start waits with the lock dropped) */
 	if (C.multi_rank && !C.coord_host) {
 		double t = C.barrier_timeout < 120 ? C.barrier_timeout : 120;
 
 		start_limit = (uint64_t)((t + 10) * 1e9);
 	}
-	while (!__atomic_load_n(&S.shm->helper_pid, __ATOMIC_ACQUIRE)) {
-		uint32_t gen = __atomic_load_n(&S.shm->progress_gen, __ATOMIC_ACQUIRE);
-
-		if (__atomic_load_n(&S.shm->helper_pid, __ATOMIC_ACQUIRE))
-			break;
-		if (!helper_alive() || now_ns() - t0 > start_limit) {
-			alog(L_WARN, "ackpt-helper did not start; writes stay synchronous");
-			ret = -ECHILD;
-			goto err;
-		}
-		futex_wait_gen(gen, 50000000ull);
-	}
+	ret = helper_wait_up(t0, start_limit, early);
+	if (ret < 0)
+		goto err;
 	S.helper_pid = S.shm->helper_pid;
 	S.head = 0;
 	S.ext_at = UINT64_MAX;
 	S.seq = 0;
 	oplog_reset();
-	S.state = SESS_ACTIVE;
+	__atomic_store_n(&S.state, SESS_ACTIVE, __ATOMIC_RELEASE); /* session_shm */
 	efault_init(); /* from now on we copy from the program's buffers */
 	sig_init();    /* ... and hold signals that arrive mid-write */
 
@@ -203,13 +245,17 @@ err:
 	return ret;
 }
 
+/* Start the session if it is not up.  Called with the lock held; another
+ * thread's early start that waits for its helper is waited for. */
 int session_ensure(void)
 {
+	while (S.start_unlocked)
+		pthread_cond_wait(&S.started, &S.lock);
 	switch (S.state) {
 	case SESS_ACTIVE:
 		return 0;
 	case SESS_NONE:
-		return session_start();
+		return session_start(0);
 	default:
 		return -ENOTCONN;
 	}
@@ -391,6 +437,8 @@ static void atfork_prepare(void)
 static void atfork_child(void)
 {
 	pthread_mutex_init(&S.lock, NULL);
+	pthread_cond_init(&S.started, NULL);
+	S.start_unlocked = 0; /* the parent's starting thread is not here */
 	pcopy_atfork_child();
 	tls_busy = 0;
 	S.owner = getpid();
@@ -497,32 +545,44 @@ static int looks_like_trainer(void)
 	return 1;
 }
 
+/* Record this process as its rank's early starter (ACKPT_EARLY_OWNER):
+ * pid and RANK, inherited by the processes it starts. */
+static void early_mark(const char *rank)
+{
+	char me[64];
+
+	snprintf(me, sizeof(me), "%d:%s", (int)getpid(), rank);
+	setenv("ACKPT_EARLY_OWNER", me, 1);
+}
+
 /*
  * Start this process's session at its start, in the background, rather
  * than at its first managed open, so that the first checkpoint does not
  * pay for the helper's start (ACKPT_EARLY_START; docs/DESIGN.md 3.23).  By
  * default ("auto") only a process that looks like the trainer: a Python
  * program, not a launcher, that ackpt-run started itself (ACKPT_RUN_PID)
- * or that a launcher started as a rank (RANK and LOCAL_RANK).  Not a rank
- * of a multi-rank job: its start waits for the coordinator, and would hold
- * the session lock meanwhile (rank 0, which hosts it, starts at once, in
- * session_init_once).  Not a process that an early-started one of the
- * same rank started (ACKPT_EARLY_OWNER: a data loader's workers).
+ * or that a launcher started as a rank (RANK and LOCAL_RANK).  Not a
+ * process that an early-started one of the same rank started
+ * (ACKPT_EARLY_OWNER: a data loader's workers).  A rank of a multi-rank
+ * job waits for rank 0's coordinator with the session lock dropped
+ * (helper_wait_up); rank 0, which hosts it, starts at once, in
+ * session_init_once.
  */
 static int early_wanted(void)
 {
 	const char *run = getenv("ACKPT_RUN_PID"), *mark = getenv("ACKPT_EARLY_OWNER");
 	const char *rank = getenv("RANK"), *colon;
-	char me[64];
 
-	if (C.early_start == 0 || C.coord_host)
-		return 0;
 	if (!rank)
 		rank = "";
+	if (C.coord_host) {
+		early_mark(rank); /* started already: its children need not */
+		return 0;
+	}
+	if (C.early_start == 0)
+		return 0;
 	colon = mark ? strchr(mark, ':') : NULL;
 	if (C.early_start < 0) {
-		if (C.multi_rank)
-			return 0;
 		if (!(run && atoi(run) == (int)getpid()) && !(*rank && getenv("LOCAL_RANK")))
 			return 0;
 		if (colon && atoi(mark) != (int)getpid() && !strcmp(colon + 1, rank))
@@ -530,8 +590,7 @@ static int early_wanted(void)
 		if (!looks_like_trainer())
 			return 0;
 	}
-	snprintf(me, sizeof(me), "%d:%s", (int)getpid(), rank);
-	setenv("ACKPT_EARLY_OWNER", me, 1);
+	early_mark(rank);
 	return 1;
 }
 
@@ -539,7 +598,7 @@ static void *early_main(void *arg)
 {
 	(void)arg;
 	if (session_lock() == 0) {
-		if (S.state == SESS_NONE && session_ensure() == 0)
+		if (S.state == SESS_NONE && session_start(1) == 0)
 			alog(L_DEBUG, "session started at program start (ACKPT_EARLY_START)");
 		session_unlock();
 	}
@@ -559,7 +618,8 @@ void session_init_once(void)
 			alog(L_ERROR, "cannot start the barrier coordinator; other ranks will fall "
 			     "back to synchronous writes");
 		session_unlock();
-	} else if (early_wanted()) {
+	}
+	if (early_wanted()) {
 		sigset_t all, old;
 		pthread_t t;
 

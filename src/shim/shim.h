@@ -330,6 +330,9 @@ struct session {
 	int state;               /* [atomic] read unlocked as a hint, changed locked */
 	int starting;            /* [atomic] session_start is under way (its channels may
 				  * exist while state is still SESS_NONE) */
+	int start_unlocked;      /* an early start waits for its helper with the lock
+				  * dropped: session_ensure waits on started */
+	pthread_cond_t started;  /* signalled (with the lock) when that wait ends */
 	pid_t owner;             /* [fixed] per process (set again in a fork child) */
 	int memfd, sock;         /* [fixed] while ACTIVE (moved only on dup2 onto them) */
 	struct ackpt_shm *shm;   /* [fixed] while ACTIVE; its fields: see proto.h */
@@ -369,6 +372,16 @@ extern __thread int tls_busy;            /* this thread holds S.lock */
 int session_lock(void);        /* returns 0 if we may use managed state */
 void session_unlock(void);
 DROPS void session_unlock_wait(uint64_t seq); /* until seq is done */
+/* The session's shared memory for a reader without the lock, or NULL where
+ * no session is up: S.shm is set before the state turns ACTIVE (a release
+ * store) and unmapped only by a start that failed, whose state never
+ * turned, or in a fork child. */
+static inline struct ackpt_shm *session_shm(void)
+{
+	int st = __atomic_load_n(&S.state, __ATOMIC_ACQUIRE);
+
+	return st == SESS_ACTIVE || st == SESS_DEAD ? S.shm : NULL;
+}
 int session_ensure(void);      /* start arena+helper; -errno on failure */
 /* a chunk this large is copied with the session lock dropped (stage.c) */
 #define UNLOCKED_MIN (256u << 10)

@@ -13,8 +13,8 @@ shim the program's own access waits for the commit -- and prints
 "committed<i> ok|errno=N", then all ranks barrier.
 --env-rank R NAME=VALUE: rank R sets NAME=VALUE in its environment before its
 first managed open (so its ackpt-helper, spawned then, sees it; used for
-ACKPT_FAULT on one rank).  Not for rank 0, whose helper starts with the
-program.
+ACKPT_FAULT on one rank).  Only with ACKPT_EARLY_START=off: otherwise every
+rank's helper starts with the program, before this runs.
 """
 import argparse
 import os
