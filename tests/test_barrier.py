@@ -458,21 +458,16 @@ def test_node_loss_with_two_commits_pending(tmp_path):
 # --------------------------------------------------------------------------
 
 def test_write_error_on_rank1_aborts_commit(tmp_path):
-    """ACKPT_FAULT=op=write,err=EIO in rank 1's helper only (set by rank 1
-    before its first managed open); rank 1's helper is slowed a little so
+    """ACKPT_FAULT=op=write,err=EIO in rank 1's helper only (rank=1); rank 1's helper is slowed a little so
     the error happens after DCP closed its files.  Rank 0's commit of
     .metadata is aborted: no .metadata, no temporary, rank 0 logs
     "aborted", rank 1 logs the abort too, the job exits non-zero."""
     base = tmp_path / "fault"
     c = base / "ckpt"
     base.mkdir()
-    # the fault goes to rank 1's helper through its environment, so that
-    # helper must start at the first managed open, not with the program
     env = job_env(ACKPT_TEST_DELAY_RANK=1, ACKPT_TEST_DELAY_MS=100, ACKPT_BARRIER_TIMEOUT=KILL_TIMEOUT,
-                  ACKPT_EARLY_START="off")
-    job = run_job("fault", shimmed(_dcp_job(2, free_master_port(), [(c, 1, 41)],
-                                            extra=["--env-rank", "1",
-                                                   "ACKPT_FAULT=op=write,nth=1,err=EIO,mode=once"]),
+                  ACKPT_FAULT="op=write,nth=1,err=EIO,mode=once,rank=1")
+    job = run_job("fault", shimmed(_dcp_job(2, free_master_port(), [(c, 1, 41)]),
                                    base, log="info"),
                   env, base, timeout=JOB_TIMEOUT)
     print("\n".join(job.stderr_matching(r"ackpt")))

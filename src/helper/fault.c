@@ -30,7 +30,7 @@ static int parse_err(const char *s)
 	return 0;
 }
 
-void fault_init(const char *spec)
+void fault_init(const char *spec, int my_rank)
 {
 	char buf[256], *save = NULL, *tok;
 	int have_op = 0;
@@ -65,6 +65,15 @@ void fault_init(const char *spec)
 			F.err = parse_err(eq);
 			if (!F.err)
 				goto bad;
+		} else if (!strcmp(tok, "rank")) {
+			/* one rank's helper only, with one setting for the job */
+			char *end;
+			long r = strtol(eq, &end, 10);
+
+			if (*end || end == eq || r < 0)
+				goto bad;
+			if (r != my_rank)
+				return;
 		} else if (!strcmp(tok, "mode")) {
 			if (!strcmp(eq, "sticky"))
 				F.sticky = 1;
@@ -80,7 +89,8 @@ void fault_init(const char *spec)
 	return;
 bad:
 	fprintf(stderr, "ackpt-helper: error: ACKPT_FAULT=\"%s\" is malformed "
-		"(op=write|fsync|rename|dirfsync|open,nth=N,err=ENOSPC|EIO|EACCES,mode=once|sticky); ignored\n",
+		"(op=write|fsync|rename|dirfsync|open,nth=N,err=ENOSPC|EIO|EACCES,mode=once|sticky,"
+		"rank=R); ignored\n",
 		spec);
 }
 

@@ -998,7 +998,8 @@ int main(int argc, char **argv)
 	/* testing knob: skip every directory fsync, so the power-loss test can
 	 * show that it catches a commit that is not durable */
 	H.skip_dirfsync = H.shm->cfg.test_skip_dirfsync != 0;
-	fault_init(getenv("ACKPT_FAULT")); /* the test suite's fault injector */
+	/* the test suite's fault injector */
+	fault_init(getenv("ACKPT_FAULT"), H.shm->cfg.job.rank);
 	for (i = 0; i < ACKPT_MAX_FILES; i++) {
 		H.files[i].fd = H.files[i].dfd = -1;
 		H.files[i].reg_idx = -1;

@@ -12,9 +12,9 @@ with FileSystemWriter(thread_count=N); rank 0 writes DIR/.metadata (DCP's own
 shim the program's own access waits for the commit -- and prints
 "committed<i> ok|errno=N", then all ranks barrier.
 --env-rank R NAME=VALUE: rank R sets NAME=VALUE in its environment before its
-first managed open (so its ackpt-helper, spawned then, sees it; used for
-ACKPT_FAULT on one rank).  Only with ACKPT_EARLY_START=off: otherwise every
-rank's helper starts with the program, before this runs.
+first managed open, so its ackpt-helper sees it only with ACKPT_EARLY_START=off
+(otherwise every rank's helper starts with the program, before this runs; a
+fault for one rank's helper is ACKPT_FAULT=...,rank=R for the whole job).
 """
 import argparse
 import os

@@ -112,9 +112,7 @@ def _plan(quick):
         return [("a", 2), ("c", 3)]
     plan = [(k, r) for k in "abcd" for r in (1, 2, 3)]
     # rank 0 where it makes sense: its python killed while staging, and its
-    # helper (the coordinator itself) killed while the barrier waits.  A
-    # fault on rank 0 cannot be set by --env-rank (its helper starts with
-    # the program), and a job-wide ACKPT_FAULT would hit every rank.
+    # helper (the coordinator itself) killed while the barrier waits.
     return plan + [("a", 0), ("b", 0)]
 
 
@@ -146,12 +144,13 @@ def _trial(work, kind, r, log):
     base.mkdir(parents=True)
     c1, c2 = base / "c1", base / "c2"
     extra = ["--wait-commit"]
-    if kind in "cd":
-        extra += ["--env-rank", str(r), "ACKPT_FAULT=" + _fault_spec(kind, r)]
     args = ["--save", "%s,%s,%s" % ((c1,) + C1), "--save", "%s,%s,%s" % ((c2,) + C2),
             "--threads", "2"] + extra
+    # the fault reaches rank r's helper only (rank=: every helper starts
+    # with its program, before the program could set anything)
     env = job_env(ACKPT_TEST_DELAY_RANK=r, ACKPT_TEST_DELAY_MS=DELAY_MS[kind],
-                  ACKPT_BARRIER_TIMEOUT=BARRIER_TIMEOUT)
+                  ACKPT_BARRIER_TIMEOUT=BARRIER_TIMEOUT,
+                  ACKPT_FAULT=_fault_spec(kind, r) + ",rank=%d" % r if kind in "cd" else None)
     argv = shimmed(torchrun_argv(WORLD, free_master_port(), "dcp_job.py", args), base,
                    staging=STAGING[kind], log="info")
     res = {"label": label, "kind": kind, "rank": r, "c1": c1, "c2": c2, "problems": [],
