@@ -24,12 +24,13 @@
 #include "job.h"
 
 #define ACKPT_PROTO_MAGIC   0x74706b63614b4341ull /* "ACKackpt" */
-#define ACKPT_PROTO_VERSION 9 /* 2: one payload struct per op; no TRUNCATE (ftruncate
+#define ACKPT_PROTO_VERSION 10 /* 2: one payload struct per op; no TRUNCATE (ftruncate
 				* goes through the kernel); DIRTY.  3: coord_part, announced_*,
 				* cfg.  4: the job's secret in cfg, want_mib.  5: uploads.  6: open.after.
 				* 7: chunks at their file offset's place in a page, bytes_direct,
 				* FAIL.  8: op records in a ring in the control block, WRITEs
-				* extended in place.  9: WRITEs published pending their copy */
+				* extended in place.  9: WRITEs published pending their copy.
+				* 10: DIRSYNC, dirsync_err */
 
 /* Descriptor numbers the helper finds its channels on after exec. */
 #define ACKPT_HELPER_SOCK_FD 3
@@ -44,8 +45,8 @@
 #define ACKPT_REG_BUF_MAX    (1ull << 30) /* io_uring fixed-buffer size cap */
 
 /* shim -> helper: what each record asks.  Ops of one file take effect in
- * the order sent, as order.h states; RENAME, SYNC_ALL and COMMIT wait for
- * every earlier op of the session. */
+ * the order sent, as order.h states; RENAME, SYNC_ALL, COMMIT and DIRSYNC
+ * wait for every earlier op of the session. */
 enum ackpt_op_type {
 	ACKPT_OP_OPEN = 1,   /* a file the shim will stage for: u.open; the file's
 			      * descriptor comes as SCM_RIGHTS; slot `file` := it */
@@ -62,6 +63,9 @@ enum ackpt_op_type {
 			      * aborted commit is reported there) and its bytes were
 			      * dropped: the file is incomplete, so every commit that
 			      * covers it must abort */
+	ACKPT_OP_DIRSYNC,    /* u.rename (its path_len): the program fsynced this
+			      * directory while work was pending; done after every
+			      * earlier op, its error reported at the next one */
 };
 
 /* OPEN */
@@ -187,10 +191,10 @@ _Static_assert(sizeof(struct ackpt_op) == 48, "op record layout");
 _Static_assert(sizeof(struct ackpt_op_open) == 32 && sizeof(struct ackpt_op_write) == 32 &&
 	       sizeof(struct ackpt_op_commit) == 16, "op payload layouts");
 
-/* Bytes of paths following a record (RENAME, COMMIT), else 0. */
+/* Bytes of paths following a record (RENAME, DIRSYNC, COMMIT), else 0. */
 static inline uint32_t ackpt_op_path_len(const struct ackpt_op *op)
 {
-	if (op->type == ACKPT_OP_RENAME)
+	if (op->type == ACKPT_OP_RENAME || op->type == ACKPT_OP_DIRSYNC)
 		return op->u.rename.path_len;
 	if (op->type == ACKPT_OP_COMMIT)
 		return op->u.commit.path_len;
@@ -280,7 +284,9 @@ struct ackpt_shm {
 	uint64_t commits_done;      /* helper: commit ids <= this are finished (ok or aborted) */
 	uint64_t commit_failures;   /* helper: aborted commits */
 	int32_t commit_last_err;    /* helper: errno of the last abort */
-	uint32_t pad2;
+	int32_t dirsync_err;        /* helper: errno of a failed DIRSYNC; the shim takes
+				     * it (exchanging 0) at the program's next directory
+				     * fsync */
 
 	/* other nodes' view (docs/DESIGN.md 3.17) */
 	int32_t coord_part;         /* helper, at start: its participant id at the barrier

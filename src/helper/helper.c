@@ -393,6 +393,27 @@ static void run_rename(struct hop *h)
 }
 
 /*
+ * The program's fsync of a directory, taken off its path while it had work
+ * pending (ACKPT_OP_DIRSYNC), done here after every earlier op.  A failure
+ * is counted like a write error and handed to the program's next directory
+ * fsync (dirsync_err).  A directory gone since has no entries left to keep.
+ */
+static void run_dirsync(struct hop *h)
+{
+	char what[PATH_MAX + 32];
+	int gone = 0, ret;
+
+	if (!h->paths)
+		return;
+	ret = fsync_dir(h->paths, &gone);
+	if (!ret || gone)
+		return;
+	__atomic_store_n(&H.shm->dirsync_err, -ret, __ATOMIC_RELEASE);
+	snprintf(what, sizeof(what), "fsync of directory %s", h->paths);
+	file_error(ACKPT_NO_FILE, -ret, what);
+}
+
+/*
  * A file the program wrote is closed and durable: upload it under the name
  * it has now (a deferred rename may have moved it since its open).
  */
@@ -472,7 +493,7 @@ static void dispatch(void)
 		if (h->state != HOP_QUEUED)
 			continue;
 		if (h->op.type == ACKPT_OP_RENAME || h->op.type == ACKPT_OP_SYNC_ALL ||
-		    h->op.type == ACKPT_OP_COMMIT) {
+		    h->op.type == ACKPT_OP_COMMIT || h->op.type == ACKPT_OP_DIRSYNC) {
 			retire(); /* ops before it may have finished in this very pass */
 			if (s != H.head_seq)
 				break;
@@ -480,6 +501,8 @@ static void dispatch(void)
 				run_rename(h);
 			else if (h->op.type == ACKPT_OP_COMMIT)
 				commit_enqueue(h);
+			else if (h->op.type == ACKPT_OP_DIRSYNC)
+				run_dirsync(h);
 			else
 				sync_all_files();
 			mark_done(h);
@@ -816,7 +839,7 @@ static int receive_one(void)
 	if (fd >= 0)
 		close(fd);
 	if (op.type != ACKPT_OP_RENAME && op.type != ACKPT_OP_SYNC_ALL &&
-	    op.type != ACKPT_OP_COMMIT) {
+	    op.type != ACKPT_OP_COMMIT && op.type != ACKPT_OP_DIRSYNC) {
 		struct hfile *f;
 
 		if (op.file >= ACKPT_MAX_FILES) {

@@ -79,6 +79,20 @@ static void replay(void)
 			break;
 		case ACKPT_OP_COMMIT:
 			break; /* finished from the pending-commit list below */
+		case ACKPT_OP_DIRSYNC: {
+			int dfd = r->paths ? real.open(r->paths, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+
+			/* (a directory gone since has nothing left to keep) */
+			if (dfd >= 0 && real.fsync(dfd) < 0) {
+				S.shm->dirsync_err = errno;
+				S.shm->errors++;
+				alog(L_ERROR, "synchronous fsync of directory %s failed: %s", r->paths,
+				     strerror(errno));
+			}
+			if (dfd >= 0)
+				real.close(dfd);
+			break;
+		}
 		case ACKPT_OP_RENAME: {
 			const char *newp = r->paths ? r->paths + strlen(r->paths) + 1 : NULL;
 
@@ -453,6 +467,17 @@ int session_send_rename(struct inode_state *ino, const char *oldp, const char *n
 	memcpy(paths + a, newp, b);
 	op.u.rename.path_len = (uint32_t)(a + b);
 	return send_op(&op, paths, a + b, -1, ino);
+}
+
+int session_send_dirsync(const char *dir)
+{
+	struct ackpt_op op = { .type = ACKPT_OP_DIRSYNC, .file = ACKPT_NO_FILE };
+	size_t a = strlen(dir) + 1;
+
+	if (a > ACKPT_OP_MAX_MSG - sizeof(op))
+		return -ENAMETOOLONG;
+	op.u.rename.path_len = (uint32_t)a;
+	return send_op(&op, dir, a, -1, NULL);
 }
 
 int session_send_commit(struct inode_state *ino, const char *tmp, const char *final, int own_temp,

@@ -391,6 +391,7 @@ LOCKED int session_send_simple(uint32_t type, struct inode_state *ino);
 LOCKED int session_send_dirty(struct inode_state *ino);
 LOCKED int session_send_open(struct inode_state *ino, int fd);
 LOCKED int session_send_rename(struct inode_state *ino, const char *oldp, const char *newp);
+LOCKED int session_send_dirsync(const char *dir);
 LOCKED int session_send_commit(struct inode_state *ino, const char *tmp, const char *final, int own_temp,
 			uint64_t *commit_id);
 int session_wait_commit(uint64_t id, double timeout_s);

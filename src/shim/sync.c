@@ -36,14 +36,60 @@ static struct outcome managed_fsync(int fd)
 	return done(ret);
 }
 
+/*
+ * fsync of a directory that holds managed files, while this process has
+ * work pending.  Without ackpt, the program's files were durable before
+ * this call and it is cheap; here the helper's writes are still in flight,
+ * and the journal commit that a directory fsync forces waits for them
+ * (ext4: 80 to 120 ms after a 256 MiB save, under 1 ms in a plain run).
+ * So the helper fsyncs the directory after every earlier op (DIRSYNC) and
+ * the call returns at once, as an fsync of a managed file does.  The error
+ * of such a deferred fsync is returned by the next directory fsync.
+ * 1: handled, *ret its result; 0: the kernel's fsync.
+ */
+static int dir_fsync(int fd, int *ret)
+{
+	char path[PATH_MAX], probe[PATH_MAX + 2];
+	struct stat st;
+	int err;
+
+	if (S.state != SESS_ACTIVE || real.fstat(fd, &st) < 0 || !S_ISDIR(st.st_mode))
+		return 0;
+	if (session_lock() < 0)
+		return 0;
+	*ret = 0;
+	err = S.state == SESS_ACTIVE ? __atomic_exchange_n(&S.shm->dirsync_err, 0, __ATOMIC_ACQ_REL)
+				     : 0;
+	if (err) {
+		*ret = -err;
+	} else if (S.state != SESS_ACTIVE || session_durable() >= S.seq ||
+		   fd_path(fd, path, sizeof(path)) < 0 ||
+		   (snprintf(probe, sizeof(probe), "%s/x", path),
+		    !path_is_managed(path) && !path_is_managed(probe))) {
+		session_unlock();
+		return 0; /* nothing in flight, or not a checkpoint's directory */
+	} else {
+		*ret = session_send_dirsync(path);
+		if (*ret == -EPIPE) {
+			session_unlock();
+			return 0; /* the helper died: everything is written now */
+		}
+	}
+	session_unlock();
+	return 1;
+}
+
 static int fsync_common(int fd, int (*fn)(int))
 {
-	int saved = errno;
+	int saved = errno, ret;
 	struct outcome r;
 
 	ENSURE_REAL();
-	if (!fd_peek(fd))
+	if (!fd_peek(fd)) {
+		if (UNLIKELY(S.state == SESS_ACTIVE) && dir_fsync(fd, &ret))
+			return (int)finish(ret, saved);
 		return fn(fd);
+	}
 	r = managed_fsync(fd);
 	if (!r.ours)
 		return fn(fd);
