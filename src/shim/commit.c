@@ -11,13 +11,11 @@
 
 #include "shim.h"
 
-int commit_fsync_dir(const char *path)
+/* fsync the directory dir: 0 or -errno (of its open, or of the fsync) */
+int fsync_dir_path(const char *dir)
 {
-	char dir[PATH_MAX];
 	int fd, ret = 0;
 
-	if (path_dir(dir, sizeof(dir), path))
-		return 0;
 	fd = real.open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
@@ -25,6 +23,16 @@ int commit_fsync_dir(const char *path)
 		ret = -errno;
 	real.close(fd);
 	return ret;
+}
+
+/* fsync the directory holding path */
+int commit_fsync_dir(const char *path)
+{
+	char dir[PATH_MAX];
+
+	if (path_dir(dir, sizeof(dir), path))
+		return 0;
+	return fsync_dir_path(dir);
 }
 
 /*

@@ -80,17 +80,15 @@ static void replay(void)
 		case ACKPT_OP_COMMIT:
 			break; /* finished from the pending-commit list below */
 		case ACKPT_OP_DIRSYNC: {
-			int dfd = r->paths ? real.open(r->paths, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+			int d = r->paths ? fsync_dir_path(r->paths) : 0;
 
-			/* (a directory gone since has nothing left to keep) */
-			if (dfd >= 0 && real.fsync(dfd) < 0) {
-				S.shm->dirsync_err = errno;
+			/* (a directory gone since has no entries left to keep) */
+			if (d && d != -ENOENT && d != -ENOTDIR && d != -ESTALE) {
+				S.shm->dirsync_err = -d;
 				S.shm->errors++;
 				alog(L_ERROR, "synchronous fsync of directory %s failed: %s", r->paths,
-				     strerror(errno));
+				     strerror(-d));
 			}
-			if (dfd >= 0)
-				real.close(dfd);
 			break;
 		}
 		case ACKPT_OP_RENAME: {

@@ -432,6 +432,7 @@ LOCKED void oplog_prune_commits(uint64_t done);
 void oplog_reset(void);
 void oplog_fork_child(void);
 /* commit.c */
+int fsync_dir_path(const char *dir);
 int commit_fsync_dir(const char *path);
 
 /* files.c: the fd and inode tables, opens, watched readers; write.c: the

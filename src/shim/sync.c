@@ -36,6 +36,15 @@ static struct outcome managed_fsync(int fd)
 	return done(ret);
 }
 
+/* Would a file created in the directory at path be managed? */
+static int dir_holds_managed(const char *path)
+{
+	char probe[PATH_MAX + 2];
+
+	snprintf(probe, sizeof(probe), "%s/x", path);
+	return path_is_managed(path) || path_is_managed(probe);
+}
+
 /*
  * fsync of a directory that holds managed files, while this process has
  * work pending.  Without ackpt, the program's files were durable before
@@ -49,7 +58,7 @@ static struct outcome managed_fsync(int fd)
  */
 static int dir_fsync(int fd, int *ret)
 {
-	char path[PATH_MAX], probe[PATH_MAX + 2];
+	char path[PATH_MAX];
 	struct stat st;
 	int err;
 
@@ -57,26 +66,26 @@ static int dir_fsync(int fd, int *ret)
 		return 0;
 	if (session_lock() < 0)
 		return 0;
-	*ret = 0;
-	err = S.state == SESS_ACTIVE ? __atomic_exchange_n(&S.shm->dirsync_err, 0, __ATOMIC_ACQ_REL)
-				     : 0;
+	if (S.state != SESS_ACTIVE)
+		goto kernel;
+	err = __atomic_exchange_n(&S.shm->dirsync_err, 0, __ATOMIC_ACQ_REL);
 	if (err) {
-		*ret = -err;
-	} else if (S.state != SESS_ACTIVE || session_durable() >= S.seq ||
-		   fd_path(fd, path, sizeof(path)) < 0 ||
-		   (snprintf(probe, sizeof(probe), "%s/x", path),
-		    !path_is_managed(path) && !path_is_managed(probe))) {
+		*ret = -err; /* a deferred one failed: this one reports it */
 		session_unlock();
-		return 0; /* nothing in flight, or not a checkpoint's directory */
-	} else {
-		*ret = session_send_dirsync(path);
-		if (*ret == -EPIPE) {
-			session_unlock();
-			return 0; /* the helper died: everything is written now */
-		}
+		return 1;
 	}
+	/* nothing in flight, or not a checkpoint's directory */
+	if (session_durable() >= S.seq || fd_path(fd, path, sizeof(path)) < 0 ||
+	    !dir_holds_managed(path))
+		goto kernel;
+	*ret = session_send_dirsync(path);
+	if (*ret == -EPIPE)
+		goto kernel; /* the helper died: everything is written now */
 	session_unlock();
 	return 1;
+kernel:
+	session_unlock();
+	return 0;
 }
 
 static int fsync_common(int fd, int (*fn)(int))
