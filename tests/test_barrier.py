@@ -290,17 +290,18 @@ C1 = (1, 31)         # checkpoint 1: MiB per rank, seed
 C2 = (BIG_MIB, 32)   # checkpoint 2
 
 
-def _two_checkpoints_job(tmp_path, label, staging, wait_commit=True):
+def _two_checkpoints_job(tmp_path, label, staging, wait_commit=True, extra=()):
     """Rank 1's helper is slow (DELAY_MS per chunk).  With wait_commit,
     checkpoint 1 is committed (rank 0 stat()s its .metadata, which waits for
-    the commit) before checkpoint 2 starts."""
+    the commit) before checkpoint 2 starts.  extra: more dcp_job options."""
     base = tmp_path / label
     c1, c2 = base / "c1", base / "c2"
     base.mkdir()
     env = job_env(ACKPT_TEST_DELAY_RANK=1, ACKPT_TEST_DELAY_MS=DELAY_MS,
                   ACKPT_BARRIER_TIMEOUT=KILL_TIMEOUT)
     job = start_job(label, shimmed(_dcp_job(2, free_master_port(), [(c1,) + C1, (c2,) + C2],
-                                            extra=["--wait-commit"] if wait_commit else []),
+                                            extra=(["--wait-commit"] if wait_commit else [])
+                                            + list(extra)),
                                    base, staging=staging, log="info"), env, base)
     return job, c1, c2
 
@@ -361,7 +362,9 @@ def test_sigkill_helper_mid_barrier(tmp_path):
     writing, is SIGKILLed.  The coordinator loses a participant with
     undurable data: the commit is aborted, rank 0 logs it and exits 1, no
     .metadata for checkpoint 2, checkpoint 1 still loads."""
-    job, c1, c2 = _two_checkpoints_job(tmp_path, "kill-helper", "256M")
+    # if rank 1 exits non-zero first, torchrun stops rank 0 at once, maybe
+    # before rank 0's own exit message: rank 1 lingers until rank 0 is done
+    job, c1, c2 = _two_checkpoints_job(tmp_path, "kill-helper", "256M", extra=["--linger", 1, 60])
     try:
         _checkpoint1_committed(job, c1)
         job.wait_event(0, "saved1", 60)
@@ -467,7 +470,10 @@ def test_write_error_on_rank1_aborts_commit(tmp_path):
     base.mkdir()
     env = job_env(ACKPT_TEST_DELAY_RANK=1, ACKPT_TEST_DELAY_MS=100, ACKPT_BARRIER_TIMEOUT=KILL_TIMEOUT,
                   ACKPT_FAULT="op=write,nth=1,err=EIO,mode=once,rank=1")
-    job = run_job("fault", shimmed(_dcp_job(2, free_master_port(), [(c, 1, 41)]),
+    # rank 1 exits non-zero and torchrun then stops rank 0 at once, maybe
+    # before rank 0's own exit message: rank 1 lingers until rank 0 is done
+    job = run_job("fault", shimmed(_dcp_job(2, free_master_port(), [(c, 1, 41)],
+                                            extra=["--linger", 1, 60]),
                                    base, log="info"),
                   env, base, timeout=JOB_TIMEOUT)
     print("\n".join(job.stderr_matching(r"ackpt")))

@@ -16,7 +16,8 @@ With nothing pending it is the kernel's, from the program.
 - a directory outside the managed root is the program's own fsync even with
   work pending;
 - the helper's directory fsync fails (ACKPT_FAULT op=dirfsync): the
-  program's next directory fsync returns EIO, and ackpt_wait reports it.
+  program's next directory fsync returns EIO, and ackpt_wait reports it;
+  and so it does when the helper has died in between.
 """
 import subprocess
 
@@ -26,15 +27,11 @@ from conftest import VENV_PY
 from faultutil import need_shim, plain_env, run, shim_env
 from test_early_start import PROGS
 
-PROG = r"""
-import errno, os, sys
-sys.path.insert(0, sys.argv[2])
-from progutil import ackpt_wait, prng_bytes
-d, other = sys.argv[1], sys.argv[3]
-with open(os.path.join(d, "a.bin"), "wb") as f:
-    f.write(prng_bytes(16 << 20, 7))
+DSYNC = r"""
+import errno, os
 
-def dsync(path):
+
+def dsync(path):  # fsync the directory at path: "ok" or the errno's name
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -43,6 +40,15 @@ def dsync(path):
         return errno.errorcode[e.errno]
     finally:
         os.close(fd)
+"""
+
+PROG = DSYNC + r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+from progutil import ackpt_wait, prng_bytes
+d, other = sys.argv[1], sys.argv[3]
+with open(os.path.join(d, "a.bin"), "wb") as f:
+    f.write(prng_bytes(16 << 20, 7))
 
 out = [dsync(other), dsync(d)]   # work pending
 w = ackpt_wait(60)
@@ -103,3 +109,49 @@ def test_a_failed_directory_fsync_reaches_the_program(tmp_path):
     # next directory fsync returns it, and the one after is the kernel's
     assert r.stdout.split() == ["ok", "ok", "EIO", "ok", "wait", "-5"], r.describe()
     assert "fsync of directory" in r.stderr, r.describe()
+
+
+DEAD_PROG = DSYNC + r"""
+import signal, sys
+sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, sys.argv[3])
+from progutil import ackpt_wait, get_stats, prng_bytes
+from faultutil import helper_pids
+d = sys.argv[1]
+
+with open(os.path.join(d, "a.bin"), "wb") as f:
+    f.write(prng_bytes(16 << 20, 7))
+out = [dsync(d), "wait", str(ackpt_wait(60))]   # deferred; the helper's fails
+for pid in helper_pids(os.environ["ACKPT_TEST_MARK"]):
+    os.kill(pid, signal.SIGKILL)
+with open(os.path.join(d, "b.bin"), "wb") as f:
+    f.write(b"b" * 4096)
+ackpt_wait(60)   # finds the helper gone, and writes b.bin itself
+out += ["active", str(get_stats()["active"]), dsync(d), dsync(d)]
+print(" ".join(out))
+"""
+
+
+def test_a_failed_directory_fsync_is_reported_after_the_helper_died(tmp_path):
+    """The helper's deferred directory fsync failed, then the helper died
+    before the program fsynced the directory again: that next fsync still
+    returns the error (from the control block, which stays mapped), and the
+    one after is the kernel's."""
+    need_shim()
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    prog = tmp_path / "dead.py"
+    prog.write_text(DEAD_PROG)
+    tests = PROGS.parent
+    # nth=3: the helper's first two directory fsyncs make a.bin's name
+    # durable (its directory, and that directory's parent); the third is
+    # the program's deferred one
+    r = run([VENV_PY, prog, d, PROGS, tests], shim_env(
+        d, ACKPT_TEST_DELAY_MS="20", ACKPT_FAULT="op=dirfsync,nth=3,err=EIO"), cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.describe()
+    words = r.stdout.split()
+    assert words[:3] == ["ok", "wait", "-5"], r.describe()
+    assert words[3:5] == ["active", "0"], "the helper's death went unnoticed: " + r.describe()
+    assert words[5:] == ["EIO", "ok"], r.describe()
+    assert "fsync of directory %s failed" % d in r.stderr, r.describe()
+    assert (d / "b.bin").read_bytes() == b"b" * 4096

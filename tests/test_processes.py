@@ -25,9 +25,12 @@ def _shim_required():
 DELAY = {"ACKPT_TEST_DELAY_MS": 150}
 
 
-def _differential(tmp_path, argv_builder, extra=None, timeout=60):
+def _differential(tmp_path, argv_builder, extra=None, timeout=60, delay=True):
+    """delay=False: the helper at full speed, with write-through on (any
+    ACKPT_TEST_DELAY_MS turns it off)."""
     plain, shimmed, _, _, diffs = run_plain_and_shim(argv_builder, tmp_path,
-                                                     shim_extra=dict(DELAY, **(extra or {})),
+                                                     shim_extra=dict(DELAY if delay else {},
+                                                                     **(extra or {})),
                                                      timeout=timeout)
     assert_same_trees(diffs, shimmed)
     assert shimmed.stdout == plain.stdout, "output differs:\nplain:\n%s\nshim:\n%s" % (
@@ -256,6 +259,103 @@ def test_reader_opened_before_another_process_writes(tmp_path):
         os.write(back_w, b"k")
         os.waitpid(pid, 0)
     """))
+
+
+# ---- the size after another process changed the file -------------------
+#
+# Once our writes are in the file, its size is the kernel's: another process
+# may have grown or cut it since, through a descriptor we gave it or by name,
+# even while our CLOSE is still pending.  An append, SEEK_END or stat that
+# used the size we last knew put the parent's line over the child's.
+
+SLOW = pytest.mark.parametrize("delay", [True, False], ids=["slow-helper", "fast-helper"])
+
+
+@SLOW
+def test_reopen_append_after_subprocess_wrote(tmp_path, delay):
+    """A child writes the log through stdout=f; the parent closes it,
+    reopens it in "a" mode at once and appends (the child's line was lost)."""
+    _differential(tmp_path, _py("""
+        import os, subprocess, sys
+        os.chdir(sys.argv[1])
+        with open("log", "w") as f:
+            subprocess.run(["echo", "output of the child"], stdout=f, check=True)
+        print("size after close", os.stat("log").st_size)
+        with open("log", "a") as f:
+            print("tell after open('a')", f.tell())
+            f.write("appended by the parent\\n")
+        print(repr(open("log").read()))
+    """), delay=delay)
+
+
+@SLOW
+def test_size_after_forked_child_grew_it(tmp_path, delay):
+    """The parent writes 1 MiB; a forked child pwrites 4 MiB through the
+    inherited descriptor; the parent closes, stats, reopens with O_APPEND
+    and appends."""
+    _differential(tmp_path, _py("""
+        import os, sys
+        os.chdir(sys.argv[1])
+        fd = os.open("f", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b"A" * (1 << 20))
+        pid = os.fork()
+        if pid == 0:
+            os.pwrite(fd, b"B" * (4 << 20), 0)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        os.close(fd)
+        print("stat", os.stat("f").st_size)
+        fd = os.open("f", os.O_WRONLY | os.O_APPEND)
+        print("fstat", os.fstat(fd).st_size, "end", os.lseek(fd, 0, os.SEEK_END))
+        os.write(fd, b"Z")
+        os.close(fd)
+        print("final", os.stat("f").st_size)
+    """), delay=delay)
+
+
+@SLOW
+@pytest.mark.parametrize("preload", [True, False], ids=["other-shimmed", "other-plain"])
+def test_append_after_another_program_appended(tmp_path, delay, preload):
+    """Two O_APPEND descriptors of the parent's; another program appends by
+    name in between (under the shim, or without it), and the parent appends
+    through one at once, then through the other after closing the first.
+    The parent reads the file first, which waits for its own bytes: a
+    program without the shim sees only what is in the file."""
+    prefix = [] if preload else ["env", "-u", "LD_PRELOAD"]
+    _differential(tmp_path, _py("""
+        import os, subprocess, sys
+        os.chdir(sys.argv[1])
+        a = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        b = os.open("f", os.O_WRONLY | os.O_APPEND)
+        os.write(a, b"A" * 10)
+        print("read", len(open("f", "rb").read()))
+        subprocess.run(%r + ["sh", "-c", "printf '%%0100d' 0 >> f"], check=True)
+        os.write(a, b"Y")
+        os.close(a)
+        os.write(b, b"Z")
+        print("end", os.lseek(b, 0, os.SEEK_END), "size", os.fstat(b).st_size)
+        os.close(b)
+        print(repr(open("f", "rb").read()))
+    """ % prefix), delay=delay)
+
+
+@SLOW
+@pytest.mark.parametrize("to", [0, 3])
+def test_append_after_another_program_truncated(tmp_path, delay, to):
+    """The parent writes 10 bytes and keeps the file open; truncate(1) cuts
+    it; the parent closes and appends (a hole of zeros appeared)."""
+    _differential(tmp_path, _py("""
+        import os, subprocess, sys
+        os.chdir(sys.argv[1])
+        fd = os.open("f", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b"A" * 10)
+        subprocess.run(["truncate", "-s", "%d", "f"], check=True)
+        os.close(fd)
+        with open("f", "ab") as f:
+            print("tell", f.tell())
+            f.write(b"Z")
+        print(repr(open("f", "rb").read()))
+    """ % to), delay=delay)
 
 
 # ---- commit markers ------------------------------------------------------

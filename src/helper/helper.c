@@ -1012,6 +1012,8 @@ int main(int argc, char **argv)
 		hlog(0, "control block mismatch (helper and library from different builds?)");
 		return 1;
 	}
+	/* as the shim's mapping: 2 MiB pages where shmem_enabled allows */
+	madvise(H.shm, st.st_size, MADV_HUGEPAGE);
 	H.arena = (char *)H.shm + H.shm->hdr_size;
 	H.arena_size = H.shm->arena_size;
 	/* the shim's validated configuration: nothing here parses ACKPT_* */

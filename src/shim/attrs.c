@@ -81,14 +81,27 @@ ACKPT_EXPORT int eaccess(const char *path, int mode)
 	return euidaccess(path, mode);
 }
 
+/* A file the program has closed and now makes executable is about to be
+ * run: our descriptor of it would make the exec fail with ETXTBSY. */
+static int after_chmod(int r, int dirfd, const char *path, mode_t mode, int flags)
+{
+	if (r == 0 && (mode & 0111))
+		settle_closed_path(dirfd, path, flags);
+	return r;
+}
+
 ACKPT_EXPORT int chmod(const char *path, mode_t mode)
 {
-	CHANGE_CALL(AT_FDCWD, path, 0, real.chmod(path, mode));
+	ENSURE_REAL();
+	before_change(AT_FDCWD, path, 0);
+	return after_chmod(real.chmod(path, mode), AT_FDCWD, path, mode, 0);
 }
 
 ACKPT_EXPORT int fchmodat(int dirfd, const char *path, mode_t mode, int flags)
 {
-	CHANGE_CALL(dirfd, path, flags, real.fchmodat(dirfd, path, mode, flags));
+	ENSURE_REAL();
+	before_change(dirfd, path, flags);
+	return after_chmod(real.fchmodat(dirfd, path, mode, flags), dirfd, path, mode, flags);
 }
 
 ACKPT_EXPORT int chown(const char *path, uid_t uid, gid_t gid)

@@ -170,6 +170,27 @@ int inode_pending(struct inode_state *ino)
 	return ino && ino->last_seq > session_durable();
 }
 
+/* Some of our writes to it are not in the file yet, so the kernel's size
+ * lags ours.  Other pending ops (a CLOSE, an fsync) change no size. */
+int inode_writes_pending(const struct inode_state *ino)
+{
+	return ino->inflight || ino->write_seq > session_durable();
+}
+
+/*
+ * Before our logical size is used (an append, a new end, SEEK_END, stat):
+ * with none of our writes in flight the kernel's size is the file's, and
+ * another process may have changed it since we last looked: a child given
+ * the descriptor, a shell's >>, truncate(1).  One fstat, and only then.
+ */
+LOCKED void inode_size_refresh(struct inode_state *ino)
+{
+	struct stat st;
+
+	if (!inode_writes_pending(ino) && real.fstat(ino->shadow_fd, &st) == 0)
+		ino->size = (uint64_t)st.st_size;
+}
+
 /* Out of the table: a later lookup or open of the file finds another. */
 static void inode_unhash(struct inode_state *ino)
 {
@@ -331,6 +352,7 @@ static struct inode_state *inode_create_from(int fd, const struct stat *st, cons
 		ino->mtime = prev->mtime;
 		ino->staged_hi = prev->staged_hi;
 		ino->last_seq = prev->last_seq;
+		ino->write_seq = prev->write_seq;
 		ino->after = prev->last_seq;
 	}
 	ino->path = strdup(canon);
@@ -342,6 +364,8 @@ static struct inode_state *inode_create_from(int fd, const struct stat *st, cons
 		return NULL;
 	}
 	fd_protect(ino->shadow_fd, 1);
+	if (prev)
+		inode_size_refresh(ino); /* prev's size only while its writes lag */
 	S.shm->files[slot].err = 0;
 	S.shm->files[slot].err_seq = 0;
 	S.shm->files[slot].written = 0;
@@ -508,11 +532,13 @@ LOCKED void ofd_pin(struct ofd *o)
 {
 	o->refs++;
 	o->pins++;
+	o->ino->inflight++;
 }
 
 LOCKED void ofd_unpin(struct ofd *o)
 {
 	o->pins--;
+	o->ino->inflight--;
 	ofd_put(o);
 }
 
@@ -738,6 +764,90 @@ int wait_path_pending(int dirfd, const char *path, int flags)
 		return 0;
 	}
 	return wait_stat_pending(&st);
+}
+
+/*
+ * Finish the states of a file that the program has closed: its CLOSE
+ * queued, or a reopen that took over from it.  We keep a descriptor of
+ * such a state until the helper is done with it (a replay after the
+ * helper's death writes through it), and while it is open the kernel
+ * counts the file as open for writing (exec fails with ETXTBSY, a lease
+ * with EAGAIN), and its close would release the POSIX locks this process
+ * holds on the file.  Waits for their CLOSE and closes ours.
+ */
+DROPS static void inode_settle_closed(uint64_t dev, uint64_t ino)
+{
+	struct inode_state *i = inode_find(dev, ino);
+	uint64_t upto;
+
+	if (!i)
+		return;
+	upto = i->closing ? i->last_seq : i->after;
+	if (!upto)
+		return;
+	if (upto > session_durable())
+		session_unlock_wait(upto);
+	session_reap();
+}
+
+void settle_closed_stat(const struct stat *st)
+{
+	int saved = errno;
+
+	if (!S.ninodes || !S_ISREG(st->st_mode) || session_lock() < 0)
+		return;
+	inode_settle_closed(st->st_dev, st->st_ino);
+	session_unlock();
+	errno = saved;
+}
+
+void settle_closed_fd(int fd)
+{
+	struct stat st;
+	int saved = errno;
+
+	if (S.ninodes && real.fstat(fd, &st) == 0)
+		settle_closed_stat(&st);
+	errno = saved;
+}
+
+void settle_closed_path(int dirfd, const char *path, int flags)
+{
+	struct stat st;
+	int saved = errno;
+
+	if (S.ninodes && path && real.fstatat(dirfd, path, &st, flags & AT_SYMLINK_NOFOLLOW) == 0)
+		settle_closed_stat(&st);
+	errno = saved;
+}
+
+/*
+ * Before a fork, exec or spawn: the child may run a file this process
+ * wrote and closed, which another program made executable since (`printf
+ * ... > x.sh; chmod +x x.sh; ./x.sh` in one shell).  Finish the closed
+ * states of executables, so that our descriptor does not fail that exec
+ * with ETXTBSY.  Closed checkpoints, not executable, are not waited for.
+ */
+void settle_closed_executables(void)
+{
+	struct stat st[16];
+	unsigned b, n = 0, k;
+	int saved = errno;
+
+	if (!S.ninodes || session_lock() < 0)
+		return;
+	for (b = 0; b < HASH_BUCKETS && n < 16; b++) {
+		struct inode_state *i;
+
+		for (i = inode_hash[b]; i && n < 16; i = i->next)
+			if (i->closing && real.fstat(i->shadow_fd, &st[n]) == 0 &&
+			    (st[n].st_mode & 0111))
+				n++;
+	}
+	session_unlock();
+	for (k = 0; k < n; k++)
+		settle_closed_stat(&st[k]);
+	errno = saved;
 }
 
 int wait_stat_pending(const struct stat *st)

@@ -342,6 +342,8 @@ static int publish(struct ackpt_op *op, const char *paths, size_t plen, int fd,
 	}
 	if (ino) {
 		ino->last_seq = op->seq;
+		if (op->type == ACKPT_OP_WRITE)
+			ino->write_seq = op->seq;
 		registry_note_op(ino->reg_idx, op->seq);
 	}
 	if (fd >= 0 && send_fd(fd, op->seq) < 0) {

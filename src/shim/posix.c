@@ -316,10 +316,27 @@ static int fcntl_valid(int fd)
 	return real.fcntl(fd, F_GETFD) >= 0;
 }
 
+/*
+ * Before a lock call: its range may be relative to the offset (SEEK_CUR),
+ * which a staged write moved only in our table.  A process's POSIX lock
+ * (process_wide) goes with any close of the file: not with ours, later,
+ * of a state the program closed before.
+ */
+static void lock_prepare(int fd, int process_wide)
+{
+	if (process_wide)
+		settle_closed_fd(fd);
+	if (session_lock() == 0) {
+		ofd_pos_to_kernel(fd, fd_peek(fd));
+		session_unlock();
+	}
+}
+
 ACKPT_EXPORT int close(int fd)
 {
-	int saved = errno, r, err = 0;
+	int saved = errno, r, err = 0, exe;
 	uint64_t commit = 0;
+	struct stat st;
 
 	ENSURE_REAL();
 	if (UNLIKELY(!real.close))
@@ -334,10 +351,14 @@ ACKPT_EXPORT int close(int fd)
 		return real.close(fd);
 	if (session_lock() < 0)
 		return real.close(fd);
+	/* an executable is closed to be run: not "text file busy" for long */
+	exe = real.fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & 0111);
 	r = real.close(fd);
 	if (r == 0 || errno != EBADF)
 		err = fd_release_commit(fd, &commit);
 	session_unlock();
+	if (exe && r == 0)
+		settle_closed_stat(&st);
 	if (commit && C.commit_sync) {
 		/* --commit sync: wait for the metadata commit this close started */
 		session_wait_commit(commit, 0);
@@ -543,17 +564,20 @@ static int fcntl_common(int (*fn)(int, int, ...), int fd, int cmd, va_list ap)
 			session_unlock();
 		}
 		return r;
+	case F_SETLEASE:
+		/* a lease needs the file open nowhere else: not by us either
+		 * for a state the program closed before */
+		settle_closed_fd(fd);
+		return fn(fd, cmd, arg);
 	case F_SETLK:
 	case F_SETLKW:
+		lock_prepare(fd, 1);
+		return fn(fd, cmd, arg);
 	case F_GETLK:
 	case F_OFD_SETLK:
 	case F_OFD_SETLKW:
 	case F_OFD_GETLK:
-		/* a range may be relative to the offset (SEEK_CUR) */
-		if (session_lock() == 0) {
-			ofd_pos_to_kernel(fd, fd_peek(fd));
-			session_unlock();
-		}
+		lock_prepare(fd, 0); /* per description: no close of ours releases it */
 		return fn(fd, cmd, arg);
 	default:
 		return fn(fd, cmd, arg);
@@ -582,4 +606,18 @@ ACKPT_EXPORT int fcntl64(int fd, int cmd, ...)
 	r = fcntl_common(real.fcntl64 ? real.fcntl64 : real.fcntl, fd, cmd, ap);
 	va_end(ap);
 	return r;
+}
+
+/* glibc's lockf calls fcntl inside libc, where no wrapper sees it: its
+ * range starts at the offset, and F_LOCK and F_TLOCK take POSIX locks. */
+ACKPT_EXPORT int lockf(int fd, int cmd, off_t len)
+{
+	ENSURE_REAL();
+	lock_prepare(fd, cmd == F_LOCK || cmd == F_TLOCK);
+	return real.lockf(fd, cmd, len);
+}
+
+ACKPT_EXPORT int lockf64(int fd, int cmd, off_t len)
+{
+	return lockf(fd, cmd, len);
 }

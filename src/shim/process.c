@@ -32,6 +32,7 @@ static void exec_prepare(void)
 		return;
 	}
 	cookies_flush_all();
+	settle_closed_executables();
 	if (files_any_inherited_open()) {
 		uint64_t commit = files_commit_inherited_markers();
 
@@ -63,6 +64,7 @@ static void spawn_prepare(const posix_spawn_file_actions_t *fa)
 	}
 	cookies_flush_all();
 	files_share(1);
+	settle_closed_executables();
 	session_wait(S.seq, 0, 0);
 	errno = saved;
 }

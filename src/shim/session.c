@@ -154,6 +154,23 @@ static int session_start(int early)
 	/* before any channel exists: close_range must spare them (posix.c) */
 	__atomic_store_n(&S.starting, 1, __ATOMIC_SEQ_CST);
 	S.arena_size = config_staging();
+	/* a memfd's size counts against RLIMIT_FSIZE as a file's does: past
+	 * it, the ftruncate below would raise SIGXFSZ in the program (ulimit
+	 * -f).  Stage within the limit, or not at all */
+	if (hdr + S.arena_size > rlimit_fsize()) {
+		uint64_t lim = rlimit_fsize();
+		uint64_t fit = lim > hdr ? (lim - hdr) & ~((2ull << 20) - 1) : 0;
+
+		if (fit < (16ull << 20)) {
+			alog(L_WARN, "RLIMIT_FSIZE (%llu bytes) leaves no room for staging; writes stay synchronous",
+			     (unsigned long long)lim);
+			ret = -EFBIG;
+			goto err;
+		}
+		alog(L_INFO, "staging capped at %llu MiB by RLIMIT_FSIZE",
+		     (unsigned long long)(fit >> 20));
+		S.arena_size = fit;
+	}
 	/* the fault injector's nth write is the nth write call (or chunk):
 	 * with it, a write never extends the record of the one before */
 	C.extend = !getenv("ACKPT_FAULT");
@@ -174,6 +191,11 @@ static int session_start(int early)
 		ret = -errno;
 		goto err;
 	}
+	/* 2 MiB pages where the node allows them for shared memory
+	 * (shmem_enabled advise, within_size or always): first touch of the
+	 * arena is several times faster.  The helper, which faults the arena
+	 * in through its own mapping, says the same.  No effect under never */
+	madvise(S.shm, hdr + S.arena_size, MADV_HUGEPAGE);
 	S.arena = (char *)S.shm + hdr;
 	S.shm->magic = ACKPT_PROTO_MAGIC;
 	S.shm->version = ACKPT_PROTO_VERSION;
@@ -430,8 +452,10 @@ void session_reap(void)
 static void atfork_prepare(void)
 {
 	/* the child inherits every descriptor: they all become shared */
-	if (!tls_busy && session_is_owner())
+	if (!tls_busy && session_is_owner()) {
 		files_share(1);
+		settle_closed_executables();
+	}
 }
 
 static void atfork_child(void)

@@ -65,6 +65,7 @@ struct timeval;
 	X(int, dup3, (int, int, int)) \
 	X(int, fcntl, (int, int, ...)) \
 	X(int, fcntl64, (int, int, ...)) \
+	X(int, lockf, (int, int, off_t)) \
 	X(int, fsync, (int)) \
 	X(int, fdatasync, (int)) \
 	X(int, sync_file_range, (int, off_t, off_t, unsigned)) \
@@ -263,6 +264,9 @@ struct inode_state {
 	uint64_t size;           /* logical size */
 	struct timespec mtime;   /* when the last write was staged */
 	uint64_t last_seq;       /* last op touching this inode */
+	uint64_t write_seq;      /* its last WRITE: until the helper has done it, the
+				  * kernel's size lags ours (inode_size_refresh) */
+	int inflight;            /* writes copying into staging without the lock */
 	uint64_t dirty_seq;      /* its last DIRTY (written through the kernel) */
 	uint64_t staged_hi;      /* end of the furthest WRITE staged for it: writing
 				  * through the kernel at or past it overtakes nothing */
@@ -446,6 +450,8 @@ struct outcome files_open_metadata(const char *canon, int flags, mode_t mode);
 LOCKED struct inode_state *inode_find(uint64_t dev, uint64_t ino);
 DROPS int inode_drain(struct inode_state *ino);
 int inode_pending(struct inode_state *ino);
+int inode_writes_pending(const struct inode_state *ino);
+LOCKED void inode_size_refresh(struct inode_state *ino);
 LOCKED void inode_free(struct inode_state *ino);
 LOCKED void inode_retire(struct inode_state *ino);
 LOCKED struct inode_state *inode_create_after(int fd, const struct stat *st, const char *canon,
@@ -454,6 +460,10 @@ LOCKED struct inode_state *ofd_inode_now(struct ofd *o);
 #define WAIT_OTHERS_ONLY 0x40000000 /* wait_path_pending: not our own inodes */
 int wait_path_pending(int dirfd, const char *path, int flags);
 int wait_stat_pending(const struct stat *st);
+void settle_closed_stat(const struct stat *st);
+void settle_closed_fd(int fd);
+void settle_closed_path(int dirfd, const char *path, int flags);
+void settle_closed_executables(void);
 LOCKED int fd_install(int fd, struct ofd *o);
 LOCKED void ofd_unpin(struct ofd *o); /* after ofd_pin, by a write */
 LOCKED void ofd_pin(struct ofd *o);

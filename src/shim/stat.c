@@ -25,12 +25,13 @@ static int ts_after(const struct timespec *a, const struct timespec *b)
 /*
  * What a synchronous run would show for (dev, ino) while this process has
  * staged work for it: the logical size, mtime and ctime no older than the
- * last staged write, and the blocks the data will take.  Once the work is
- * written, the kernel's answer stands (a child may have written through a
- * shared description since), but only if the caller asked the kernel after
- * the work landed: returns 1 when it may have landed in between (no work
- * pending now, and the kernel's size is not ours), and the caller asks the
- * kernel again and calls this with final set.
+ * last staged write, and the blocks the data will take.  Once our writes
+ * are in the file, the kernel's size stands (a child may have written
+ * through a shared description since, or another program truncated it),
+ * even while a CLOSE or fsync is still pending, but only if the caller
+ * asked the kernel after the writes landed: returns 1 when they may have
+ * landed in between (none pending now, and the kernel's size is not ours),
+ * and the caller asks the kernel again and calls this with final set.
  */
 static int settle(uint64_t dev, uint64_t ino, struct settled *st, int final)
 {
@@ -41,21 +42,25 @@ static int settle(uint64_t dev, uint64_t ino, struct settled *st, int final)
 		return 0;
 	i = inode_find(dev, ino);
 	if (i) {
-		if (inode_pending(i)) {
+		if (inode_writes_pending(i)) {
 			uint64_t bs = st->blksize ? st->blksize : 4096;
 			uint64_t blocks = (i->size + bs - 1) / bs * (bs / 512);
 
 			st->size = i->size;
-			if (ts_after(&i->mtime, &st->mtime))
-				st->mtime = i->mtime;
-			if (ts_after(&i->mtime, &st->ctime))
-				st->ctime = i->mtime;
 			if (blocks > st->blocks)
 				st->blocks = blocks;
 		} else if (!final && st->size != i->size) {
 			again = 1;
 		} else {
+			/* our writes are in: the size is the kernel's, which
+			 * another process may have changed since */
 			i->size = st->size;
+		}
+		if (!again && inode_pending(i)) {
+			if (ts_after(&i->mtime, &st->mtime))
+				st->mtime = i->mtime;
+			if (ts_after(&i->mtime, &st->ctime))
+				st->ctime = i->mtime;
 		}
 	}
 	session_unlock();

@@ -62,25 +62,28 @@ static int dir_fsync(int fd, int *ret)
 	struct stat st;
 	int err;
 
-	if (S.state != SESS_ACTIVE || real.fstat(fd, &st) < 0 || !S_ISDIR(st.st_mode))
+	if (real.fstat(fd, &st) < 0 || !S_ISDIR(st.st_mode) || session_lock() < 0)
 		return 0;
-	if (session_lock() < 0)
-		return 0;
-	if (S.state != SESS_ACTIVE)
+	if (S.state != SESS_ACTIVE && S.state != SESS_DEAD)
 		goto kernel;
+	/* a deferred one failed: this one reports it, even once the helper
+	 * has died (the control block stays mapped then) */
 	err = __atomic_exchange_n(&S.shm->dirsync_err, 0, __ATOMIC_ACQ_REL);
 	if (err) {
-		*ret = -err; /* a deferred one failed: this one reports it */
+		*ret = -err;
 		session_unlock();
 		return 1;
 	}
-	/* nothing in flight, or not a checkpoint's directory */
-	if (session_durable() >= S.seq || fd_path(fd, path, sizeof(path)) < 0 ||
-	    !dir_holds_managed(path))
+	/* the helper is gone, nothing is in flight, or not a checkpoint's
+	 * directory */
+	if (S.state != SESS_ACTIVE || session_durable() >= S.seq ||
+	    fd_path(fd, path, sizeof(path)) < 0 || !dir_holds_managed(path))
 		goto kernel;
-	*ret = session_send_dirsync(path);
-	if (*ret == -EPIPE)
-		goto kernel; /* the helper died: everything is written now */
+	/* a failed send (-EPIPE: the helper died, and the replay has written
+	 * everything) leaves the fsync to the kernel, as without ackpt */
+	if (session_send_dirsync(path) < 0)
+		goto kernel;
+	*ret = 0;
 	session_unlock();
 	return 1;
 kernel:
@@ -95,7 +98,7 @@ static int fsync_common(int fd, int (*fn)(int))
 
 	ENSURE_REAL();
 	if (!fd_peek(fd)) {
-		if (UNLIKELY(S.state == SESS_ACTIVE) && dir_fsync(fd, &ret))
+		if (UNLIKELY(S.state == SESS_ACTIVE || S.state == SESS_DEAD) && dir_fsync(fd, &ret))
 			return (int)finish(ret, saved);
 		return fn(fd);
 	}
@@ -294,9 +297,10 @@ ACKPT_EXPORT ssize_t preadv64v2(int fd, const struct iovec *iov, int n, off_t of
 
 /*
  * A map sees the page cache: the file's staged data goes there first.  A
- * shared map of a file we write makes the file shared: stores through the
+ * map of a file we write makes the file shared: stores through a shared
  * map and our later writes must land in program order, which only the
- * kernel can give, so its writes go through the kernel from now on.
+ * kernel can give, and a private map shows later writes to the pages it
+ * has not copied.  So its writes go through the kernel from now on.
  */
 ACKPT_EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
@@ -305,7 +309,7 @@ ACKPT_EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off
 		int saved = errno;
 
 		if (fd_peek(fd)) {
-			if ((flags & MAP_SHARED) && session_lock() == 0) {
+			if (session_lock() == 0) {
 				struct inode_state *now = ofd_inode_now(fd_peek(fd));
 
 				if (now)
@@ -315,11 +319,20 @@ ACKPT_EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off
 			managed_drain_fd(fd);
 			if (fd_is_watched(fd))
 				watch_wait(fd);
-		} else if (registry_any()) {
+		} else if (S.ninodes || registry_any()) {
 			struct stat st;
 
-			if (real.fstat(fd, &st) == 0 && S_ISREG(st.st_mode))
-				registry_wait(st.st_dev, st.st_ino);
+			if (real.fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+				/* a descriptor we do not track, of a file we write */
+				if (S.ninodes && session_lock() == 0) {
+					struct inode_state *i = inode_find(st.st_dev, st.st_ino);
+
+					if (i)
+						i->shared = 1;
+					session_unlock();
+				}
+				wait_stat_pending(&st);
+			}
 		}
 		errno = saved;
 	}

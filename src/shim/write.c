@@ -216,6 +216,7 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 	/* Linux appends even for pwrite on an O_APPEND description, unless
 	 * RWF_NOAPPEND; RWF_APPEND appends for this call */
 	append = (o->append && !(rwf & RWF_NOAPPEND)) || (rwf & RWF_APPEND);
+	inode_size_refresh(ino);
 	at = append ? ino->size : use_pos ? o->pos : (uint64_t)off;
 	lim = write_limits(fd, at, total);
 	if (lim < 0) {
@@ -223,6 +224,13 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 		return done(lim);
 	}
 	total = total0 = (size_t)lim;
+	if (!total) {
+		/* as the kernel: no bytes, so no new position, size or mtime,
+		 * even past the end or on an O_APPEND description */
+		stall_end(&t0);
+		session_unlock();
+		return done(0);
+	}
 	pos = at;
 	left = total;
 	/*
@@ -398,7 +406,10 @@ struct outcome managed_lseek(int fd, off_t off, int whence)
 	switch (whence) {
 	case SEEK_SET: base = 0; break;
 	case SEEK_CUR: base = (off_t)o->pos; break;
-	case SEEK_END: base = (off_t)o->ino->size; break;
+	case SEEK_END:
+		inode_size_refresh(o->ino);
+		base = (off_t)o->ino->size;
+		break;
 	default:
 		/* SEEK_DATA/SEEK_HOLE look at the real file: make it real first */
 		o = drain_fd_locked(fd);

@@ -2,7 +2,7 @@
 checkpoints.  Runs the same with or without the shim.
 
   dcp_job.py --save DIR,MIB,SEED [--save ...] [--threads N]
-             [--env-rank R NAME=VALUE ...] [--wait-commit]
+             [--env-rank R NAME=VALUE ...] [--wait-commit] [--linger R SECONDS]
 
 Each --save: every rank saves bstate.rank_state(rank, MIB, SEED) into DIR
 with FileSystemWriter(thread_count=N); rank 0 writes DIR/.metadata (DCP's own
@@ -15,6 +15,9 @@ shim the program's own access waits for the commit -- and prints
 first managed open, so its ackpt-helper sees it only with ACKPT_EARLY_START=off
 (otherwise every rank's helper starts with the program, before this runs; a
 fault for one rank's helper is ACKPT_FAULT=...,rank=R for the whole job).
+--linger R SECONDS: rank R sleeps after its "end" event.  torchrun stops the
+other ranks as soon as one exits non-zero, so a test that needs another
+rank's exit message makes the failing rank exit last.
 """
 import argparse
 import os
@@ -45,6 +48,7 @@ def main():
     ap.add_argument("--wait-commit", action="store_true",
                     help="after each save rank 0 stat()s DIR/.metadata (under the shim that "
                          "waits for the commit) before the ranks go on")
+    ap.add_argument("--linger", nargs=2, type=float, default=(-1, 0))
     a = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -74,6 +78,8 @@ def main():
     dist.barrier()
     dist.destroy_process_group()
     event(rank, "end")
+    if rank == int(a.linger[0]):
+        time.sleep(a.linger[1])
 
 
 if __name__ == "__main__":
