@@ -163,3 +163,63 @@ def test_private_map_shows_later_writes(tmp_path, delay, through):
         print("after", m[:8], m[8192 - 8:] if len(m) >= 8192 else None)
         os.close(w)
     """.replace('sys.argv[0] == "reader"', repr(through) + ' == "reader"'), delay)
+
+
+@HELPER_SPEED
+def test_pwritev2_flags_the_kernel_judges(tmp_path, delay):
+    """pwritev2 flags ackpt does not emulate get the kernel's answer:
+    RWF_NOWAIT, RWF_ATOMIC and RWF_DONTCACHE depend on the filesystem, a
+    flag newer than ackpt (RWF_NOSIGNAL) is the kernel's to know, and
+    RWF_APPEND with RWF_NOAPPEND is EINVAL.  ackpt used to accept the first
+    three, refuse the fourth and take the contradictory pair."""
+    _differential(tmp_path, """
+        import errno, os, sys
+        os.chdir(sys.argv[1])
+        fd = os.open("f", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b"a" * 100)
+        flags = (("HIPRI", 0x1), ("DSYNC", 0x2), ("SYNC", 0x4), ("NOWAIT", 0x8),
+                 ("APPEND", 0x10), ("NOAPPEND", 0x20), ("APPEND|NOAPPEND", 0x30),
+                 ("ATOMIC", 0x40), ("DONTCACHE", 0x80), ("NOSIGNAL", 0x100),
+                 ("unknown", 0x10000), ("unknown|APPEND|NOAPPEND", 0x10030))
+        for name, flag in flags:
+            for off in (-1, 7):
+                try:
+                    r = os.pwritev(fd, [name.encode(), b"."], off, flag)
+                except OSError as e:
+                    r = errno.errorcode[e.errno]
+                print(name, off, r, "at", os.lseek(fd, 0, os.SEEK_CUR),
+                      "size", os.fstat(fd).st_size)
+        os.close(fd)
+    """, delay)
+
+
+@HELPER_SPEED
+def test_lseek_past_the_largest_offset(tmp_path, delay):
+    """An lseek the filesystem cannot take fails with EINVAL, as without
+    ackpt, and leaves the offset where it was; one it can take moves it.
+    ackpt used to accept any offset below 2^63, so the next write failed
+    with EFBIG instead."""
+    _differential(tmp_path, """
+        import errno, os, sys
+        os.chdir(sys.argv[1])
+        fd = os.open("f", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b"0123456789")
+        seeks = ((1 << 40, os.SEEK_SET), ((1 << 40) + 5, os.SEEK_SET), (1 << 50, os.SEEK_SET),
+                 ((1 << 63) - 1, os.SEEK_SET), (1 << 44, os.SEEK_SET), ((1 << 44) - 1, os.SEEK_SET),
+                 (1 << 45, os.SEEK_END), (-(1 << 45), os.SEEK_CUR), (1 << 42, os.SEEK_CUR),
+                 (20, os.SEEK_SET), ((1 << 43), os.SEEK_END))
+        for off, whence in seeks:
+            try:
+                r = os.lseek(fd, off, whence)
+            except OSError as e:
+                r = errno.errorcode[e.errno]
+            print(off, whence, r, "cur", os.lseek(fd, 0, os.SEEK_CUR))
+            try:
+                print("write", os.write(fd, b"x"))
+            except OSError as e:
+                print("write", errno.errorcode[e.errno])
+            os.lseek(fd, 20, os.SEEK_SET)
+        print("size", os.fstat(fd).st_size)
+        os.ftruncate(fd, 30)
+        os.close(fd)
+    """, delay)

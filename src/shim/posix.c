@@ -256,7 +256,7 @@ ACKPT_EXPORT ssize_t pwritev2(int fd, const struct iovec *iov, int n, off_t off,
 	if (fd_peek(fd)) {
 		/* -1 means "at the file position"; RWF_APPEND/RWF_NOAPPEND
 		 * change where, the durability flags are the helper's job like
-		 * fsync */
+		 * fsync, and the other flags send the write to the kernel */
 		int saved = errno;
 		struct outcome r = n < 0 || n > IOV_MAX ? done(-EINVAL) :
 				   managed_write(fd, iov, n, off, off == -1, flags);

@@ -53,6 +53,7 @@ static struct ofd *drain_fd_locked(int fd)
  * are the only ones every holder sees, so the write goes to the kernel
  * once the inode's staged data is in the file.  The helper is told the
  * file is dirty so the next fsync, close or barrier covers these bytes.
+ * So does a write with a pwritev2 flag only the kernel can judge.
  */
 static ssize_t shared_write(int fd, const struct iovec *iov, int iovcnt, off_t off, int use_pos,
 			    int rwf)
@@ -81,7 +82,10 @@ static ssize_t shared_write(int fd, const struct iovec *iov, int iovcnt, off_t o
 	return n;
 }
 
-/* Stage a write.  off < 0 with use_pos: at the logical position. */
+/* below 1 TiB the filesystems checkpoints live on take any offset (vfat,
+ * whose files end at 4 GiB, is the exception ackpt does not probe for) */
+#define LSEEK_PROBE_MIN (1ll << 40)
+
 /*
  * The kernel's limits on one write at `at`, applied at the call as the
  * kernel would: a request is cut to MAX_RW_COUNT; an end past LLONG_MAX is
@@ -106,7 +110,7 @@ static ssize_t write_limits(int fd, uint64_t at, size_t total)
 		}
 		total = lim - at;
 	}
-	if (total && at + total > (1ull << 40)) {
+	if (total && at + total > LSEEK_PROBE_MIN) {
 		off_t cur = real.lseek(fd, 0, SEEK_CUR);
 		uint64_t lo = at, hi = at + total; /* lo is a valid end, hi is probed */
 
@@ -134,7 +138,14 @@ static ssize_t write_limits(int fd, uint64_t at, size_t total)
 	return (ssize_t)total;
 }
 
-#define RWF_KNOWN 0xff /* RWF_HIPRI .. RWF_DONTCACHE */
+/*
+ * The pwritev2 flags a staged write honours: HIPRI means nothing to a
+ * buffered write, the durability flags follow ackpt's fsync rule, and
+ * APPEND/NOAPPEND change where it lands.  The kernel takes or refuses the
+ * others by filesystem (NOWAIT, ATOMIC, DONTCACHE) or by kernel version
+ * (any it does not know), so a write with any of them goes to the kernel.
+ */
+#define RWF_STAGED (RWF_HIPRI | RWF_DSYNC | RWF_SYNC | RWF_APPEND | RWF_NOAPPEND)
 
 /*
  * A managed write's end: its time in the stall statistic, and the time it
@@ -154,6 +165,7 @@ static struct timespec stall_end(const struct timespec *t0)
 	return t1;
 }
 
+/* Stage a write.  off < 0 with use_pos: at the logical position. */
 static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, off_t off,
 				  int use_pos, int rwf)
 {
@@ -177,9 +189,9 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 		}
 		total += iov[i].iov_len;
 	}
-	if (rwf & ~RWF_KNOWN) {
+	if ((rwf & RWF_APPEND) && (rwf & RWF_NOAPPEND) && !(rwf & ~RWF_STAGED)) {
 		session_unlock();
-		return done(-EOPNOTSUPP);
+		return done(-EINVAL); /* the kernel's answer, before it writes */
 	}
 	/* an aborted commit is reported at the next call on a managed file.
 	 * When that is a write, its bytes are not written, so the file is
@@ -207,7 +219,7 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 	}
 	if (UNLIKELY(!ino->shared) && registry_shared(ino->reg_idx))
 		ino->shared = 1;
-	if (ino->shared) {
+	if (ino->shared || (rwf & ~RWF_STAGED)) {
 		ret = shared_write(fd, iov, iovcnt, off, use_pos, rwf);
 		stall_end(&t0);
 		session_unlock();
@@ -430,6 +442,21 @@ struct outcome managed_lseek(int fd, off_t off, int whence)
 	if ((off > 0 && base > INT64_MAX - off) || base + off < 0) {
 		session_unlock();
 		return done(-EINVAL);
+	}
+	if (base + off > LSEEK_PROBE_MIN) {
+		/* past 1 TiB the filesystem's largest offset may refuse it: the
+		 * kernel's lseek says so, and where it accepts, the kernel's
+		 * offset is ours at once */
+		r = real.lseek(fd, base + off, SEEK_SET);
+		if (r < 0) {
+			r = -errno;
+			session_unlock();
+			return done(r);
+		}
+		o->pos = (uint64_t)r;
+		o->pos_lazy = 0;
+		session_unlock();
+		return done(r);
 	}
 	o->pos = (uint64_t)(base + off);
 	o->pos_lazy = 1;
