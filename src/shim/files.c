@@ -353,6 +353,8 @@ static struct inode_state *inode_create_from(int fd, const struct stat *st, cons
 		ino->staged_hi = prev->staged_hi;
 		ino->last_seq = prev->last_seq;
 		ino->write_seq = prev->write_seq;
+		ino->pending_pages = prev->pending_pages;
+		ino->pending_end = prev->pending_end;
 		ino->after = prev->last_seq;
 	}
 	ino->path = strdup(canon);

@@ -267,6 +267,9 @@ struct inode_state {
 	uint64_t write_seq;      /* its last WRITE: until the helper has done it, the
 				  * kernel's size lags ours (inode_size_refresh) */
 	int inflight;            /* writes copying into staging without the lock */
+	uint64_t pending_pages;  /* 4 KiB pages written since its writes were last all
+				  * in the file: the blocks stat adds to the kernel's */
+	uint64_t pending_end;    /* where the last of them ended */
 	uint64_t dirty_seq;      /* its last DIRTY (written through the kernel) */
 	uint64_t staged_hi;      /* end of the furthest WRITE staged for it: writing
 				  * through the kernel at or past it overtakes nothing */

@@ -43,10 +43,16 @@ static int settle(uint64_t dev, uint64_t ino, struct settled *st, int final)
 	i = inode_find(dev, ino);
 	if (i) {
 		if (inode_writes_pending(i)) {
+			/* the kernel's blocks, and the staged pages' as if none
+			 * were in yet, but never more than the whole size
+			 * takes: a sparse file stays sparse */
 			uint64_t bs = st->blksize ? st->blksize : 4096;
-			uint64_t blocks = (i->size + bs - 1) / bs * (bs / 512);
+			uint64_t whole = (i->size + bs - 1) / bs * (bs / 512);
+			uint64_t blocks = st->blocks + i->pending_pages * 8;
 
 			st->size = i->size;
+			if (blocks > whole)
+				blocks = whole;
 			if (blocks > st->blocks)
 				st->blocks = blocks;
 		} else if (!final && st->size != i->size) {

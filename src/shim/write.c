@@ -165,6 +165,19 @@ static struct timespec stall_end(const struct timespec *t0)
 	return t1;
 }
 
+/* The pages [at, at + len) touches, for stat's blocks (stat.c): a write
+ * that goes on where the last ended does not count its first page twice */
+static void note_pages(struct inode_state *ino, uint64_t at, uint64_t len)
+{
+	uint64_t first = at / 4096, end = (at + len + 4095) / 4096;
+
+	if (at == ino->pending_end && at % 4096 && ino->pending_pages)
+		first++;
+	if (end > first)
+		ino->pending_pages += end - first;
+	ino->pending_end = at + len;
+}
+
 /* Stage a write.  off < 0 with use_pos: at the logical position. */
 static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, off_t off,
 				  int use_pos, int rwf)
@@ -245,6 +258,8 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 	}
 	pos = at;
 	left = total;
+	if (!inode_writes_pending(ino))
+		ino->pending_pages = 0;
 	/*
 	 * A large write copies with the lock dropped (stage.c): hold the
 	 * description, as the kernel holds the file, so another thread's
@@ -341,10 +356,12 @@ out:
 			o->pos_lazy = 1;
 		}
 	}
-	if (result >= 0)
+	if (result >= 0) {
 		ino->mtime = stall_end(&t0);
-	else
+		note_pages(ino, at, (uint64_t)result);
+	} else {
 		stall_end(&t0);
+	}
 	if (unlock)
 		ofd_unpin(o);
 	session_unlock();
