@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -269,6 +270,32 @@ def assert_same_trees(diffs, shim_res=None):
         if shim_res is not None:
             msg += "\n" + shim_res.describe(2000)
         pytest.fail(msg, pytrace=False)
+
+
+def differential(tmp_path, argv_builder, delay_ms=150, extra=None, timeout=DEFAULT_TIMEOUT,
+                 quiet=True):
+    """Run argv_builder(out) plainly and under the shim (run_plain_and_shim)
+    and require the same trees and the same standard output.  delay_ms
+    slows the helper so staged data is still in flight when the program
+    looks; None runs it at full speed, with write-through on (any
+    ACKPT_TEST_DELAY_MS turns that off).  quiet: the shim prints nothing."""
+    env = dict(extra or {})
+    if delay_ms is not None:
+        env["ACKPT_TEST_DELAY_MS"] = delay_ms
+    plain, shimmed, _, _, diffs = run_plain_and_shim(argv_builder, tmp_path, shim_extra=env,
+                                                     timeout=timeout)
+    assert_same_trees(diffs, shimmed)
+    assert shimmed.stdout == plain.stdout, "output differs:\nplain:\n%s\nshim:\n%s" % (
+        plain.stdout, shimmed.describe())
+    if quiet:
+        assert not shimmed.stderr.strip(), shimmed.describe()
+    return plain, shimmed
+
+
+def py_argv(script):
+    """argv builder: the venv's Python runs script with the output directory."""
+    src = textwrap.dedent(script)
+    return lambda out: [VENV_PY, "-c", src, str(out)]
 
 
 def prng(n, seed):

@@ -4,12 +4,11 @@ Each program runs without the shim and under it, with the helper slowed
 down (staged data still in flight) and at full speed (write-through on);
 what it printed and the files it left must match byte for byte.
 """
-import textwrap
 
 import pytest
 
 from conftest import VENV_PY
-from faultutil import assert_same_trees, need_shim, run_plain_and_shim
+from faultutil import assert_same_trees, differential, need_shim, py_argv, run_plain_and_shim
 
 
 @pytest.fixture(autouse=True)
@@ -21,15 +20,7 @@ HELPER_SPEED = pytest.mark.parametrize("delay", [True, False], ids=["slow-helper
 
 
 def _differential(tmp_path, script, delay):
-    src = textwrap.dedent(script)
-    extra = {"ACKPT_TEST_DELAY_MS": 100} if delay else {}
-    plain, shimmed, _, _, diffs = run_plain_and_shim(
-        lambda out: [VENV_PY, "-c", src, str(out)], tmp_path,
-        shim_extra=extra)
-    assert_same_trees(diffs, shimmed)
-    assert shimmed.stdout == plain.stdout, "output differs:\nplain:\n%s\nshim:\n%s" % (
-        plain.stdout, shimmed.describe())
-    return plain, shimmed
+    return differential(tmp_path, py_argv(script), delay_ms=100 if delay else None)
 
 
 @HELPER_SPEED

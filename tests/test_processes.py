@@ -8,13 +8,11 @@ data is still in flight when the second process acts.  The output trees must
 be identical byte for byte, and so must what the program printed.
 """
 import os
-import sys
-import textwrap
 
 import pytest
 
 from conftest import VENV_PY
-from faultutil import assert_same_trees, need_shim, run_plain_and_shim
+from faultutil import differential, need_shim, py_argv
 
 
 @pytest.fixture(autouse=True)
@@ -22,30 +20,17 @@ def _shim_required():
     need_shim()
 
 
-DELAY = {"ACKPT_TEST_DELAY_MS": 150}
-
-
 def _differential(tmp_path, argv_builder, extra=None, timeout=60, delay=True):
-    """delay=False: the helper at full speed, with write-through on (any
-    ACKPT_TEST_DELAY_MS turns it off)."""
-    plain, shimmed, _, _, diffs = run_plain_and_shim(argv_builder, tmp_path,
-                                                     shim_extra=dict(DELAY if delay else {},
-                                                                     **(extra or {})),
-                                                     timeout=timeout)
-    assert_same_trees(diffs, shimmed)
-    assert shimmed.stdout == plain.stdout, "output differs:\nplain:\n%s\nshim:\n%s" % (
-        plain.stdout, shimmed.describe())
-    assert not shimmed.stderr.strip(), shimmed.describe()
-    return plain, shimmed
+    """delay=False: the helper at full speed, with write-through on."""
+    return differential(tmp_path, argv_builder, delay_ms=150 if delay else None, extra=extra,
+                        timeout=timeout)
 
 
 def _sh(shell, script):
     return lambda out: [shell, "-c", "cd %s && %s" % (out, script)]
 
 
-def _py(script):
-    src = textwrap.dedent(script)
-    return lambda out: [VENV_PY, "-c", src, str(out)]
+_py = py_argv
 
 
 # ---- shared offsets -----------------------------------------------------
