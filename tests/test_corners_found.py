@@ -243,3 +243,28 @@ def test_blocks_of_a_sparse_file_with_staged_data(tmp_path):
             os.ftruncate(f, 4096)
             os.close(f)
     """, True)
+
+
+@HELPER_SPEED
+def test_numpy_fromfile_of_a_file_just_written(tmp_path, delay):
+    """np.fromfile reads through a stdio stream that numpy fdopens over a
+    dup of a read-only descriptor: glibc reads inside itself, where no
+    wrapper waits.  The stream now opens after the file's staged data is
+    in; it read 0 or 8388607 of 10000000 values before, with no error."""
+    _differential(tmp_path, """
+        import os, sys
+        import numpy as np
+        os.chdir(sys.argv[1])
+        a = np.arange(2_000_000, dtype=np.float64)
+        with open("closed.bin", "wb") as f:
+            a.tofile(f)
+        b = np.fromfile("closed.bin")
+        print("closed", b.size, b[-1] if b.size else None)
+        w = open("open.bin", "wb")
+        a[:1000].tofile(w)
+        w.flush()
+        with open("open.bin", "rb") as r:
+            b = np.fromfile(r, dtype=np.float64)
+        print("still open", b.size, b[-1] if b.size else None)
+        w.close()
+    """, delay)

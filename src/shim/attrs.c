@@ -41,25 +41,10 @@ static void before_change(int dirfd, const char *path, int flags)
 	errno = saved;
 }
 
-static void before_fd_change(int fd)
-{
-	int saved = errno;
-
-	if (fd_peek(fd)) {
-		managed_drain_fd(fd);
-	} else if (C.enabled && registry_any()) {
-		struct stat st;
-
-		if (real.fstat(fd, &st) == 0)
-			wait_stat_pending(&st);
-	}
-	errno = saved;
-}
-
 #define NAME_CALL(dirfd, path, call) do { ENSURE_REAL(); before_name(dirfd, path); return call; } while (0)
 #define CHANGE_CALL(dirfd, path, flags, call) \
 	do { ENSURE_REAL(); before_change(dirfd, path, flags); return call; } while (0)
-#define FD_CHANGE_CALL(fd, call) do { ENSURE_REAL(); before_fd_change(fd); return call; } while (0)
+#define FD_CHANGE_CALL(fd, call) do { ENSURE_REAL(); wait_fd_pending(fd); return call; } while (0)
 
 ACKPT_EXPORT int access(const char *path, int mode)
 {

@@ -868,6 +868,30 @@ int wait_stat_pending(const struct stat *st)
 	return 0;
 }
 
+/*
+ * Before the file behind fd is read or changed where no wrapper of ours
+ * sees it (a stream's reads inside glibc, a map, an attribute change):
+ * this process's staged data for it, and other processes', first.  Keeps
+ * errno.
+ */
+void wait_fd_pending(int fd)
+{
+	int saved = errno;
+
+	if (fd_peek(fd)) {
+		managed_drain_fd(fd);
+	} else if (C.enabled && (S.ninodes || registry_any())) {
+		struct stat st;
+
+		/* a descriptor we do not track, of a file we may write */
+		if (real.fstat(fd, &st) == 0)
+			wait_stat_pending(&st);
+	}
+	if (fd_is_watched(fd))
+		watch_wait(fd);
+	errno = saved;
+}
+
 void files_fork_child(void)
 {
 	unsigned i;

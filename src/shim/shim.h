@@ -463,6 +463,7 @@ LOCKED struct inode_state *ofd_inode_now(struct ofd *o);
 #define WAIT_OTHERS_ONLY 0x40000000 /* wait_path_pending: not our own inodes */
 int wait_path_pending(int dirfd, const char *path, int flags);
 int wait_stat_pending(const struct stat *st);
+void wait_fd_pending(int fd);
 void settle_closed_stat(const struct stat *st);
 void settle_closed_fd(int fd);
 void settle_closed_path(int dirfd, const char *path, int flags);

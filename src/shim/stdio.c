@@ -205,16 +205,13 @@ ACKPT_EXPORT FILE *fdopen(int fd, const char *mode)
 	int fl;
 
 	ENSURE_REAL();
-	if (UNLIKELY(fd_is_watched(fd))) {
-		int saved = errno;
-
-		/* the stream reads inside glibc, where no wrapper waits */
-		watch_wait(fd);
-		errno = saved;
-	}
 	o = fd_peek(fd);
-	if (!o || !o->writable)
+	if (!o || !o->writable) {
+		/* the stream reads inside glibc, where no wrapper waits
+		 * (np.fromfile of a file just written) */
+		wait_fd_pending(fd);
 		return real.fdopen(fd, mode);
+	}
 	/* as glibc's: validate the fd, set O_APPEND for "a" and "a+", and
 	 * seek to the end for "a" only */
 	fl = real.fcntl(fd, F_GETFL);
