@@ -268,3 +268,41 @@ def test_numpy_fromfile_of_a_file_just_written(tmp_path, delay):
         print("still open", b.size, b[-1] if b.size else None)
         w.close()
     """, delay)
+
+
+@HELPER_SPEED
+def test_native_stdout_into_a_managed_log(tmp_path, delay):
+    """A program sends its standard output to a log (dup2 onto 1, or an
+    open into a closed 1) and native code prints through glibc's stdout,
+    which writes inside glibc at the kernel's offset.  Python's own lines
+    were staged at ackpt's offset, so the native line overwrote the first
+    one and the log lost it."""
+    _differential(tmp_path, """
+        import ctypes, os, sys
+        os.chdir(sys.argv[1])
+        libc = ctypes.CDLL(None)
+        stderr = ctypes.c_void_p.in_dll(libc, "stderr")
+        saved = os.dup(1), os.dup(2)
+        fd = os.open("train.log", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        os.write(fd, b"before the redirection\\n")
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.write(1, b"python: step 1\\n")
+        libc.puts(b"native: a warning")
+        libc.fflush(None)
+        os.write(2, b"python: step 2\\n")
+        libc.fputs(b"native: to stderr\\n", stderr)
+        os.write(1, b"python: step 3\\n")
+        libc.fflush(None)
+        os.close(1)
+        fd = os.open("second.log", os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+        assert fd == 1
+        os.write(1, b"python: into a closed 1\\n")
+        libc.puts(b"native: after it")
+        libc.fflush(None)
+        os.write(1, b"python: last\\n")
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        print(open("train.log").read() + open("second.log").read())
+    """, delay)

@@ -654,6 +654,7 @@ int files_post_open(int fd, int flags, const char *how, int force)
 			}
 		}
 		session_unlock();
+		files_share_std(fd);
 		return fd;
 	}
 	if (real.fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
@@ -741,6 +742,7 @@ int files_post_open(int fd, int flags, const char *how, int force)
 	fd_install(fd, o);
 	alog(L_DEBUG, "%s %s -> fd %d managed (slot %u)", how, canon, fd, ino->slot);
 	session_unlock();
+	files_share_std(fd);
 	return fd;
 }
 

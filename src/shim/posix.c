@@ -437,6 +437,7 @@ static int dup_track(int oldfd, int newfd)
 			fd_install(newfd, o);
 	}
 	session_unlock();
+	files_share_std(newfd);
 	return newfd;
 }
 
@@ -494,6 +495,8 @@ static int dup23(int oldfd, int newfd, int flags, int three)
 		}
 	}
 	session_unlock();
+	if (r >= 0)
+		files_share_std(newfd);
 	errno = r >= 0 ? saved : err;
 	return r;
 }

@@ -104,6 +104,18 @@ void files_share_fd(int fd)
 }
 
 /*
+ * A managed description became standard input, output or error (dup2 onto
+ * 1, an open into a closed 0): glibc's stdin, stdout and stderr read and
+ * write it inside glibc, where no wrapper sees them, at the kernel's
+ * offset.  It is shared from now on, as with another process.
+ */
+void files_share_std(int fd)
+{
+	if ((unsigned)fd <= 2 && fd_peek(fd))
+		files_share_fd(fd);
+}
+
+/*
  * In a vfork child (CPython's subprocess), which runs in our memory while
  * the parent is suspended until exec: it may mark and wait, never lock or
  * send.  fd < 0: every description the exec keeps open.

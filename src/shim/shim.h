@@ -492,6 +492,7 @@ void files_fork_child(void);
 int files_any_inherited_open(void);
 void files_share(int all);
 void files_share_fd(int fd);
+void files_share_std(int fd);
 void files_share_vfork(int fd);
 void files_release_markers(void);
 uint64_t files_commit_inherited_markers(void);
