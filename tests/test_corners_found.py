@@ -4,11 +4,13 @@ Each program runs without the shim and under it, with the helper slowed
 down (staged data still in flight) and at full speed (write-through on);
 what it printed and the files it left must match byte for byte.
 """
+import textwrap
 
 import pytest
 
 from conftest import VENV_PY
-from faultutil import assert_same_trees, differential, need_shim, py_argv, run_plain_and_shim
+from faultutil import (assert_same_trees, differential, need_shim, py_argv, run, run_plain_and_shim,
+                       shim_env)
 
 
 @pytest.fixture(autouse=True)
@@ -306,3 +308,83 @@ def test_native_stdout_into_a_managed_log(tmp_path, delay):
         os.dup2(saved[1], 2)
         print(open("train.log").read() + open("second.log").read())
     """, delay)
+
+
+@HELPER_SPEED
+def test_names_made_and_listed_after_a_deferred_rename(tmp_path, delay):
+    """A rename of a file with staged data is deferred until the data is
+    durable.  mkdir, symlink, mkfifo, readlink, statvfs, chdir and glibc's
+    own listings (scandir, glob) must see it done: mkdir of the final name
+    succeeded, the helper's rename then failed, and scandir and glob still
+    listed the temporary name."""
+    _differential(tmp_path, """
+        import ctypes, errno, os, sys
+        os.chdir(sys.argv[1])
+        libc = ctypes.CDLL(None, use_errno=True)
+        def staged(name):
+            with open(name, "wb") as f:
+                f.write(b"x" * 3_000_000)
+        def attempt(what, fn, *args):
+            try:
+                r = fn(*args)
+            except OSError as e:
+                r = errno.errorcode[e.errno]
+            print(what, r)
+        for i, (what, fn) in enumerate((("mkdir", os.mkdir), ("mkfifo", os.mkfifo),
+                                        ("symlink", lambda p: os.symlink("elsewhere", p)))):
+            staged("a%d.tmp" % i)
+            os.rename("a%d.tmp" % i, "a%d" % i)
+            attempt(what + " of the new name", fn, "a%d" % i)
+            staged("b%d.tmp" % i)
+            os.rename("b%d.tmp" % i, "b%d" % i)
+            attempt(what + " of the old name", fn, "b%d.tmp" % i)
+        os.symlink("target", "link.tmp")
+        staged("c.tmp")
+        os.rename("c.tmp", "c")
+        os.mkdir("d.tmp")
+        staged("d.tmp/f")
+        os.rename("d.tmp", "d")
+        attempt("chdir into the new name", os.chdir, "d")
+        os.chdir("..")
+        attempt("statvfs of the new name", lambda p: os.statvfs(p).f_bsize > 0, "c")
+        staged("e.tmp")
+        os.rename("e.tmp", "e")
+        os.rename("link.tmp", "link")
+        attempt("readlink", os.readlink, "link")
+        staged("g.tmp")
+        os.rename("g.tmp", "g")
+        names = ctypes.POINTER(ctypes.c_void_p)()
+        print("scandir", libc.scandir(b".", ctypes.byref(names), None, None))
+        staged("h.tmp")
+        os.rename("h.tmp", "h")
+        buf = ctypes.create_string_buffer(256)
+        print("glob", libc.glob(b"./*.tmp", 0, None, buf),
+              ctypes.c_size_t.from_buffer(buf).value)
+        libc.globfree(buf)
+        print(sorted(os.listdir(".")))
+    """, delay)
+
+
+def test_a_failed_rename_of_a_closed_file_fails_the_exit(tmp_path):
+    """Another program, not under ackpt, makes a directory of the final
+    name while the rename waits for the file's data: the helper's rename
+    fails.  The program's rename had returned 0 and the file is closed, so
+    only the exit can tell: one line naming both paths, and status 1."""
+    out = tmp_path / "out"
+    out.mkdir()
+    prog = textwrap.dedent("""
+        import os, subprocess, sys
+        os.chdir(sys.argv[1])
+        with open("ckpt.tmp", "wb") as f:
+            f.write(b"x" * 3_000_000)
+        os.rename("ckpt.tmp", "ckpt")
+        subprocess.run(["env", "-u", "LD_PRELOAD", "mkdir", "ckpt"], check=True)
+        print("done")
+    """)
+    r = run([VENV_PY, "-c", prog, out], shim_env(out, ACKPT_TEST_DELAY_MS=300))
+    assert r.returncode == 1, r.describe()
+    assert r.stdout == "done\n", r.describe()
+    assert "rename of %s/ckpt.tmp to %s/ckpt failed: Is a directory" % (out, out) in r.stderr, \
+        r.describe()
+    assert "1 deferred rename(s) of closed files failed" in r.stderr, r.describe()
+    assert (out / "ckpt.tmp").stat().st_size == 3_000_000

@@ -319,6 +319,9 @@ struct ackpt_shm {
 	uint64_t commits_withheld;  /* helper: commits not made because a file of theirs
 				     * was failed by a FAIL op: the program was told at
 				     * that write, so not reported again; counted at exit */
+	uint64_t renames_failed;    /* helper: deferred renames of closed files that
+				     * failed: no later call can report them, so the
+				     * program's exit does (status 1) */
 
 	struct ackpt_ring ring __attribute__((aligned(64))); /* op records (above) */
 };

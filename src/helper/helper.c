@@ -363,6 +363,15 @@ static void run_rename(struct hop *h)
 	if (!ret && rename(oldp, newp) < 0)
 		ret = -errno;
 	if (ret) {
+		if (h->op.file >= ACKPT_MAX_FILES || !H.files[h->op.file].open) {
+			/* nothing of the program's can hear of it but its exit */
+			char what[2 * PATH_MAX + 32];
+
+			__atomic_fetch_add(&H.shm->renames_failed, 1, __ATOMIC_RELEASE);
+			snprintf(what, sizeof(what), "rename of %s to %s", oldp, newp);
+			file_error(ACKPT_NO_FILE, -ret, what);
+			return;
+		}
 		file_error(h->op.file, -ret, "rename");
 		return;
 	}

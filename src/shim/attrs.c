@@ -17,7 +17,8 @@
 
 #include "shim.h"
 
-static void before_name(int dirfd, const char *path)
+/* Before a call that looks path up: the deferred renames involving it. */
+void wait_name_renames(int dirfd, const char *path)
 {
 	char canon[PATH_MAX];
 	int saved = errno;
@@ -41,7 +42,7 @@ static void before_change(int dirfd, const char *path, int flags)
 	errno = saved;
 }
 
-#define NAME_CALL(dirfd, path, call) do { ENSURE_REAL(); before_name(dirfd, path); return call; } while (0)
+#define NAME_CALL(dirfd, path, call) do { ENSURE_REAL(); wait_name_renames(dirfd, path); return call; } while (0)
 #define CHANGE_CALL(dirfd, path, flags, call) \
 	do { ENSURE_REAL(); before_change(dirfd, path, flags); return call; } while (0)
 #define FD_CHANGE_CALL(fd, call) do { ENSURE_REAL(); wait_fd_pending(fd); return call; } while (0)

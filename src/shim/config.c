@@ -67,7 +67,7 @@ static int add_root(const char *r)
 		return -ENOMEM;
 	C.roots = roots;
 	C.root_is_glob = g;
-	int resolved = !has_glob(r) && realpath(r, canon);
+	int resolved = !has_glob(r) && real.realpath(r, canon);
 
 	if (!resolved)
 		snprintf(canon, sizeof(canon), "%s", r);

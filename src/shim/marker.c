@@ -51,7 +51,7 @@ struct outcome files_open_metadata(const char *canon, int flags, mode_t mode)
 		 * (and commit) through the link to its target */
 		if (flags & O_NOFOLLOW)
 			return done(-ELOOP);
-		if (!realpath(canon, target) || !path_is_managed(target))
+		if (!real.realpath(canon, target) || !path_is_managed(target))
 			return NOT_OURS;
 		return files_open_metadata(target, flags | O_NOFOLLOW, mode);
 	}

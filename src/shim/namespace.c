@@ -383,7 +383,7 @@ ACKPT_EXPORT int remove(const char *path)
  * for all of ours, and for other processes' into or out of dir (a path,
  * or dirfd >= 0).
  */
-static void wait_dir_renames(const char *path, int dirfd)
+void wait_dir_renames(const char *path, int dirfd)
 {
 	char canon[PATH_MAX];
 	int saved = errno;
@@ -393,7 +393,7 @@ static void wait_dir_renames(const char *path, int dirfd)
 	ns_wait_matching(NULL);
 	if (registry_names_any() || job_multi_node()) {
 		int ok = dirfd >= 0 ? fd_path(dirfd, canon, sizeof(canon)) == 0 :
-				      path && realpath(path, canon);
+				      path && real.realpath(path, canon);
 
 		if (ok) {
 			job_names_wait(canon, 1);
@@ -431,7 +431,7 @@ static DIR *note_fd_dir(DIR *d, const char *path, int fd)
 	if (fd >= 0) {
 		if (fd_path(fd, canon, sizeof(canon)) < 0)
 			return d;
-	} else if (!path || !realpath(path, canon)) {
+	} else if (!path || !real.realpath(path, canon)) {
 		return d;
 	}
 	if (!is_own_fd_dir(canon))

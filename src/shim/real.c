@@ -49,6 +49,8 @@ void real_resolve(void)
 #define X(ret, name, args) real.name = (ret(*) args)resolve_one(#name);
 	ACKPT_REAL_FUNCS(X)
 #undef X
+	util_realpath = real.realpath;
+	util_readlink = real.readlink;
 	atomic_store_explicit(&real_ready, 1, memory_order_release);
 }
 

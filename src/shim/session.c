@@ -704,6 +704,13 @@ static int session_exit_drain(void)
 		     (unsigned long long)errs);
 		return 1;
 	}
+	errs = __atomic_load_n(&S.shm->renames_failed, __ATOMIC_ACQUIRE);
+	if (errs) {
+		alog(L_ERROR, "%llu deferred rename(s) of closed files failed (named above), so "
+		     "those files are still under their old names; exiting with status 1",
+		     (unsigned long long)errs);
+		return 1;
+	}
 	errs = files_unreported_errors();
 	if (errs) {
 		alog(L_ERROR, "%llu checkpoint write error(s) were never reported to the program; "

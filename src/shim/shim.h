@@ -20,7 +20,10 @@
 #include <stdio.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <glob.h>
 #include <sys/resource.h>
+#include <sys/statfs.h>
+#include <sys/statvfs.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -152,7 +155,31 @@ struct timeval;
 	X(int, fchmod, (int, mode_t)) \
 	X(int, fchown, (int, uid_t, gid_t)) \
 	X(int, fsetxattr, (int, const char *, const void *, size_t, int)) \
-	X(int, fremovexattr, (int, const char *))
+	X(int, fremovexattr, (int, const char *)) \
+	X(int, mkdir, (const char *, mode_t)) \
+	X(int, mkdirat, (int, const char *, mode_t)) \
+	X(int, mknod, (const char *, mode_t, dev_t)) \
+	X(int, mknodat, (int, const char *, mode_t, dev_t)) \
+	X(int, mkfifo, (const char *, mode_t)) \
+	X(int, mkfifoat, (int, const char *, mode_t)) \
+	X(int, symlink, (const char *, const char *)) \
+	X(int, symlinkat, (const char *, int, const char *)) \
+	X(ssize_t, readlink, (const char *, char *, size_t)) \
+	X(ssize_t, readlinkat, (int, const char *, char *, size_t)) \
+	X(char *, realpath, (const char *, char *)) \
+	X(char *, canonicalize_file_name, (const char *)) \
+	X(int, chdir, (const char *)) \
+	X(int, statfs, (const char *, struct statfs *)) \
+	X(int, statvfs, (const char *, struct statvfs *)) \
+	X(int, inotify_add_watch, (int, const char *, uint32_t)) \
+	X(int, scandir, (const char *, struct dirent ***, int (*)(const struct dirent *), \
+			 int (*)(const struct dirent **, const struct dirent **))) \
+	X(int, scandir64, (const char *, struct dirent64 ***, int (*)(const struct dirent64 *), \
+			   int (*)(const struct dirent64 **, const struct dirent64 **))) \
+	X(int, scandirat, (int, const char *, struct dirent ***, int (*)(const struct dirent *), \
+			   int (*)(const struct dirent **, const struct dirent **))) \
+	X(int, glob, (const char *, int, int (*)(const char *, int), glob_t *)) \
+	X(int, glob64, (const char *, int, int (*)(const char *, int), glob64_t *))
 
 struct ackpt_real {
 #define X(ret, name, args) ret(*name) args;
@@ -464,6 +491,8 @@ LOCKED struct inode_state *ofd_inode_now(struct ofd *o);
 int wait_path_pending(int dirfd, const char *path, int flags);
 int wait_stat_pending(const struct stat *st);
 void wait_fd_pending(int fd);
+void wait_name_renames(int dirfd, const char *path);
+void wait_dir_renames(const char *path, int dirfd);
 void settle_closed_stat(const struct stat *st);
 void settle_closed_fd(int fd);
 void settle_closed_path(int dirfd, const char *path, int flags);

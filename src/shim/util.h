@@ -4,6 +4,10 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
+
+extern char *(*util_realpath)(const char *, char *);
+extern ssize_t (*util_readlink)(const char *, char *, size_t);
 
 int ackpt_parse_size(const char *s, uint64_t *out);
 int path_under_root(const char *path, const char *root);
