@@ -388,3 +388,24 @@ def test_a_failed_rename_of_a_closed_file_fails_the_exit(tmp_path):
         r.describe()
     assert "1 deferred rename(s) of closed files failed" in r.stderr, r.describe()
     assert (out / "ckpt.tmp").stat().st_size == 3_000_000
+
+
+@HELPER_SPEED
+def test_stdio_stream_buffers_as_glibc_does(tmp_path, delay):
+    """A stream ackpt opens (a cookie stream) buffers what glibc's would:
+    st_blksize where that is below BUFSIZ.  It buffered 8192 bytes, so
+    after fwrite of 4100 bytes the file was empty, where a plain run has
+    4096 bytes in it."""
+    _differential(tmp_path, """
+        import ctypes, os, sys
+        os.chdir(sys.argv[1])
+        libc = ctypes.CDLL(None)
+        libc.fopen.restype = ctypes.c_void_p
+        libc.fwrite.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p]
+        libc.fclose.argtypes = [ctypes.c_void_p]
+        f = libc.fopen(b"s.txt", b"w")
+        for n in (100, 4000, 5000, 9000):
+            libc.fwrite(b"y" * n, 1, n, f)
+            print("after", n, "the file holds", os.stat("s.txt").st_size)
+        libc.fclose(f)
+    """, delay)

@@ -15,6 +15,8 @@ struct cookie {
 	int fd;
 	FILE *f;
 	struct cookie *next;
+	char buf[];              /* the stream's buffer, where glibc's would be
+				  * smaller than BUFSIZ (cookie_stream) */
 };
 
 static pthread_mutex_t cookie_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -93,9 +95,18 @@ static int mode_flags(const char *mode, int *flags)
 static FILE *cookie_stream(int fd, const char *mode)
 {
 	cookie_io_functions_t io = { ck_read, ck_write, ck_seek, ck_close };
-	struct cookie *ck = calloc(1, sizeof(*ck));
+	struct stat st;
+	size_t bufsize = 0;
+	struct cookie *ck;
 	FILE *f;
 
+	/* glibc buffers a file's stream in st_blksize bytes where that is
+	 * below BUFSIZ (ext4: 4096), and a cookie stream always in BUFSIZ:
+	 * the same buffer as glibc's, so as much reaches the file before a
+	 * flush.  It lives as long as the cookie, which outlives its use. */
+	if (real.fstat(fd, &st) == 0 && st.st_blksize > 0 && st.st_blksize < BUFSIZ)
+		bufsize = (size_t)st.st_blksize;
+	ck = calloc(1, sizeof(*ck) + bufsize);
 	if (!ck)
 		return NULL;
 	ck->fd = fd;
@@ -104,6 +115,8 @@ static FILE *cookie_stream(int fd, const char *mode)
 		free(ck);
 		return NULL;
 	}
+	if (bufsize)
+		setvbuf(f, ck->buf, _IOFBF, bufsize);
 	f->_fileno = fd;
 	ck->f = f;
 	pthread_mutex_lock(&cookie_lock);
