@@ -4,6 +4,7 @@ Each program runs without the shim and under it, with the helper slowed
 down (staged data still in flight) and at full speed (write-through on);
 what it printed and the files it left must match byte for byte.
 """
+import subprocess
 import textwrap
 
 import pytest
@@ -409,3 +410,25 @@ def test_stdio_stream_buffers_as_glibc_does(tmp_path, delay):
             print("after", n, "the file holds", os.stat("s.txt").st_size)
         libc.fclose(f)
     """, delay)
+
+
+@HELPER_SPEED
+def test_dlopen_a_library_just_written(tmp_path, delay):
+    """A library written (not executable: 0644) and closed, then loaded:
+    ld.so opens, reads and maps it inside itself, where no wrapper waits,
+    and failed with "file too short".  A file whose first bytes are an ELF
+    header now settles at its last close, as an executable does."""
+    src = tmp_path / "answer.c"
+    src.write_text("int answer(void) { return 42; }\n")
+    lib = tmp_path / "libanswer.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    _differential(tmp_path, """
+        import ctypes, os, sys
+        os.chdir(sys.argv[1])
+        elf = open(%r, "rb").read()
+        for i in range(3):
+            name = os.path.abspath("lib%%d.so" %% i)
+            with open(name, "wb") as f:
+                f.write(elf)
+            print("loaded", ctypes.CDLL(name).answer())
+    """ % str(lib), delay)

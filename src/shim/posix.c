@@ -351,8 +351,10 @@ ACKPT_EXPORT int close(int fd)
 		return real.close(fd);
 	if (session_lock() < 0)
 		return real.close(fd);
-	/* an executable is closed to be run: not "text file busy" for long */
-	exe = real.fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & 0111);
+	/* an executable is closed to be run: not "text file busy" for long;
+	 * a library to be loaded (dlopen reads and maps it inside ld.so) */
+	exe = real.fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+	      ((st.st_mode & 0111) || (fd_peek(fd)->ino && fd_peek(fd)->ino->elf));
 	r = real.close(fd);
 	if (r == 0 || errno != EBADF)
 		err = fd_release_commit(fd, &commit);

@@ -297,6 +297,8 @@ struct inode_state {
 	uint64_t pending_pages;  /* 4 KiB pages written since its writes were last all
 				  * in the file: the blocks stat adds to the kernel's */
 	uint64_t pending_end;    /* where the last of them ended */
+	int elf;                 /* its first bytes are an ELF header: a library a
+				  * loader may map once it is closed (close settles it) */
 	uint64_t dirty_seq;      /* its last DIRTY (written through the kernel) */
 	uint64_t staged_hi;      /* end of the furthest WRITE staged for it: writing
 				  * through the kernel at or past it overtakes nothing */

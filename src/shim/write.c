@@ -359,6 +359,8 @@ out:
 	if (result >= 0) {
 		ino->mtime = stall_end(&t0);
 		note_pages(ino, at, (uint64_t)result);
+		if (at == 0 && result >= 4 && iov[0].iov_len >= 4)
+			ino->elf = !memcmp(iov[0].iov_base, "\177ELF", 4); /* just copied: readable */
 	} else {
 		stall_end(&t0);
 	}
