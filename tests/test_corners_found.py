@@ -432,3 +432,30 @@ def test_dlopen_a_library_just_written(tmp_path, delay):
                 f.write(elf)
             print("loaded", ctypes.CDLL(name).answer())
     """ % str(lib), delay)
+
+
+@HELPER_SPEED
+def test_stat_through_libc_syscall(tmp_path, delay):
+    """syscall(SYS_fstat, ...) and its path forms through libc's syscall()
+    report the size a plain run would, as fstat does; they reported the
+    kernel's size while writes were staged.  (x86-64 numbers and layout.)"""
+    import platform
+    if platform.machine() != "x86_64":
+        pytest.skip("the program uses x86-64 system call numbers")
+    _differential(tmp_path, """
+        import ctypes, os, sys
+        os.chdir(sys.argv[1])
+        libc = ctypes.CDLL(None)
+        libc.syscall.restype = ctypes.c_long
+        buf = ctypes.create_string_buffer(256)
+        def size(nr, *args):
+            r = libc.syscall(ctypes.c_long(nr), *args, buf, ctypes.c_long(0))
+            return r, ctypes.c_int64.from_buffer(buf, 48).value
+        fd = os.open("f", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b"x" * 3_000_000)
+        print("fstat", size(5, ctypes.c_long(fd)))
+        print("stat", size(4, ctypes.c_char_p(b"f")))
+        print("lstat", size(6, ctypes.c_char_p(b"f")))
+        print("newfstatat", size(262, ctypes.c_long(-100), ctypes.c_char_p(b"f")))
+        os.close(fd)
+    """, delay)

@@ -304,6 +304,17 @@ ACKPT_EXPORT long syscall(long nr, ...)
 	case SYS_statx:
 		return statx((int)a[0], (const char *)a[1], (int)a[2], (unsigned)a[3],
 			     (struct statx *)a[4]);
+	/* the kernel's struct stat is glibc's on x86-64 and arm64 */
+	case SYS_fstat:
+		return fstat((int)a[0], (struct stat *)a[1]);
+	case SYS_newfstatat:
+		return fstatat((int)a[0], (const char *)a[1], (struct stat *)a[2], (int)a[3]);
+#ifdef SYS_stat
+	case SYS_stat:
+		return stat((const char *)a[0], (struct stat *)a[1]);
+	case SYS_lstat:
+		return lstat((const char *)a[0], (struct stat *)a[1]);
+#endif
 	case SYS_copy_file_range:
 		return copy_file_range((int)a[0], (off_t *)a[1], (int)a[2], (off_t *)a[3],
 				       (size_t)a[4], (unsigned)a[5]);
