@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from conftest import VENV_PY
+from conftest import VENV_PY, compile_c
 from faultutil import (assert_same_trees, differential, need_shim, py_argv, run, run_plain_and_shim,
                        shim_env)
 
@@ -459,3 +459,12 @@ def test_stat_through_libc_syscall(tmp_path, delay):
         print("newfstatat", size(262, ctypes.c_long(-100), ctypes.c_char_p(b"f")))
         os.close(fd)
     """, delay)
+
+
+@HELPER_SPEED
+def test_tree_walks_report_staged_sizes(tmp_path, delay):
+    """nftw, ftw and fts stat each file inside glibc: a file with staged
+    data, closed or still open, showed size 0."""
+    prog = compile_c("walk_sizes.c", tmp_path / "bin")
+    differential(tmp_path, lambda out: ["bash", "-c", "%s %s | sort" % (prog, out)],
+                 delay_ms=100 if delay else None)

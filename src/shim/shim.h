@@ -20,6 +20,8 @@
 #include <stdio.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <fts.h>
+#include <ftw.h>
 #include <glob.h>
 #include <sys/resource.h>
 #include <sys/statfs.h>
@@ -179,7 +181,12 @@ struct timeval;
 	X(int, scandirat, (int, const char *, struct dirent ***, int (*)(const struct dirent *), \
 			   int (*)(const struct dirent **, const struct dirent **))) \
 	X(int, glob, (const char *, int, int (*)(const char *, int), glob_t *)) \
-	X(int, glob64, (const char *, int, int (*)(const char *, int), glob64_t *))
+	X(int, glob64, (const char *, int, int (*)(const char *, int), glob64_t *)) \
+	X(int, nftw, (const char *, int (*)(const char *, const struct stat *, int, struct FTW *), \
+		      int, int)) \
+	X(int, ftw, (const char *, int (*)(const char *, const struct stat *, int), int)) \
+	X(FTSENT *, fts_read, (FTS *)) \
+	X(FTSENT *, fts_children, (FTS *, int))
 
 struct ackpt_real {
 #define X(ret, name, args) ret(*name) args;

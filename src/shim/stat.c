@@ -281,3 +281,127 @@ ACKPT_EXPORT int __fxstatat64(int ver, int dirfd, const char *path, struct stat6
 {
 	return __fxstatat(ver, dirfd, path, (struct stat *)st, flags);
 }
+
+/*
+ * File tree walks stat each file inside glibc and hand the result to the
+ * program: the sizes, times and blocks of files with staged data are
+ * settled before it sees them, as stat's are.  The program's callback is
+ * kept per thread (a callback may walk another tree: saved and restored).
+ */
+static void walk_fix(struct stat *st)
+{
+	if (S.ninodes && S_ISREG(st->st_mode))
+		fix_stat(st, 1);
+}
+
+static __thread int (*nftw_fn)(const char *, const struct stat *, int, struct FTW *);
+static __thread int (*ftw_fn)(const char *, const struct stat *, int);
+
+static int nftw_each(const char *path, const struct stat *sb, int flag, struct FTW *f)
+{
+	struct stat st;
+
+	if (sb && flag == FTW_F) {
+		st = *sb;
+		walk_fix(&st);
+		sb = &st;
+	}
+	return nftw_fn(path, sb, flag, f);
+}
+
+static int ftw_each(const char *path, const struct stat *sb, int flag)
+{
+	struct stat st;
+
+	if (sb && flag == FTW_F) {
+		st = *sb;
+		walk_fix(&st);
+		sb = &st;
+	}
+	return ftw_fn(path, sb, flag);
+}
+
+ACKPT_EXPORT int nftw(const char *dir, int (*fn)(const char *, const struct stat *, int,
+						 struct FTW *), int nfd, int flags)
+{
+	int (*outer)(const char *, const struct stat *, int, struct FTW *) = nftw_fn;
+	int r;
+
+	ENSURE_REAL();
+	if (!C.enabled || !fn)
+		return real.nftw(dir, fn, nfd, flags);
+	wait_dir_renames(dir, -1);
+	nftw_fn = fn;
+	r = real.nftw(dir, nftw_each, nfd, flags);
+	nftw_fn = outer;
+	return r;
+}
+
+ACKPT_EXPORT int nftw64(const char *dir, int (*fn)(const char *, const struct stat64 *, int,
+						   struct FTW *), int nfd, int flags)
+{
+	return nftw(dir, (int (*)(const char *, const struct stat *, int, struct FTW *))fn, nfd,
+		    flags);
+}
+
+ACKPT_EXPORT int ftw(const char *dir, int (*fn)(const char *, const struct stat *, int), int nfd)
+{
+	int (*outer)(const char *, const struct stat *, int) = ftw_fn;
+	int r;
+
+	ENSURE_REAL();
+	if (!C.enabled || !fn)
+		return real.ftw(dir, fn, nfd);
+	wait_dir_renames(dir, -1);
+	ftw_fn = fn;
+	r = real.ftw(dir, ftw_each, nfd);
+	ftw_fn = outer;
+	return r;
+}
+
+ACKPT_EXPORT int ftw64(const char *dir, int (*fn)(const char *, const struct stat64 *, int),
+		       int nfd)
+{
+	return ftw(dir, (int (*)(const char *, const struct stat *, int))fn, nfd);
+}
+
+/* a regular file's entry, with the stat fts made of it */
+static void fts_fix(FTSENT *e)
+{
+	if (e->fts_statp)
+		walk_fix(e->fts_statp);
+}
+
+ACKPT_EXPORT FTSENT *fts_read(FTS *fts)
+{
+	FTSENT *e;
+
+	ENSURE_REAL();
+	e = real.fts_read(fts);
+	if (C.enabled && e && e->fts_info == FTS_F)
+		fts_fix(e);
+	return e;
+}
+
+ACKPT_EXPORT FTSENT64 *fts64_read(FTS64 *fts)
+{
+	return (FTSENT64 *)fts_read((FTS *)fts);
+}
+
+ACKPT_EXPORT FTSENT *fts_children(FTS *fts, int opts)
+{
+	FTSENT *list, *e;
+
+	ENSURE_REAL();
+	list = real.fts_children(fts, opts);
+	if (C.enabled)
+		for (e = list; e; e = e->fts_link)
+			if (e->fts_info == FTS_F)
+				fts_fix(e);
+	return list;
+}
+
+ACKPT_EXPORT FTSENT64 *fts64_children(FTS64 *fts, int opts)
+{
+	return (FTSENT64 *)fts_children((FTS *)fts, opts);
+}
