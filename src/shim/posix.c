@@ -337,6 +337,7 @@ ACKPT_EXPORT int close(int fd)
 	int saved = errno, r, err = 0, exe;
 	uint64_t commit = 0;
 	struct stat st;
+	struct ofd *o;
 
 	ENSURE_REAL();
 	if (UNLIKELY(!real.close))
@@ -353,8 +354,9 @@ ACKPT_EXPORT int close(int fd)
 		return real.close(fd);
 	/* an executable is closed to be run: not "text file busy" for long;
 	 * a library to be loaded (dlopen reads and maps it inside ld.so) */
+	o = fd_peek(fd); /* another thread may have closed it meanwhile */
 	exe = real.fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
-	      ((st.st_mode & 0111) || (fd_peek(fd)->ino && fd_peek(fd)->ino->elf));
+	      ((st.st_mode & 0111) || (o && o->ino && o->ino->elf));
 	r = real.close(fd);
 	if (r == 0 || errno != EBADF)
 		err = fd_release_commit(fd, &commit);
