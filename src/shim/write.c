@@ -188,7 +188,7 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 	uint64_t at, pos, size0 = 0;
 	size_t total = 0, total0, left;
 	ssize_t lim, result;
-	int i, ret, append, unlock;
+	int i, ret, append, unlock, host0 = 0;
 
 	o = lock_writable(fd);
 	if (!o)
@@ -284,8 +284,11 @@ static struct outcome stage_write(int fd, const struct iovec *iov, int iovcnt, o
 
 			if (!len)
 				continue;
-			ret = session_stage(ino, iov[i].iov_base, len, pos,
-					    cuda_is_device(iov[i].iov_base), unlock, &staged);
+			int device = cuda_is_device(iov[i].iov_base);
+
+			if (i == 0)
+				host0 = !device;
+			ret = session_stage(ino, iov[i].iov_base, len, pos, device, unlock, &staged);
 			if (ret == 1) {
 				/* the kernel took part of it (written through) */
 				pos += staged;
@@ -359,8 +362,10 @@ out:
 	if (result >= 0) {
 		ino->mtime = stall_end(&t0);
 		note_pages(ino, at, (uint64_t)result);
-		if (at == 0 && result >= 4 && iov[0].iov_len >= 4)
-			ino->elf = !memcmp(iov[0].iov_base, "\177ELF", 4); /* just copied: readable */
+		/* host bytes just staged are readable (a device buffer's are
+		 * not); bytes the kernel took need no settling at the close */
+		if (at == 0 && result >= 4 && iov[0].iov_len >= 4 && host0)
+			ino->elf = !memcmp(iov[0].iov_base, "\177ELF", 4);
 	} else {
 		stall_end(&t0);
 	}
