@@ -288,37 +288,31 @@ ACKPT_EXPORT int __fxstatat64(int ver, int dirfd, const char *path, struct stat6
  * settled before it sees them, as stat's are.  The program's callback is
  * kept per thread (a callback may walk another tree: saved and restored).
  */
-static void walk_fix(struct stat *st)
-{
-	if (S.ninodes && S_ISREG(st->st_mode))
-		fix_stat(st, 1);
-}
-
 static __thread int (*nftw_fn)(const char *, const struct stat *, int, struct FTW *);
 static __thread int (*ftw_fn)(const char *, const struct stat *, int);
+
+/* What a walk's callback sees of a file: a settled copy of glibc's stat */
+static const struct stat *walk_view(const struct stat *sb, int flag, struct stat *copy)
+{
+	if (!sb || flag != FTW_F)
+		return sb;
+	*copy = *sb;
+	fix_stat(copy, 1);
+	return copy;
+}
 
 static int nftw_each(const char *path, const struct stat *sb, int flag, struct FTW *f)
 {
 	struct stat st;
 
-	if (sb && flag == FTW_F) {
-		st = *sb;
-		walk_fix(&st);
-		sb = &st;
-	}
-	return nftw_fn(path, sb, flag, f);
+	return nftw_fn(path, walk_view(sb, flag, &st), flag, f);
 }
 
 static int ftw_each(const char *path, const struct stat *sb, int flag)
 {
 	struct stat st;
 
-	if (sb && flag == FTW_F) {
-		st = *sb;
-		walk_fix(&st);
-		sb = &st;
-	}
-	return ftw_fn(path, sb, flag);
+	return ftw_fn(path, walk_view(sb, flag, &st), flag);
 }
 
 ACKPT_EXPORT int nftw(const char *dir, int (*fn)(const char *, const struct stat *, int,
@@ -369,7 +363,7 @@ ACKPT_EXPORT int ftw64(const char *dir, int (*fn)(const char *, const struct sta
 static void fts_fix(FTSENT *e)
 {
 	if (e->fts_statp)
-		walk_fix(e->fts_statp);
+		fix_stat(e->fts_statp, 1);
 }
 
 ACKPT_EXPORT FTSENT *fts_read(FTS *fts)

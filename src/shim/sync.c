@@ -316,9 +316,7 @@ ACKPT_EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off
 					now->shared = 1;
 				session_unlock();
 			}
-			managed_drain_fd(fd);
-			if (fd_is_watched(fd))
-				watch_wait(fd);
+			wait_fd_pending(fd);
 		} else if (S.ninodes || registry_any()) {
 			struct stat st;
 
